@@ -1,0 +1,512 @@
+"""The peer registry: one entry per peer IP address, and the rules of admission.
+
+The rules
+---------
+
+The registry is the node's answer to "who are my peers, and which of them can
+I reach right now?". It is keyed by the peer's IP address, normalised so that
+one machine is one key however its address is spelt (an IPv4-mapped IPv6
+address is the IPv4 address; IPv6 is in compressed canonical form; brackets
+and a ``%zone`` are dropped). A registry keyed by ``IP:PORT`` counted one
+machine as many peers and made both sides dial each other (DESIGN failure 3).
+
+Each entry is UP or DOWN. UP means exactly one thing: the entry holds a live
+connection (``entry.conn is not None``), and the node's loop changes it only
+from transport events. When a transport closes, the loop calls
+:meth:`Registry.closed` and the entry is DOWN at once, so the registry never
+lists a peer as connected after its transport is gone (DESIGN failure 4).
+
+A connection becomes an entry's connection only through :meth:`Registry.admit`,
+after the TLS handshake and the hello exchange have verified the peer's node
+ID. Admission is decided in that one method, in this order:
+
+1. Our own address is refused: ``connection from our own address {ip}``.
+2. An IP with no entry gets a new entry if the table has room. A full table
+   is pruned first (see below); if it is still full the connection is
+   refused: ``peer table full ({max_peers} entries)``. Entries count whether
+   they are up or down, configured or learned.
+3. An IP whose entry is DOWN is accepted. A node ID different from the one
+   recorded is fine (the board was re-provisioned) and replaces it.
+4. An IP whose entry is UP, with its current connection X, keeps one live
+   connection per IP:
+
+   a. A different node ID is refused while X is alive:
+      ``ip {ip} is connected as node {old}; refusing node {new}``.
+   b. A different session epoch means the peer restarted and X is stale. The
+      new connection is accepted at once and X is replaced: a restarted peer
+      is never refused as "already connected".
+   c. The same epoch and the same direction as X: the dialler dialled again
+      because it believes X is dead, so the newer connection wins and X is
+      replaced.
+   d. The same epoch and the other direction is a simultaneous open: both
+      sides dialled. Both nodes keep the connection dialled by the higher IP
+      (by :func:`ip_sort_key`; we dialled an OUTBOUND connection, the peer
+      dialled an INBOUND one). Each node computes the same answer from the
+      same two addresses, so both keep the same TCP connection and close the
+      other, whichever order the two connections arrive in.
+
+A replaced connection leaves the registry's index at once. The node must
+close it, sending ``Admission.replaced_reason`` in its bye; when its
+transport then reports the close, :meth:`Registry.closed` returns ``None``
+because a replaced (or refused) connection closing is not a state change.
+
+Entries that are DOWN and were not configured are pruned after
+``prune_after_s``; configured entries are never pruned and are always
+redialled. Pruning happens when the node calls :meth:`Registry.prune`, and
+implicitly when a new entry needs room; implicitly pruned entries are kept
+for :meth:`Registry.take_pruned` so that the node can forget their timers.
+
+This module is pure: no clock, no sockets, no randomness. Time comes in as
+``now`` (monotonic seconds). Connections are opaque objects owned by the
+node; the registry compares them by identity only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+from edgenode.errors import ConfigError
+
+UP = "up"
+DOWN = "down"
+INBOUND = "inbound"
+OUTBOUND = "outbound"
+
+_DIRECTIONS = (INBOUND, OUTBOUND)
+_MAX_SHOWN_CHARS = 64
+
+
+def normalise_ip(text: str) -> str:
+    """Return the registry key for an IP address written as ``text``.
+
+    An IPv4-mapped IPv6 address becomes the IPv4 address, IPv6 addresses
+    are compressed and lowercase, and surrounding brackets and an IPv6
+    ``%zone`` are dropped. Raises :class:`ConfigError` for anything that is
+    not an IP address.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"invalid ip address {_shown(text)}")
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        host = host.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"invalid ip address {_shown(text)}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def ip_sort_key(ip: str) -> tuple[int, int]:
+    """Return ``(version, integer value)`` of ``ip``: a total order over v4 and v6.
+
+    Every IPv4 address sorts below every IPv6 address. Raises
+    :class:`ConfigError` for an invalid address.
+    """
+    address = ipaddress.ip_address(normalise_ip(ip))
+    return (address.version, int(address))
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[:_MAX_SHOWN_CHARS] + "..."
+    return text
+
+
+def _check_port(ip: str, port: int) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"invalid port {_shown(port)} for {ip}: expected 1..65535")
+
+
+class PeerEntry:
+    """What the node knows about the peer at one IP address.
+
+    Plain attributes, read by the node; only the :class:`Registry` writes them.
+    """
+
+    __slots__ = (
+        "configured",
+        "conn",
+        "direction",
+        "down_reason",
+        "epoch",
+        "ip",
+        "last_change",
+        "listen_port",
+        "node_id",
+        "state",
+        "times_up",
+        "up_since",
+    )
+
+    def __init__(
+        self,
+        ip: str,
+        now: float,
+        *,
+        listen_port: int | None = None,
+        node_id: str | None = None,
+        configured: bool = False,
+    ) -> None:
+        self.ip: str = ip
+        self.node_id: str | None = node_id
+        self.epoch: int | None = None
+        self.state: str = DOWN
+        self.conn: object | None = None
+        self.direction: str | None = None
+        self.listen_port: int | None = listen_port
+        self.configured: bool = configured
+        self.up_since: float | None = None
+        self.last_change: float = now
+        self.down_reason: str | None = None
+        self.times_up: int = 0
+
+    def __repr__(self) -> str:
+        parts = [f"<PeerEntry {self.ip} {self.state}"]
+        if self.node_id is not None:
+            parts.append(f"node={self.node_id}")
+        if self.epoch is not None:
+            parts.append(f"epoch={self.epoch}")
+        if self.direction is not None:
+            parts.append(self.direction)
+        if self.listen_port is not None:
+            parts.append(f"port={self.listen_port}")
+        if self.configured:
+            parts.append("configured")
+        if self.state == DOWN and self.down_reason is not None:
+            parts.append(f"reason={self.down_reason!r}")
+        parts.append(f"changed={self.last_change:.3f}")
+        return " ".join(parts) + ">"
+
+
+class Admission:
+    """The registry's verdict on a connection offered to :meth:`Registry.admit`.
+
+    ``entry`` is the entry the connection now belongs to when accepted; when
+    refused, it is the existing entry that caused the refusal (or ``None``).
+    """
+
+    __slots__ = ("accepted", "entry", "reason", "replaced", "replaced_reason")
+
+    def __init__(
+        self,
+        accepted: bool,
+        *,
+        reason: str | None = None,
+        replaced: object | None = None,
+        replaced_reason: str | None = None,
+        entry: PeerEntry | None = None,
+    ) -> None:
+        self.accepted: bool = accepted
+        self.reason: str | None = reason
+        self.replaced: object | None = replaced
+        self.replaced_reason: str | None = replaced_reason
+        self.entry: PeerEntry | None = entry
+
+    def __repr__(self) -> str:
+        if not self.accepted:
+            return f"<Admission refused: {self.reason}>"
+        ip = self.entry.ip if self.entry is not None else "?"
+        if self.replaced is None:
+            return f"<Admission accepted {ip}>"
+        return f"<Admission accepted {ip}, replacing: {self.replaced_reason}>"
+
+
+class Registry:
+    """The IP-keyed peer table; see the module docstring for its rules."""
+
+    def __init__(self, our_ip: str, *, max_peers: int, prune_after_s: float) -> None:
+        """Create an empty table for the node at ``our_ip``.
+
+        Raises :class:`ConfigError` for an invalid address, a ``max_peers``
+        below 1 or a negative ``prune_after_s``.
+        """
+        if not isinstance(max_peers, int) or isinstance(max_peers, bool) or max_peers < 1:
+            raise ConfigError(f"max_peers must be an integer >= 1, got {_shown(max_peers)}")
+        if not prune_after_s >= 0:
+            raise ConfigError(f"prune_after_s must be >= 0, got {_shown(prune_after_s)}")
+        self.our_ip: str = normalise_ip(our_ip)
+        self.max_peers: int = max_peers
+        self.prune_after_s: float = prune_after_s
+        self._entries: dict[str, PeerEntry] = {}
+        # id(conn) -> entry, for current connections only. The entry holds a
+        # reference to conn, so the id cannot be reused while it is indexed.
+        self._by_conn: dict[int, PeerEntry] = {}
+        # node_id -> entries recording it (usually one; a board that moved IP
+        # leaves its old entry DOWN until it is pruned).
+        self._by_node_id: dict[str, list[PeerEntry]] = {}
+        self._pruned: list[PeerEntry] = []
+
+    # -- building the table ------------------------------------------------
+
+    def add_configured(self, ip: str, port: int, now: float) -> PeerEntry:
+        """Add a peer from the config (DOWN, to be dialled), or update its port.
+
+        Raises :class:`ConfigError` for an invalid address or port, for our
+        own address, or when the table is full of entries that cannot be
+        pruned.
+        """
+        ip = normalise_ip(ip)
+        _check_port(ip, port)
+        if ip == self.our_ip:
+            raise ConfigError(f"configured peer {ip} is our own address")
+        entry = self._entries.get(ip)
+        if entry is None:
+            if not self._make_room(now):
+                raise ConfigError(
+                    f"peer table full ({self.max_peers} entries): cannot add configured peer {ip}"
+                )
+            entry = self._new_entry(ip, now, listen_port=port, configured=True)
+        else:
+            entry.configured = True
+            entry.listen_port = port
+        return entry
+
+    def learn(self, ip: str, port: int, node_id: str | None, now: float) -> PeerEntry | None:
+        """Record a peer heard of in a peer list; return its entry.
+
+        Returns ``None`` for our own address or when the table is full. An
+        existing entry keeps its state and node ID; only an unknown listen
+        port is filled in. Raises :class:`ConfigError` for an invalid
+        address or port.
+        """
+        ip = normalise_ip(ip)
+        _check_port(ip, port)
+        if ip == self.our_ip:
+            return None
+        entry = self._entries.get(ip)
+        if entry is not None:
+            if entry.listen_port is None:
+                entry.listen_port = port
+            return entry
+        if not self._make_room(now):
+            return None
+        entry = self._new_entry(ip, now, listen_port=port)
+        self._set_node_id(entry, node_id)
+        return entry
+
+    # -- admission: the rules of the module docstring, in one place ---------
+
+    def admit(
+        self,
+        conn: object,
+        ip: str,
+        node_id: str,
+        epoch: int,
+        direction: str,
+        listen_port: int | None,
+        now: float,
+    ) -> Admission:
+        """Decide whether ``conn``, a verified connection from ``ip``, becomes its peer's.
+
+        Returns an :class:`Admission`; when it names a ``replaced``
+        connection, the node must close that one with ``replaced_reason``.
+        Raises :class:`ConfigError` for an invalid address and
+        :class:`ValueError` for a bad direction or a connection that is
+        already admitted (both are bugs in the caller).
+        """
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"direction must be {INBOUND!r} or {OUTBOUND!r}, got {direction!r}")
+        if id(conn) in self._by_conn:
+            raise ValueError(f"connection {conn!r} is already admitted")
+        ip = normalise_ip(ip)
+
+        # 1. Our own address.
+        if ip == self.our_ip:
+            return Admission(False, reason=f"connection from our own address {ip}")
+
+        entry = self._entries.get(ip)
+        # 2. A new IP needs room.
+        if entry is None:
+            if not self._make_room(now):
+                return Admission(False, reason=f"peer table full ({self.max_peers} entries)")
+            entry = self._new_entry(ip, now)
+            return self._accept(entry, conn, node_id, epoch, direction, listen_port, now)
+
+        # 3. A down entry takes any verified node.
+        current = entry.conn
+        if current is None:
+            return self._accept(entry, conn, node_id, epoch, direction, listen_port, now)
+
+        # 4a. Another node on a live IP.
+        if node_id != entry.node_id:
+            return Admission(
+                False,
+                reason=f"ip {ip} is connected as node {entry.node_id}; refusing node {node_id}",
+                entry=entry,
+            )
+        # 4b. The peer restarted.
+        if epoch != entry.epoch:
+            reason = f"superseded by a new session of {node_id} (epoch {epoch})"
+            return self._accept(
+                entry, conn, node_id, epoch, direction, listen_port, now, current, reason
+            )
+        # 4c. The dialler dialled again.
+        if direction == entry.direction:
+            reason = "superseded by a newer connection from the same session"
+            return self._accept(
+                entry, conn, node_id, epoch, direction, listen_port, now, current, reason
+            )
+        # 4d. Simultaneous open: keep the connection dialled by the higher IP.
+        we_are_higher = ip_sort_key(self.our_ip) > ip_sort_key(ip)
+        higher_ip = self.our_ip if we_are_higher else ip
+        reason = f"simultaneous open: keeping the connection dialled by {higher_ip}"
+        new_is_keeper = (direction == OUTBOUND) == we_are_higher
+        if new_is_keeper:
+            return self._accept(
+                entry, conn, node_id, epoch, direction, listen_port, now, current, reason
+            )
+        return Admission(False, reason=reason, entry=entry)
+
+    def _accept(
+        self,
+        entry: PeerEntry,
+        conn: object,
+        node_id: str,
+        epoch: int,
+        direction: str,
+        listen_port: int | None,
+        now: float,
+        replaced: object | None = None,
+        replaced_reason: str | None = None,
+    ) -> Admission:
+        if replaced is not None:
+            del self._by_conn[id(replaced)]
+        self._by_conn[id(conn)] = entry
+        self._set_node_id(entry, node_id)
+        entry.conn = conn
+        entry.state = UP
+        entry.direction = direction
+        entry.epoch = epoch
+        if listen_port is not None:
+            entry.listen_port = listen_port
+        entry.up_since = now
+        entry.last_change = now
+        entry.times_up += 1
+        entry.down_reason = None
+        return Admission(True, replaced=replaced, replaced_reason=replaced_reason, entry=entry)
+
+    def closed(self, conn: object, reason: str, now: float) -> PeerEntry | None:
+        """Record that ``conn``'s transport closed; return the entry it took DOWN.
+
+        Returns ``None`` when ``conn`` is not an entry's current connection
+        (a replaced or refused connection closing, or an unknown one): that
+        is not a state change.
+        """
+        entry = self._by_conn.pop(id(conn), None)
+        if entry is None:
+            return None
+        entry.conn = None
+        entry.state = DOWN
+        entry.up_since = None
+        entry.last_change = now
+        entry.down_reason = reason
+        return entry
+
+    # -- lookups ----------------------------------------------------------
+
+    def get(self, ip: str) -> PeerEntry | None:
+        """Return the entry for ``ip`` (normalised first), or ``None``.
+
+        Raises :class:`ConfigError` for an invalid address.
+        """
+        return self._entries.get(normalise_ip(ip))
+
+    def by_node_id(self, node_id: str) -> PeerEntry | None:
+        """Return the entry recording ``node_id``, preferring one that is UP."""
+        entries = self._by_node_id.get(node_id)
+        if not entries:
+            return None
+        return max(entries, key=lambda e: (e.state == UP, e.last_change))
+
+    def by_conn(self, conn: object) -> PeerEntry | None:
+        """Return the entry whose current connection is ``conn``, or ``None``."""
+        return self._by_conn.get(id(conn))
+
+    def up(self) -> list[PeerEntry]:
+        """Return the entries that hold a live connection."""
+        return list(self._by_conn.values())
+
+    # -- pruning ----------------------------------------------------------
+
+    def prune(self, now: float) -> list[PeerEntry]:
+        """Remove and return DOWN, non-configured entries down for at least ``prune_after_s``."""
+        stale = [
+            entry
+            for entry in self._entries.values()
+            if entry.state == DOWN
+            and not entry.configured
+            and now - entry.last_change >= self.prune_after_s
+        ]
+        for entry in stale:
+            del self._entries[entry.ip]
+            self._unindex_node_id(entry)
+        return stale
+
+    def take_pruned(self) -> list[PeerEntry]:
+        """Return, and clear, the entries pruned implicitly to make room.
+
+        :meth:`admit`, :meth:`learn` and :meth:`add_configured` prune a full
+        table before adding to it; the node calls this afterwards to forget
+        those peers' timers.
+        """
+        pruned, self._pruned = self._pruned, []
+        return pruned
+
+    def _make_room(self, now: float) -> bool:
+        if len(self._entries) >= self.max_peers:
+            self._pruned.extend(self.prune(now))
+        return len(self._entries) < self.max_peers
+
+    # -- internals ----------------------------------------------------------
+
+    def _new_entry(
+        self, ip: str, now: float, *, listen_port: int | None = None, configured: bool = False
+    ) -> PeerEntry:
+        entry = PeerEntry(ip, now, listen_port=listen_port, configured=configured)
+        self._entries[ip] = entry
+        return entry
+
+    def _set_node_id(self, entry: PeerEntry, node_id: str | None) -> None:
+        if entry.node_id == node_id:
+            return
+        self._unindex_node_id(entry)
+        entry.node_id = node_id
+        if node_id is not None:
+            self._by_node_id.setdefault(node_id, []).append(entry)
+
+    def _unindex_node_id(self, entry: PeerEntry) -> None:
+        if entry.node_id is None:
+            return
+        entries = self._by_node_id[entry.node_id]
+        entries.remove(entry)
+        if not entries:
+            del self._by_node_id[entry.node_id]
+
+    # -- container protocol -----------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[PeerEntry]:
+        # A copy, so the node may prune or admit while iterating.
+        return iter(list(self._entries.values()))
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, str):
+            return False
+        try:
+            return normalise_ip(ip) in self._entries
+        except ConfigError:
+            return False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Registry {self.our_ip}: {len(self._by_conn)} up, "
+            f"{len(self._entries)}/{self.max_peers} entries>"
+        )
