@@ -1,0 +1,347 @@
+"""Node-to-node messages and their CBOR form.
+
+Every message is one CBOR array whose first element is a small integer type
+code. The shapes are fixed: an array of the wrong length, a field of the
+wrong type or a value over its limit is a :class:`MalformedMessage`.
+
+======  ========  ==================================================
+code    name      array
+======  ========  ==================================================
+0       hello     [0, version, node_id, listen_port, epoch]
+1       ping      [1, nonce]
+2       pong      [2, nonce]
+3       data      [3, topic, payload]
+4       request   [4, request_id, topic, payload]
+5       response  [5, request_id, payload]
+6       error     [6, request_id, code, message]
+7       bye       [7, reason]
+8       peers     [8, [[ip, port, node_id or null], ...]]
+======  ========  ==================================================
+
+Decoding uses the strict CBOR subset decoder of ``firmware_bridge.cbor``
+(no tags, floats, maps or indefinite lengths; every count and length
+checked before anything is allocated). Encoding uses cbor2, which writes
+the same shortest-form bytes and is faster on CPython.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from cbor2 import dumps as _cbor_dumps
+
+from firmware_bridge.cbor import CBORError
+from firmware_bridge.cbor import decode as _cbor_decode
+
+from ..errors import MalformedMessage, UnknownMessageType, VersionMismatch, hexdump
+
+PROTOCOL_VERSION = 1
+
+HELLO = 0
+PING = 1
+PONG = 2
+DATA = 3
+REQUEST = 4
+RESPONSE = 5
+ERROR = 6
+BYE = 7
+PEERS = 8
+
+_NAMES = ("hello", "ping", "pong", "data", "request", "response", "error", "bye", "peers")
+
+#: Error codes carried by an error response.
+ERR_NO_HANDLER = 1
+ERR_HANDLER_FAILED = 2
+ERR_BUSY = 3
+
+_U64 = (1 << 64) - 1
+
+
+class Limits:
+    """Caps on everything a peer controls in a message."""
+
+    __slots__ = ("max_frame_bytes", "max_peers_listed", "max_text_bytes", "max_topic_bytes")
+
+    def __init__(
+        self,
+        max_frame_bytes: int = 64 * 1024,
+        max_topic_bytes: int = 128,
+        max_text_bytes: int = 512,
+        max_peers_listed: int = 64,
+    ) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.max_topic_bytes = max_topic_bytes
+        self.max_text_bytes = max_text_bytes
+        self.max_peers_listed = max_peers_listed
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Message:
+    """Base of the message classes: equality and repr from the slots."""
+
+    __slots__ = ()
+    code = -1
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, s) == getattr(other, s) for s in self.__slots__
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.code, *(repr(getattr(self, s)) for s in self.__slots__)))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Hello(Message):
+    """First message on every connection, in both directions."""
+
+    __slots__ = ("epoch", "listen_port", "node_id", "version")
+    code = HELLO
+
+    def __init__(self, node_id: str, listen_port: int, epoch: int, version: int = PROTOCOL_VERSION):
+        self.version = version
+        self.node_id = node_id
+        self.listen_port = listen_port
+        self.epoch = epoch
+
+
+class Ping(Message):
+    """Keepalive probe; the peer answers with a pong carrying the same nonce."""
+
+    __slots__ = ("nonce",)
+    code = PING
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+
+
+class Pong(Message):
+    """Answer to a ping."""
+
+    __slots__ = ("nonce",)
+    code = PONG
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+
+
+class Data(Message):
+    """A one-way message on a topic."""
+
+    __slots__ = ("payload", "topic")
+    code = DATA
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic = topic
+        self.payload = payload
+
+
+class Request(Message):
+    """A request; answered by a response or an error with the same id."""
+
+    __slots__ = ("payload", "request_id", "topic")
+    code = REQUEST
+
+    def __init__(self, request_id: int, topic: str, payload: bytes) -> None:
+        self.request_id = request_id
+        self.topic = topic
+        self.payload = payload
+
+
+class Response(Message):
+    """The successful answer to a request."""
+
+    __slots__ = ("payload", "request_id")
+    code = RESPONSE
+
+    def __init__(self, request_id: int, payload: bytes) -> None:
+        self.request_id = request_id
+        self.payload = payload
+
+
+class ErrorResponse(Message):
+    """The failed answer to a request."""
+
+    __slots__ = ("error_code", "message", "request_id")
+    code = ERROR
+
+    def __init__(self, request_id: int, error_code: int, message: str) -> None:
+        self.request_id = request_id
+        self.error_code = error_code
+        self.message = message
+
+
+class Bye(Message):
+    """The sender is closing the connection, and says why."""
+
+    __slots__ = ("reason",)
+    code = BYE
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class PeerInfo(Message):
+    """One entry of a peer list (not a message on its own)."""
+
+    __slots__ = ("ip", "node_id", "port")
+
+    def __init__(self, ip: str, port: int, node_id: str | None) -> None:
+        self.ip = ip
+        self.port = port
+        self.node_id = node_id
+
+
+class Peers(Message):
+    """The peers the sender knows, so the receiver can find them too."""
+
+    __slots__ = ("peers",)
+    code = PEERS
+
+    def __init__(self, peers: list[PeerInfo]) -> None:
+        self.peers = peers
+
+
+AnyMessage = Union[Hello, Ping, Pong, Data, Request, Response, ErrorResponse, Bye, Peers]
+
+
+def message_name(code: int) -> str:
+    """The name of a type code, for messages and logs."""
+    return _NAMES[code] if 0 <= code < len(_NAMES) else f"type {code}"
+
+
+def encode_message(msg: AnyMessage) -> bytes:
+    """Return the CBOR body of ``msg``."""
+    code = msg.code
+    if code == DATA:
+        item: tuple[Any, ...] = (DATA, msg.topic, msg.payload)  # type: ignore[union-attr]
+    elif code == PING or code == PONG:
+        item = (code, msg.nonce)  # type: ignore[union-attr]
+    elif code == REQUEST:
+        item = (REQUEST, msg.request_id, msg.topic, msg.payload)  # type: ignore[union-attr]
+    elif code == RESPONSE:
+        item = (RESPONSE, msg.request_id, msg.payload)  # type: ignore[union-attr]
+    elif code == ERROR:
+        item = (ERROR, msg.request_id, msg.error_code, msg.message)  # type: ignore[union-attr]
+    elif code == HELLO:
+        item = (HELLO, msg.version, msg.node_id, msg.listen_port, msg.epoch)  # type: ignore[union-attr]
+    elif code == BYE:
+        item = (BYE, msg.reason)  # type: ignore[union-attr]
+    elif code == PEERS:
+        item = (PEERS, [(p.ip, p.port, p.node_id) for p in msg.peers])  # type: ignore[union-attr]
+    else:
+        raise TypeError(f"not a message: {msg!r}")
+    return _cbor_dumps(item)
+
+
+# -- decoding ---------------------------------------------------------------
+
+_ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2)
+
+
+def _uint(value: object, what: str, limit: int = _U64) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise MalformedMessage(f"{what} should be an integer in 0..{limit}, got {value!r:.40}")
+    return value
+
+
+def _text(value: object, what: str, limit: int, *, empty: bool = True) -> str:
+    if type(value) is not str:
+        raise MalformedMessage(f"{what} should be text, got {type(value).__name__}")
+    if len(value) > limit or len(value.encode()) > limit:
+        raise MalformedMessage(f"{what} of {len(value.encode())} bytes exceeds {limit}-byte limit")
+    if not empty and not value:
+        raise MalformedMessage(f"{what} should not be empty")
+    return value
+
+
+def _bytes(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise MalformedMessage(f"{what} should be a byte string, got {type(value).__name__}")
+    return value
+
+
+def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
+    """Decode one frame body into a message.
+
+    Raises :class:`MalformedMessage` (invalid CBOR or a bad shape),
+    :class:`UnknownMessageType`, or :class:`VersionMismatch` (a hello of
+    another protocol version).
+    """
+    try:
+        item = _cbor_decode(body, 3, 4 * limits.max_peers_listed + 8)
+    except CBORError as exc:
+        raise MalformedMessage(f"invalid cbor in frame {hexdump(body)}: {exc}") from None
+    if type(item) is not list or not item or type(item[0]) is not int:
+        raise MalformedMessage(
+            f"a message is an array starting with a type code, got {hexdump(body)}"
+        )
+    code = item[0]
+    if not 0 <= code < len(_ARITY):
+        raise UnknownMessageType(f"unknown message type {code} in frame {hexdump(body)}")
+    if code == HELLO and len(item) >= 2 and item[1] != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"peer speaks protocol version {item[1]!r:.20}; this node speaks {PROTOCOL_VERSION}"
+        )
+    if len(item) != _ARITY[code]:
+        raise MalformedMessage(
+            f"{_NAMES[code]} should have {_ARITY[code] - 1} fields, got {len(item) - 1}"
+        )
+    if code == DATA:
+        return Data(
+            _text(item[1], "topic", limits.max_topic_bytes, empty=False), _bytes(item[2], "payload")
+        )
+    if code == PING:
+        return Ping(_uint(item[1], "ping nonce"))
+    if code == PONG:
+        return Pong(_uint(item[1], "pong nonce"))
+    if code == REQUEST:
+        return Request(
+            _uint(item[1], "request id"),
+            _text(item[2], "topic", limits.max_topic_bytes, empty=False),
+            _bytes(item[3], "payload"),
+        )
+    if code == RESPONSE:
+        return Response(_uint(item[1], "request id"), _bytes(item[2], "payload"))
+    if code == ERROR:
+        return ErrorResponse(
+            _uint(item[1], "request id"),
+            _uint(item[2], "error code", 0xFFFF),
+            _text(item[3], "error message", limits.max_text_bytes),
+        )
+    if code == HELLO:
+        return Hello(
+            _text(item[2], "hello node id", 64, empty=False),
+            _uint(item[3], "hello listen port", 0xFFFF),
+            _uint(item[4], "hello epoch"),
+        )
+    if code == BYE:
+        return Bye(_text(item[1], "bye reason", limits.max_text_bytes))
+    # PEERS
+    entries = item[1]
+    if type(entries) is not list:
+        raise MalformedMessage(f"peer list should be an array, got {type(entries).__name__}")
+    if len(entries) > limits.max_peers_listed:
+        raise MalformedMessage(
+            f"peer list of {len(entries)} entries exceeds {limits.max_peers_listed}-entry limit"
+        )
+    peers = []
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 3:
+            raise MalformedMessage(f"peer list entry should be [ip, port, node_id], got {entry!r:.60}")
+        node_id = entry[2]
+        if node_id is not None:
+            node_id = _text(node_id, "peer list node id", 64, empty=False)
+        peers.append(
+            PeerInfo(
+                _text(entry[0], "peer list ip", 45, empty=False),
+                _uint(entry[1], "peer list port", 0xFFFF),
+                node_id,
+            )
+        )
+    return Peers(peers)
