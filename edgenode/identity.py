@@ -1,0 +1,794 @@
+"""A node's identity: its Ed25519 key, its certificate, its node ID, TLS.
+
+A node is known by its *node ID*, a short checksummed text form of the
+SHA-256 of its raw Ed25519 public key (``abcd-efgh-ijkl-mnop-qrst-uvwx-cccc``).
+The key and a self-signed certificate live in the node's state directory
+(``node.key``, owner-only, and ``node.crt``) next to the list of node IDs
+this node accepts (``authorised_nodes``).
+
+Only :func:`create_identity` uses ``cryptography``, and imports it when
+called: a running node never loads it (it costs about 11 MB of RSS on a
+Pi). Everything else here uses the standard library. The node ID of a
+certificate comes from a small DER walker, and TLS is the stdlib ``ssl``.
+
+How mutual TLS 1.3 works without a verify callback (``ssl`` has none): the
+dialler sends its certificate in a plaintext preamble; the listener checks
+that the certificate's node ID is authorised and answers with a server
+context whose trust store holds only that certificate
+(:class:`PinnedContexts`); the TLS handshake then proves that the dialler
+owns the key. The dialler does not verify the
+listener's chain (``CERT_NONE``) but reads the listener's node ID with
+:func:`peer_node_id` right after the handshake, where TLS 1.3's
+CertificateVerify has already proved the listener owns that key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shlex
+import stat
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ConfigError,
+    HandshakeError,
+    IdentityError,
+    InsecureKeyFile,
+    InvalidArgument,
+    InvalidNodeId,
+    hexdump,
+)
+
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = [
+    "AUTHORISED_FILENAME",
+    "CERT_FILENAME",
+    "KEY_FILENAME",
+    "MAX_CERT_BYTES",
+    "Identity",
+    "PinnedContexts",
+    "add_authorised",
+    "authorised_path",
+    "client_context",
+    "create_identity",
+    "load_authorised",
+    "load_identity",
+    "load_or_create_identity",
+    "node_id_from_cert_der",
+    "node_id_from_public_key",
+    "parse_node_id",
+    "peer_node_id",
+    "public_key_from_cert_der",
+    "server_context",
+]
+
+KEY_FILENAME = "node.key"
+CERT_FILENAME = "node.crt"
+AUTHORISED_FILENAME = "authorised_nodes"
+
+#: Largest certificate accepted, in DER bytes (an edgenode one is ~300).
+MAX_CERT_BYTES = 4096
+# A PEM file is 4/3 of its DER plus line breaks and armour.
+_MAX_CERT_FILE_BYTES = 8192
+_MAX_KEY_FILE_BYTES = 8192
+
+_PEM_CERT_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_KEY_BEGIN = b"-----BEGIN PRIVATE KEY-----"
+_PEM_KEY_END = b"-----END PRIVATE KEY-----"
+_PEM_ENCRYPTED_KEY_BEGIN = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+# -- node IDs ---------------------------------------------------------------
+
+_ID_BODY_BYTES = 15  # 24 base32 characters
+_ID_BODY_CHARS = 24
+_ID_CHECK_CHARS = 4
+_ID_CHARS = _ID_BODY_CHARS + _ID_CHECK_CHARS
+_ID_GROUP = 4
+_ID_CHECK_DOMAIN = b"edgenode node id"
+_BASE32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+_SHOW_CHARS = 40
+_ED25519_KEY_BYTES = 32
+
+
+def _shown(text: str) -> str:
+    """Quote user text for a message, truncated to about 40 characters."""
+    if len(text) > _SHOW_CHARS:
+        return repr(text[:_SHOW_CHARS] + "...")
+    return repr(text)
+
+
+def _id_check(body_bytes: bytes) -> str:
+    digest = hashlib.sha256(_ID_CHECK_DOMAIN + body_bytes).digest()
+    return base64.b32encode(digest[:5]).decode("ascii").lower()[:_ID_CHECK_CHARS]
+
+
+def _group(chars: str) -> str:
+    return "-".join(chars[i : i + _ID_GROUP] for i in range(0, len(chars), _ID_GROUP))
+
+
+def node_id_from_public_key(raw: bytes) -> str:
+    """Return the node ID of a raw 32-byte Ed25519 public key.
+
+    Raises :class:`IdentityError` if ``raw`` is not 32 bytes.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise IdentityError(f"ed25519 public key should be bytes, got {type(raw).__name__}")
+    if len(raw) != _ED25519_KEY_BYTES:
+        raise IdentityError(
+            f"ed25519 public key should be {_ED25519_KEY_BYTES} bytes, got {len(raw)}"
+        )
+    body_bytes = hashlib.sha256(bytes(raw)).digest()[:_ID_BODY_BYTES]
+    body = base64.b32encode(body_bytes).decode("ascii").lower()
+    return _group(body + _id_check(body_bytes))
+
+
+def parse_node_id(text: str) -> str:
+    """Return the canonical form of a node ID typed by a person.
+
+    Accepts any case, surrounding whitespace and dashes anywhere. Raises
+    :class:`InvalidNodeId` for a wrong length, a character outside base32
+    or a bad checksum.
+    """
+    if not isinstance(text, str):
+        raise InvalidNodeId(f"node id should be text, got {type(text).__name__}")
+    chars = text.strip().replace("-", "").lower()
+    if len(chars) != _ID_CHARS:
+        raise InvalidNodeId(
+            f"node id {_shown(text.strip())} should be {_ID_CHARS} base32 characters "
+            f"(dashes optional), got {len(chars)}"
+        )
+    for ch in chars:
+        if ch not in _BASE32_ALPHABET:
+            raise InvalidNodeId(
+                f"node id {_shown(text.strip())} has {ch!r}, which is not a base32 "
+                "character (a-z, 2-7)"
+            )
+    body, check = chars[:_ID_BODY_CHARS], chars[_ID_BODY_CHARS:]
+    body_bytes = base64.b32decode(body.upper())
+    if _id_check(body_bytes) != check:
+        raise InvalidNodeId(f"node id {_shown(text.strip())} has a bad checksum (mistyped?)")
+    return _group(chars)
+
+
+# -- a minimal DER walker ---------------------------------------------------
+
+_TAG_INTEGER = 0x02
+_TAG_BIT_STRING = 0x03
+_TAG_OID = 0x06
+_TAG_SEQUENCE = 0x30
+_TAG_VERSION = 0xA0  # [0] EXPLICIT, constructed
+_ED25519_ALGORITHM = b"\x06\x03\x2b\x65\x70"  # SEQUENCE content: OID 1.3.101.112
+_ED25519_OID = "1.3.101.112"
+_KNOWN_KEY_OIDS = {
+    "1.2.840.10045.2.1": "ec",
+    "1.2.840.113549.1.1.1": "rsa",
+    "1.3.101.110": "x25519",
+    "1.3.101.111": "x448",
+    "1.3.101.113": "ed448",
+}
+
+
+def _der_error(message: str) -> IdentityError:
+    return IdentityError(f"certificate: {message}")
+
+
+def _read_tlv(der: bytes, pos: int, end: int, tag: int, what: str) -> tuple[int, int]:
+    """Read one DER element with ``tag`` at ``pos``; return its content span.
+
+    Only definite lengths of up to two bytes, in their shortest form, are
+    accepted (DER; a certificate is capped at 4096 bytes anyway).
+    """
+    if pos >= end:
+        raise _der_error(f"expected {what} at offset {pos}, got end of data")
+    if der[pos] != tag:
+        raise _der_error(
+            f"expected {what} (tag 0x{tag:02x}) at offset {pos}, "
+            f"got tag 0x{der[pos]:02x}: {hexdump(der[pos:end], 8)}"
+        )
+    if pos + 1 >= end:
+        raise _der_error(f"expected the length of {what} at offset {pos + 1}, got end of data")
+    first = der[pos + 1]
+    if first < 0x80:
+        length, start = first, pos + 2
+    elif first in (0x81, 0x82):
+        n = first - 0x80
+        if pos + 2 + n > end:
+            raise _der_error(
+                f"expected the {n}-byte length of {what} at offset {pos + 2}, got end of data"
+            )
+        length = int.from_bytes(der[pos + 2 : pos + 2 + n], "big")
+        start = pos + 2 + n
+        if length < (0x80 if n == 1 else 0x100):
+            raise _der_error(
+                f"expected the shortest length form for {what} at offset {pos + 1}, "
+                f"got {hexdump(der[pos + 1 : start])}"
+            )
+    else:
+        raise _der_error(
+            f"expected a definite length of at most 2 bytes for {what} at offset {pos + 1}, "
+            f"got 0x{first:02x}"
+        )
+    if length > end - start:
+        raise _der_error(
+            f"expected {what} at offset {pos} to fit its {length} bytes, "
+            f"got only {end - start} bytes before the end of its container"
+        )
+    return start, start + length
+
+
+def _describe_algorithm(content: bytes) -> str:
+    """Describe an AlgorithmIdentifier's content for an error message."""
+    if len(content) >= 2 and content[0] == _TAG_OID and content[1] < 0x80:
+        oid_bytes = content[2 : 2 + content[1]]
+        if len(oid_bytes) == content[1] and oid_bytes and oid_bytes[-1] < 0x80:
+            arcs = []
+            value = 0
+            for byte in oid_bytes:
+                value = (value << 7) | (byte & 0x7F)
+                if not byte & 0x80:
+                    arcs.append(value)
+                    value = 0
+            first = min(arcs[0] // 40, 2)
+            dotted = ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+            name = _KNOWN_KEY_OIDS.get(dotted)
+            return f"oid {dotted} ({name})" if name else f"oid {dotted}"
+    return hexdump(content)
+
+
+def public_key_from_cert_der(der: bytes) -> bytes:
+    """Return the raw 32-byte Ed25519 public key of a DER certificate.
+
+    Walks Certificate -> tbsCertificate -> subjectPublicKeyInfo without
+    checking any signature. Raises :class:`IdentityError` for anything that
+    is not a well-formed certificate of at most 4096 bytes holding an
+    Ed25519 key.
+    """
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        raise _der_error(f"expected bytes, got {type(der).__name__}")
+    der = bytes(der)
+    n = len(der)
+    if n > MAX_CERT_BYTES:
+        raise _der_error(f"{n} bytes exceeds the {MAX_CERT_BYTES}-byte limit")
+    cert_start, cert_end = _read_tlv(der, 0, n, _TAG_SEQUENCE, "a certificate sequence")
+    if cert_end != n:
+        raise _der_error(
+            f"expected end of data at offset {cert_end}, got {n - cert_end} more bytes: "
+            f"{hexdump(der[cert_end:])}"
+        )
+    tbs_start, tbs_end = _read_tlv(der, cert_start, cert_end, _TAG_SEQUENCE, "tbsCertificate")
+    pos = tbs_start
+    if pos < tbs_end and der[pos] == _TAG_VERSION:
+        pos = _read_tlv(der, pos, tbs_end, _TAG_VERSION, "version")[1]
+    pos = _read_tlv(der, pos, tbs_end, _TAG_INTEGER, "serialNumber")[1]
+    pos = _read_tlv(der, pos, tbs_end, _TAG_SEQUENCE, "signature algorithm")[1]
+    pos = _read_tlv(der, pos, tbs_end, _TAG_SEQUENCE, "issuer")[1]
+    pos = _read_tlv(der, pos, tbs_end, _TAG_SEQUENCE, "validity")[1]
+    pos = _read_tlv(der, pos, tbs_end, _TAG_SEQUENCE, "subject")[1]
+    spki_start, spki_end = _read_tlv(der, pos, tbs_end, _TAG_SEQUENCE, "subjectPublicKeyInfo")
+    alg_start, alg_end = _read_tlv(der, spki_start, spki_end, _TAG_SEQUENCE, "public key algorithm")
+    if der[alg_start:alg_end] != _ED25519_ALGORITHM:
+        raise _der_error(
+            f"expected an ed25519 key (oid {_ED25519_OID}) at offset {alg_start}, "
+            f"got {_describe_algorithm(der[alg_start:alg_end])}"
+        )
+    key_start, key_end = _read_tlv(der, alg_end, spki_end, _TAG_BIT_STRING, "public key")
+    if key_end - key_start != 1 + _ED25519_KEY_BYTES:
+        raise _der_error(
+            f"expected a {1 + _ED25519_KEY_BYTES}-byte public key bit string at offset "
+            f"{key_start}, got {key_end - key_start} bytes"
+        )
+    if der[key_start] != 0:
+        raise _der_error(
+            f"expected 0 unused bits in the public key at offset {key_start}, got {der[key_start]}"
+        )
+    if key_end != spki_end:
+        raise _der_error(
+            f"expected the end of subjectPublicKeyInfo at offset {key_end}, "
+            f"got {hexdump(der[key_end:spki_end])}"
+        )
+    # The outer signatureAlgorithm and signatureValue must follow, and end it.
+    pos = _read_tlv(der, tbs_end, cert_end, _TAG_SEQUENCE, "signatureAlgorithm")[1]
+    pos = _read_tlv(der, pos, cert_end, _TAG_BIT_STRING, "signatureValue")[1]
+    if pos != cert_end:
+        raise _der_error(
+            f"expected the end of the certificate at offset {pos}, got {hexdump(der[pos:cert_end])}"
+        )
+    return der[key_start + 1 : key_end]
+
+
+def node_id_from_cert_der(der: bytes) -> str:
+    """Return the node ID of a DER certificate's Ed25519 key.
+
+    Raises :class:`IdentityError` as :func:`public_key_from_cert_der` does.
+    """
+    return node_id_from_public_key(public_key_from_cert_der(der))
+
+
+# -- the identity files -----------------------------------------------------
+
+
+class Identity:
+    """A node's certificate and the paths of its key and certificate files.
+
+    Holds no key material: TLS contexts read the key file themselves.
+    """
+
+    __slots__ = ("cert_der", "cert_path", "key_path", "node_id", "state_dir")
+
+    def __init__(
+        self, node_id: str, state_dir: Path, cert_path: Path, key_path: Path, cert_der: bytes
+    ) -> None:
+        self.node_id = node_id
+        self.state_dir = state_dir
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.cert_der = cert_der
+
+    def __repr__(self) -> str:
+        return (
+            f"Identity(node_id={self.node_id!r}, cert_path='{self.cert_path}', "
+            f"key_path='{self.key_path}')"
+        )
+
+
+def _keygen_hint(state_dir: Path, *, force: bool = False) -> str:
+    flag = " --force" if force else ""
+    return f"edgenode keygen{flag} --state-dir {shlex.quote(str(state_dir))}"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Without it, a power cut on an SD card can lose the rename.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode`` via a temp file and a rename.
+
+    The temp file is created with O_EXCL and ``mode`` from the start, so a
+    private key is never readable by others, not even for a moment.
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have taken bits off
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _existing_identity_error(state_dir: Path, key_path: Path, cert_path: Path) -> IdentityError:
+    try:
+        node_id = _read_cert(cert_path)[1]
+        what = f"identity {node_id}"
+    except IdentityError:
+        present = [p.name for p in (key_path, cert_path) if os.path.lexists(p)]
+        what = "an identity (" + " and ".join(present) + ")"
+    return IdentityError(
+        f"state directory {state_dir} already holds {what}; "
+        "pass overwrite=True / --force to replace it"
+    )
+
+
+def create_identity(state_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Identity:
+    """Generate a new key and self-signed certificate in ``state_dir``.
+
+    Creates the directory (mode 0700) if missing, and writes ``node.key``
+    (unencrypted PKCS#8 PEM, mode 0600) and ``node.crt`` (PEM, mode 0644),
+    each atomically. Imports ``cryptography``. Raises
+    :class:`IdentityError` if an identity is already there and
+    ``overwrite`` is false, or if the files cannot be written.
+    """
+    state = Path(state_dir)
+    key_path = state / KEY_FILENAME
+    cert_path = state / CERT_FILENAME
+    try:
+        if not state.exists():
+            state.mkdir(mode=0o700, parents=True)
+            os.chmod(state, 0o700)  # the umask may have taken bits off
+        elif not state.is_dir():
+            raise IdentityError(f"state directory {state} is not a directory")
+    except OSError as exc:
+        raise IdentityError(f"cannot create state directory {state}: {exc.strerror}") from None
+    if not overwrite and (os.path.lexists(key_path) or os.path.lexists(cert_path)):
+        raise _existing_identity_error(state, key_path, cert_path)
+
+    key_pem, cert_pem = _generate_key_and_cert()
+    try:
+        # Key first: if we die between the two renames, the TLS contexts
+        # report a key/certificate mismatch rather than use a stale key.
+        _write_atomic(key_path, key_pem, 0o600)
+        _write_atomic(cert_path, cert_pem, 0o644)
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot write identity in {state}: {exc.strerror} ({exc.filename})"
+        ) from None
+    return load_identity(state)
+
+
+def _generate_key_and_cert() -> tuple[bytes, bytes]:
+    """Return (PKCS#8 PEM key, PEM certificate) of a new Ed25519 identity."""
+    # Imported here, and only here: a running node must not load cryptography.
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    key = Ed25519PrivateKey.generate()
+    raw_public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id_from_public_key(raw_public))])
+    utc = datetime.timezone.utc
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # Boards without a real-time clock boot in 1970: a certificate that
+        # is not valid yet would lock them out until NTP answers.
+        .not_valid_before(datetime.datetime(1970, 1, 1, tzinfo=utc))
+        # RFC 5280 4.1.2.5: 99991231235959Z means "no expiration date".
+        .not_valid_after(datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, None)
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise IdentityError(f"{what} {path} is larger than the {limit}-byte limit")
+    return data
+
+
+def _read_cert(cert_path: Path) -> tuple[bytes, str]:
+    """Return (DER, node ID) of a PEM certificate file."""
+    import ssl
+
+    pem = _read_capped(cert_path, _MAX_CERT_FILE_BYTES, "certificate file")
+    try:
+        text = pem.decode("ascii").strip()
+        der = ssl.PEM_cert_to_DER_cert(text)
+    except ValueError:  # also UnicodeDecodeError and binascii.Error
+        raise IdentityError(
+            f"certificate file {cert_path} is not a PEM certificate "
+            f"(expected a single '{_PEM_CERT_BEGIN}' block)"
+        ) from None
+    try:
+        node_id = node_id_from_cert_der(der)
+    except IdentityError as exc:
+        raise IdentityError(f"{cert_path}: {exc}") from None
+    return der, node_id
+
+
+def _check_key_file(key_path: Path) -> None:
+    """Check the key file is owner-only and holds a PEM private key.
+
+    Opens the file before checking its mode, so the mode checked is the
+    mode of the file read. Never puts key bytes in a message.
+    """
+    try:
+        fd = os.open(key_path, os.O_RDONLY)
+    except OSError as exc:
+        raise IdentityError(f"cannot read key file {key_path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"key file {key_path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise InsecureKeyFile(
+                f"key file {key_path} is readable by others (mode {mode:04o}); "
+                f"run: chmod 600 {shlex.quote(str(key_path))}"
+            )
+        head = f.read(_MAX_KEY_FILE_BYTES + 1)
+    if len(head) > _MAX_KEY_FILE_BYTES:
+        raise IdentityError(
+            f"key file {key_path} is larger than the {_MAX_KEY_FILE_BYTES}-byte limit"
+        )
+    head = head.strip()
+    if head.startswith(_PEM_ENCRYPTED_KEY_BEGIN):
+        raise IdentityError(
+            f"key file {key_path} is encrypted; edgenode needs an unencrypted PKCS#8 key"
+        )
+    if not (head.startswith(_PEM_KEY_BEGIN) and head.endswith(_PEM_KEY_END)):
+        raise IdentityError(
+            f"key file {key_path} is not a PEM private key "
+            f"(expected a '{_PEM_KEY_BEGIN.decode()}' block)"
+        )
+
+
+def load_identity(state_dir: str | os.PathLike[str]) -> Identity:
+    """Load the identity in ``state_dir`` without importing cryptography.
+
+    Raises :class:`InsecureKeyFile` if the key file has any group or other
+    permission bits, and :class:`IdentityError` if a file is missing,
+    unreadable or malformed. The key is not parsed here; TLS contexts check
+    that it matches the certificate.
+    """
+    state = Path(state_dir)
+    key_path = state / KEY_FILENAME
+    cert_path = state / CERT_FILENAME
+    key_exists = os.path.lexists(key_path)
+    cert_exists = os.path.lexists(cert_path)
+    if not key_exists and not cert_exists:
+        raise IdentityError(
+            f"no identity in {state}: {key_path} not found; create one with: {_keygen_hint(state)}"
+        )
+    if not key_exists:
+        raise IdentityError(
+            f"key file {key_path} not found (the certificate is there); restore it, "
+            f"or make a new identity (a new node id) with: {_keygen_hint(state, force=True)}"
+        )
+    if not cert_exists:
+        raise IdentityError(
+            f"certificate file {cert_path} not found (the key is there); restore it, "
+            f"or make a new identity (a new node id) with: {_keygen_hint(state, force=True)}"
+        )
+    _check_key_file(key_path)
+    der, node_id = _read_cert(cert_path)
+    return Identity(node_id, state, cert_path, key_path, der)
+
+
+def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
+    """Load the identity in ``state_dir``, creating one if neither file exists.
+
+    A state directory holding only one of the two files is an error
+    (:class:`IdentityError`), not a reason to make a new node ID.
+    """
+    state = Path(state_dir)
+    if not os.path.lexists(state / KEY_FILENAME) and not os.path.lexists(state / CERT_FILENAME):
+        return create_identity(state)
+    return load_identity(state)
+
+
+# -- authorised nodes -------------------------------------------------------
+
+
+def authorised_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Return the default authorised-nodes file of a state directory."""
+    return Path(state_dir) / AUTHORISED_FILENAME
+
+
+def _read_authorised(path: Path) -> tuple[str, frozenset[str]]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return "", frozenset()
+    except OSError as exc:
+        raise ConfigError(f"cannot read authorised nodes file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not utf-8 text") from None
+    ids = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            ids.add(parse_node_id(entry))
+        except InvalidNodeId as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from None
+    return text, frozenset(ids)
+
+
+def load_authorised(path: str | os.PathLike[str]) -> frozenset[str]:
+    """Return the canonical node IDs listed in an authorised-nodes file.
+
+    One node ID per line; ``#`` starts a comment; blank lines are ignored. A
+    missing file is an empty list. Raises :class:`ConfigError` naming the
+    file and line of a bad entry.
+    """
+    return _read_authorised(Path(path))[1]
+
+
+def add_authorised(path: str | os.PathLike[str], node_id: str) -> bool:
+    """Append ``node_id`` to an authorised-nodes file unless it is listed.
+
+    Rewrites the file atomically (temp file and rename), keeping its
+    comments and its mode. Returns whether the ID was added. Raises
+    :class:`InvalidNodeId` for a bad ID and :class:`ConfigError` for a bad
+    or unwritable file.
+    """
+    target = Path(path)
+    canonical = parse_node_id(node_id)
+    text, ids = _read_authorised(target)
+    if canonical in ids:
+        return False
+    if text and not text.endswith("\n"):
+        text += "\n"
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = 0o644
+    try:
+        _write_atomic(target, (text + canonical + "\n").encode("utf-8"), mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot write authorised nodes file {target}: {exc.strerror}") from None
+    return True
+
+
+# -- TLS --------------------------------------------------------------------
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """Describe an ``ssl`` error for a message, without its C source line."""
+    if exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    text = str(exc)
+    cut = text.rfind(" (_ssl.c:")
+    return text[:cut] if cut >= 0 else text
+
+
+def _tls13_context(protocol: int, identity: Identity) -> ssl.SSLContext:
+    import ssl
+
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    except ssl.SSLError as exc:
+        raise IdentityError(
+            f"cannot use key file {identity.key_path} with certificate "
+            f"{identity.cert_path}: {_ssl_reason(exc)}"
+        ) from None
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read {identity.key_path} or {identity.cert_path}: {exc.strerror}"
+        ) from None
+    return ctx
+
+
+def server_context(identity: Identity) -> ssl.SSLContext:
+    """Return a TLS 1.3 server context that requires a client certificate.
+
+    Its trust store starts empty, so it accepts no dialler until a
+    certificate is loaded into it (see :class:`PinnedContexts`). Raises
+    :class:`IdentityError` if the key and certificate cannot be loaded or
+    do not match.
+    """
+    import ssl
+
+    ctx = _tls13_context(ssl.PROTOCOL_TLS_SERVER, identity)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Diallers never resume sessions: every connection proves its key, and
+    # the server spends no bytes or memory on tickets.
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(identity: Identity) -> ssl.SSLContext:
+    """Return a TLS 1.3 client context that presents this node's certificate.
+
+    It does not verify the listener's certificate chain: the caller checks
+    the listener's node ID with :func:`peer_node_id` after the handshake.
+    Raises :class:`IdentityError` as :func:`server_context` does.
+    """
+    import ssl
+
+    ctx = _tls13_context(ssl.PROTOCOL_TLS_CLIENT, identity)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class PinnedContexts:
+    """Server TLS contexts, one per distinct dialler certificate (bounded LRU).
+
+    Each context trusts exactly one certificate. ``ssl`` cannot remove a
+    certificate from a context, and the listener pins what a plaintext
+    preamble carries before TLS has proved anything, so a shared context
+    would let a forged certificate carrying an authorised node's public
+    key, pinned first, lock that node out. Here a forged certificate is
+    only ever trusted in its own context: the real certificate gets a
+    context of its own, and TLS still admits only the holder of the key.
+
+    Contexts are keyed by the SHA-256 of the certificate; beyond
+    ``max_entries`` the least recently used is dropped. Dropping one only
+    forgets our reference: connections using it keep it alive.
+    """
+
+    __slots__ = ("_contexts", "_identity", "_max_entries")
+
+    def __init__(self, identity: Identity, max_entries: int = 64) -> None:
+        """Raise :class:`InvalidArgument` if ``max_entries`` is below 1."""
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise InvalidArgument(f"max_entries: expected an integer >= 1, got {max_entries!r}")
+        self._identity = identity
+        self._max_entries = max_entries
+        self._contexts: OrderedDict[bytes, ssl.SSLContext] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+    def for_certificate(self, cert_der: bytes, node_id: str) -> ssl.SSLContext:
+        """Return a server context that trusts ``cert_der`` and nothing else.
+
+        ``node_id`` must be the certificate's node ID (the caller has
+        checked it is authorised). Raises :class:`IdentityError` if it is
+        not, if the certificate is not an edgenode one or cannot be loaded,
+        or if this node's own key and certificate cannot be loaded.
+        """
+        import ssl
+
+        actual = node_id_from_cert_der(cert_der)
+        if actual != node_id:
+            raise IdentityError(f"certificate is of node {actual}, not of node {node_id}")
+        der = bytes(cert_der)
+        digest = hashlib.sha256(der).digest()
+        ctx = self._contexts.get(digest)
+        if ctx is not None:
+            self._contexts.move_to_end(digest)
+            return ctx
+        ctx = server_context(self._identity)
+        try:
+            ctx.load_verify_locations(cadata=der)
+        except ssl.SSLError as exc:
+            raise IdentityError(
+                f"cannot pin the certificate of node {node_id}: {_ssl_reason(exc)}"
+            ) from None
+        self._contexts[digest] = ctx
+        if len(self._contexts) > self._max_entries:
+            self._contexts.popitem(last=False)
+        return ctx
+
+
+def peer_node_id(tls: ssl.SSLObject | ssl.SSLSocket) -> str:
+    """Return the node ID of the peer of a TLS connection after its handshake.
+
+    Raises :class:`HandshakeError` if the peer sent no certificate, the
+    handshake is not done, or the certificate is not an edgenode one.
+    """
+    try:
+        der = tls.getpeercert(binary_form=True)
+    except ValueError:  # raised before the handshake is done
+        raise HandshakeError("tls handshake not complete: no peer certificate yet") from None
+    if not der:
+        raise HandshakeError("peer sent no certificate")
+    try:
+        return node_id_from_cert_der(der)
+    except IdentityError as exc:
+        raise HandshakeError(f"peer {exc}") from None
