@@ -1,0 +1,123 @@
+"""Node configuration: every setting a node reads, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 7300
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Parse ``host``, ``host:port`` or ``[v6]:port``; raise :class:`ConfigError`."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"invalid address {text!r}: expected [ipv6]:port")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ConfigError(f"invalid address {text!r}: missing host")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"invalid address {text!r}: port should be 0..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+@dataclass
+class NodeConfig:
+    """Everything a :class:`~edgenode.node.Node` needs to run.
+
+    Sizes default to a small board; ``validate()`` raises
+    :class:`ConfigError` naming the field, the value and what is allowed.
+    """
+
+    state_dir: Path = Path("edgenode-state")
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    #: Peers to dial and keep connected, as (ip, port).
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    #: Authorised node IDs; None reads ``authorised_nodes`` in the state dir.
+    authorised: frozenset[str] | None = None
+    keepalive_interval_s: float = 5.0
+    keepalive_timeout_s: float = 15.0
+    keepalive_jitter: float = 0.1
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    handshake_timeout_s: float = 5.0
+    shutdown_grace_s: float = 2.0
+    max_peers: int = 64
+    prune_after_s: float = 3600.0
+    max_frame_bytes: int = 64 * 1024
+    inbox_size: int = 256
+    outbox_frames: int = 128
+    subscription_buffer: int = 256
+    max_pending_requests: int = 256
+    max_inflight_handlers: int = 32
+    max_handshakes_per_ip: int = 4
+    #: Dial authorised peers that other peers tell us about.
+    learn_peers: bool = True
+
+    def replace(self, **changes: object) -> NodeConfig:
+        """Return a copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> NodeConfig:
+        """Check every value; return self. Raises :class:`ConfigError`."""
+
+        def positive(name: str, minimum: float = 0.0, strict: bool = True) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}: expected a number, got {value!r}")
+            if value < minimum or (strict and value == minimum):
+                cmp = ">" if strict else ">="
+                raise ConfigError(f"{name}: expected a value {cmp} {minimum}, got {value!r}")
+
+        for name in (
+            "keepalive_interval_s",
+            "keepalive_timeout_s",
+            "backoff_base_s",
+            "backoff_cap_s",
+            "handshake_timeout_s",
+            "prune_after_s",
+        ):
+            positive(name)
+        positive("shutdown_grace_s", strict=False)
+        for name in (
+            "max_peers",
+            "inbox_size",
+            "outbox_frames",
+            "subscription_buffer",
+            "max_pending_requests",
+            "max_inflight_handlers",
+            "max_handshakes_per_ip",
+        ):
+            positive(name, 1, strict=False)
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name}: expected an integer, got {getattr(self, name)!r}")
+        if self.keepalive_timeout_s <= self.keepalive_interval_s:
+            raise ConfigError(
+                f"keepalive_timeout_s: expected more than keepalive_interval_s "
+                f"({self.keepalive_interval_s}), got {self.keepalive_timeout_s}"
+            )
+        if not 0 <= self.keepalive_jitter < 0.5:
+            raise ConfigError(f"keepalive_jitter: expected 0 <= value < 0.5, got {self.keepalive_jitter}")
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise ConfigError(
+                f"backoff_cap_s: expected at least backoff_base_s ({self.backoff_base_s}), "
+                f"got {self.backoff_cap_s}"
+            )
+        if not 256 <= self.max_frame_bytes <= 16 * 1024 * 1024:
+            raise ConfigError(
+                f"max_frame_bytes: expected 256..16777216, got {self.max_frame_bytes!r}"
+            )
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"listen_port: expected 0..65535, got {self.listen_port!r}")
+        return self

@@ -1,0 +1,1299 @@
+"""The node: one flattened event loop.
+
+Every source of work is a small task that reads one thing and puts an event
+into the node's single bounded inbox: the listener's handshake tasks, each
+connection's reader, each dial, and the application API. One dispatcher
+consumes the inbox and is the only code that changes peer state. Its
+handlers are plain functions, never coroutines: they update the registry
+and the keepalive scheduler and queue outgoing frames with ``*_nowait``, so
+nothing the dispatcher does can wait on a socket, another multiplexer or a
+full queue (DESIGN failure 1).
+
+Timers are not tasks. The keepalive scheduler and the dispatcher's own
+deadline heap (request timeouts, close grace periods, housekeeping) say
+when the next thing is due; the dispatcher waits for the inbox until then.
+
+Each connection has a bounded outbox drained by its writer task, which
+coalesces queued frames into one TLS write. When an outbox is full the
+peer is slow: best-effort traffic (pings, broadcasts, peer lists) is
+dropped and counted; anything else closes the connection. Either way the
+dispatcher carries on at once.
+
+Inbound and outbound connections are one type, ``_Conn``, with one code
+path: both ends ping and any frame received proves liveness (failure 2).
+The registry is keyed by IP (failure 3) and is changed only here, from
+transport events, so "up" always means a live transport (failure 4).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import anyio
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
+from anyio.abc import ByteStream, TaskGroup
+
+from .config import NodeConfig
+from .errors import (
+    AdmissionRefused,
+    ConfigError,
+    EdgeNodeError,
+    HandshakeError,
+    InvalidArgument,
+    NodeClosed,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    SlowPeer,
+    TooManyPending,
+)
+from .identity import (
+    Identity,
+    PinnedContexts,
+    client_context,
+    load_authorised,
+    load_identity,
+    parse_node_id,
+)
+from .keepalive import DEAD, DIAL, PING, Keepalive
+from .proto.connection import PeerProtocol
+from .proto.messages import (
+    BYE,
+    DATA,
+    ERR_BUSY,
+    ERR_HANDLER_FAILED,
+    ERR_NO_HANDLER,
+    ERROR,
+    PEERS,
+    PING as MSG_PING,
+    PONG,
+    REQUEST,
+    RESPONSE,
+    AnyMessage,
+    Bye,
+    Data,
+    ErrorResponse,
+    Hello,
+    Limits,
+    PeerInfo,
+    Peers,
+    Ping,
+    Pong,
+    Request,
+    Response,
+)
+from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
+from .transports.tcp import Link, accept_link, dial_link
+
+log = logging.getLogger("edgenode.node")
+
+monotonic = time.monotonic
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_COALESCE_BYTES = 64 * 1024
+_HOUSEKEEPING_S = 30.0
+_READ_BYTES = 65536
+
+
+# -- what the application sees ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message or request from a peer, as handed to the application."""
+
+    peer: str
+    node_id: str
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PeerUp:
+    """A peer's connection became live (``restarted``: it has a new session)."""
+
+    peer: str
+    node_id: str
+    direction: str
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
+class PeerDown:
+    """A peer's live connection ended; ``reason`` says why."""
+
+    peer: str
+    node_id: Optional[str]
+    reason: str
+    error: Optional[EdgeNodeError] = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A connection was refused or failed before it became live."""
+
+    peer: str
+    error: EdgeNodeError
+
+
+NodeEvent = Union[PeerUp, PeerDown, Refused]
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """One row of :meth:`Node.peers`: what the node knows of a peer now."""
+
+    ip: str
+    node_id: Optional[str]
+    state: str
+    direction: Optional[str]
+    listen_port: Optional[int]
+    up_for_s: Optional[float]
+    down_reason: Optional[str]
+    rtt_s: Optional[float]
+    our_pings_answered: bool
+    their_frames_arriving: bool
+    last_heard_s: Optional[float]
+    bytes_in: int
+    bytes_out: int
+    drops: int
+
+
+class Stream:
+    """A bounded stream of items from the node (messages or node events).
+
+    Iterate with ``async for``; close with ``close()`` or by leaving its
+    ``with`` block. When the consumer falls behind, new items are dropped
+    and counted in ``dropped``: the node never waits for a slow consumer.
+    """
+
+    def __init__(self, node: Node, key: str, size: int) -> None:
+        self._node = node
+        self.key = key
+        self._send, self._recv = anyio.create_memory_object_stream(size)
+        self.dropped = 0
+
+    def _offer(self, item: Any) -> bool:
+        try:
+            self._send.send_nowait(item)
+            return True
+        except WouldBlock:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("subscriber %r is slow: %d items dropped", self.key, self.dropped)
+        except (ClosedResourceError, BrokenResourceError):
+            pass
+        return False
+
+    async def receive(self) -> Any:
+        """Wait for the next item. Raises ``anyio.EndOfStream`` once closed."""
+        return await self._recv.receive()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._recv.__aiter__()
+
+    def close(self) -> None:
+        """Stop receiving; idempotent."""
+        self._node._unsubscribe(self)
+        self._send.close()
+        self._recv.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+Handler = Callable[[Incoming], Awaitable[bytes]]
+
+
+# -- inside the loop ------------------------------------------------------------
+
+
+class _Conn:
+    """One live TLS link, inbound or outbound: a single type (failure 2)."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closing",
+        "direction",
+        "drops",
+        "early",
+        "hello",
+        "ip",
+        "local_ip",
+        "node_id",
+        "outbox_recv",
+        "outbox_send",
+        "port",
+        "proto",
+        "scope",
+        "stream",
+    )
+
+    def __init__(self, link: Link, direction: str, proto: PeerProtocol, outbox_frames: int):
+        self.stream: ByteStream = link.stream
+        self.ip = link.peer_ip
+        self.port = link.peer_port
+        self.local_ip = link.local_ip
+        self.node_id = link.peer_node_id
+        self.direction = direction
+        self.proto = proto
+        self.hello: Hello = proto.their_hello  # type: ignore[assignment]
+        self.early: list[AnyMessage] = []
+        self.outbox_send, self.outbox_recv = anyio.create_memory_object_stream(outbox_frames)
+        self.scope: anyio.CancelScope | None = None
+        self.closing = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.drops = 0
+
+    def __repr__(self) -> str:
+        return f"<conn {self.direction} {self.ip}:{self.port}>"
+
+
+class _Pending:
+    __slots__ = ("deadline", "done", "error", "ip", "request_id", "result", "timeout_s", "topic")
+
+    def __init__(self, ip: str, topic: str, timeout_s: float) -> None:
+        self.ip = ip
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.request_id = 0
+        self.deadline = 0.0
+        self.done = anyio.Event()
+        self.result: bytes | None = None
+        self.error: EdgeNodeError | None = None
+
+    def finish(self, result: bytes | None, error: EdgeNodeError | None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+# Inbox events. Each carries the time it was queued, for the loop-lag figure.
+class _Ev:
+    __slots__ = ("t",)
+
+
+class _Ready(_Ev):
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn, self.t = conn, monotonic()
+
+
+class _Received(_Ev):
+    __slots__ = ("conn", "msgs")
+
+    def __init__(self, conn: _Conn, msgs: list[AnyMessage]) -> None:
+        self.conn, self.msgs, self.t = conn, msgs, monotonic()
+
+
+class _Closed(_Ev):
+    __slots__ = ("conn", "error", "reason")
+
+    def __init__(self, conn: _Conn, reason: str, error: EdgeNodeError | None) -> None:
+        self.conn, self.reason, self.error, self.t = conn, reason, error, monotonic()
+
+
+class _Failed(_Ev):
+    """A handshake (inbound) or dial (outbound, ``dialled``) failed."""
+
+    __slots__ = ("dialled", "error", "ip")
+
+    def __init__(self, ip: str, error: EdgeNodeError, dialled: bool) -> None:
+        self.ip, self.error, self.dialled, self.t = ip, error, dialled, monotonic()
+
+
+class _Send(_Ev):
+    __slots__ = ("droppable", "frame", "ip")
+
+    def __init__(self, ip: str | None, frame: bytes, droppable: bool) -> None:
+        self.ip, self.frame, self.droppable, self.t = ip, frame, droppable, monotonic()
+
+
+class _Ask(_Ev):
+    __slots__ = ("payload", "pending")
+
+    def __init__(self, pending: _Pending, payload: bytes) -> None:
+        self.pending, self.payload, self.t = pending, payload, monotonic()
+
+
+class _Answer(_Ev):
+    __slots__ = ("conn", "msg")
+
+    def __init__(self, conn: _Conn, msg: AnyMessage) -> None:
+        self.conn, self.msg, self.t = conn, msg, monotonic()
+
+
+class _Shutdown(_Ev):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.t = monotonic()
+
+
+_HARD_CLOSE = 0
+_REQUEST_DEADLINE = 1
+_HOUSEKEEPING = 2
+
+
+class Node:
+    """A running edgenode: ``async with Node(config) as node: ...``.
+
+    On entry it loads its identity, starts listening and dials the
+    configured peers; on exit it says bye to every peer and closes within
+    ``config.shutdown_grace_s``.
+    """
+
+    def __init__(self, config: NodeConfig, *, identity: Identity | None = None) -> None:
+        self.config = config.validate()
+        self.identity = identity if identity is not None else load_identity(config.state_dir)
+        self.node_id = self.identity.node_id
+        if config.authorised is not None:
+            self.authorised = frozenset(parse_node_id(i) for i in config.authorised)
+        else:
+            self.authorised = load_authorised(os.path.join(config.state_dir, "authorised_nodes"))
+        #: A new random epoch per process: peers see a restart as a new session.
+        self.epoch = random.getrandbits(62)
+        self.listen_port = config.listen_port
+        self._wildcard = config.listen_host in _WILDCARD_HOSTS
+        our_ip = "0.0.0.0" if self._wildcard else normalise_ip(config.listen_host)
+        self.registry = Registry(
+            our_ip, max_peers=config.max_peers, prune_after_s=config.prune_after_s
+        )
+        self.keepalive = Keepalive(
+            interval_s=config.keepalive_interval_s,
+            timeout_s=config.keepalive_timeout_s,
+            rand=random.random,
+            jitter=config.keepalive_jitter,
+            backoff_base_s=config.backoff_base_s,
+            backoff_cap_s=config.backoff_cap_s,
+        )
+        self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
+        self._server_contexts = PinnedContexts(self.identity, max_entries=config.max_peers)
+        self._client_ctx = client_context(self.identity)
+        self._tg: TaskGroup | None = None
+        self._listener_scope: anyio.CancelScope | None = None
+        self._inbox_send, self._inbox_recv = anyio.create_memory_object_stream(config.inbox_size)
+        self._conns: set[_Conn] = set()
+        self._open_conns = 0
+        self._all_closed: anyio.Event | None = None
+        self._dialing: set[str] = set()
+        self._handshaking: dict[str, int] = {}
+        self._timers: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._handlers: dict[str, Handler] = {"edgenode/peers": self._peers_handler}
+        self._inflight_handlers = 0
+        self._subs: dict[str, list[Stream]] = {}
+        self._wild_subs: list[Stream] = []
+        self._event_streams: list[Stream] = []
+        self._up_waiters: dict[str, list[anyio.Event]] = {}
+        self._closing = False
+        self._started = 0.0
+        # Loop figures.
+        self.events_handled = 0
+        self.wakeups = 0
+        self.lag_last_s = 0.0
+        self.lag_max_s = 0.0
+        self._lag_sum_s = 0.0
+        self.unrouted = 0
+        self.lost_sends = 0
+        self.refused = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        if not self.authorised:
+            log.warning(
+                "no authorised nodes: every peer will be refused "
+                "(add IDs with: edgenode authorise NODE_ID)"
+            )
+        self._listener_scope = anyio.CancelScope()
+        self._all_closed = anyio.Event()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            listener = await anyio.create_tcp_listener(
+                local_host=None if self._wildcard else self.config.listen_host,
+                local_port=self.config.listen_port,
+            )
+        except OSError as exc:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise ConfigError(
+                f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.listen_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        self._started = monotonic()
+        tg.start_soon(self._serve, listener)
+        tg.start_soon(self._dispatch)
+        now = monotonic()
+        for host, port in self.config.peers:
+            ip = normalise_ip(host)
+            self.registry.add_configured(ip, port, now)
+            self.keepalive.schedule_dial(ip, now)
+        self._push_timer(now + _HOUSEKEEPING_S, _HOUSEKEEPING, None)
+        log.info(
+            "node %s listening on %s:%d (%d peers configured, %d authorised)",
+            self.node_id,
+            self.config.listen_host,
+            self.listen_port,
+            len(self.config.peers),
+            len(self.authorised),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        await self.aclose()
+        return None
+
+    async def aclose(self) -> None:
+        """Say bye to every peer and stop, within ``shutdown_grace_s``. Idempotent."""
+        tg = self._tg
+        if tg is None:
+            return
+        self._tg = None
+        if not self._closing:
+            self._closing = True
+            assert self._listener_scope is not None and self._all_closed is not None
+            self._listener_scope.cancel()
+            with anyio.move_on_after(self.config.shutdown_grace_s):
+                await self._inbox_send.send(_Shutdown())
+                if self._open_conns:
+                    await self._all_closed.wait()
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        log.info("node %s stopped", self.node_id)
+
+    # -- application API -------------------------------------------------------------
+
+    async def send(
+        self, peer: str, topic: str, payload: bytes, *, wait_s: float | None = None
+    ) -> None:
+        """Queue a message to ``peer`` (an IP or a node ID).
+
+        Raises :class:`PeerUnavailable` at once if the peer is not connected,
+        or, with ``wait_s``, after waiting that long for it to (re)connect.
+        Delivery is not confirmed; use :meth:`request` for that.
+        """
+        frame = PeerProtocol.send(Data(self._check_topic(topic), self._check_payload(payload)))
+        ip = await self._up_peer(peer, wait_s)
+        await self._post(_Send(ip, frame, False))
+
+    async def broadcast(self, topic: str, payload: bytes) -> int:
+        """Queue a best-effort message to every connected peer; return how many."""
+        frame = PeerProtocol.send(Data(self._check_topic(topic), self._check_payload(payload)))
+        self._check_open()
+        await self._post(_Send(None, frame, True))
+        return len(self.registry.up())
+
+    async def request(
+        self,
+        peer: str,
+        topic: str,
+        payload: bytes,
+        *,
+        timeout: float = 10.0,
+        wait_s: float | None = None,
+    ) -> bytes:
+        """Send a request and return the response payload.
+
+        Raises :class:`PeerUnavailable` (down, or went down before answering),
+        :class:`RequestTimeout`, :class:`RemoteError` (the peer's handler
+        failed or none exists) or :class:`TooManyPending`.
+        """
+        self._check_topic(topic)
+        self._check_payload(payload)
+        if not timeout > 0:
+            raise InvalidArgument(f"timeout: expected a number > 0, got {timeout!r}")
+        ip = await self._up_peer(peer, wait_s)
+        pending = _Pending(ip, topic, timeout)
+        await self._post(_Ask(pending, bytes(payload)))
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def subscribe(self, topic: str) -> Stream:
+        """Receive data messages on ``topic`` (``prefix/#`` or ``#`` for many).
+
+        Returns a :class:`Stream` of :class:`Incoming`.
+        """
+        self._check_open()
+        sub = Stream(self, topic, self.config.subscription_buffer)
+        if topic.endswith("#"):
+            self._wild_subs.append(sub)
+        else:
+            self._subs.setdefault(self._check_topic(topic), []).append(sub)
+        return sub
+
+    def on_message(self, topic: str, callback: Callable[[Incoming], Awaitable[None]]) -> Stream:
+        """Run ``await callback(msg)`` for each message on ``topic``, in order.
+
+        The callback runs in its own task, never in the dispatcher; an
+        exception from it is logged and the subscription carries on.
+        """
+        sub = self.subscribe(topic)
+        assert self._tg is not None
+
+        async def consume() -> None:
+            async for msg in sub:
+                try:
+                    await callback(msg)
+                except Exception:
+                    log.exception("message callback for %r failed", topic)
+
+        self._tg.start_soon(consume)
+        return sub
+
+    def handle(self, topic: str, handler: Handler) -> None:
+        """Answer requests on ``topic`` with ``await handler(request)`` (bytes)."""
+        self._handlers[self._check_topic(topic)] = handler
+
+    def events(self) -> Stream:
+        """A stream of :class:`PeerUp`, :class:`PeerDown` and :class:`Refused`."""
+        sub = Stream(self, "events", self.config.subscription_buffer)
+        self._event_streams.append(sub)
+        return sub
+
+    def peers(self) -> list[PeerSnapshot]:
+        """A snapshot of the registry, one row per known peer, sorted by IP."""
+        now = monotonic()
+        rows = []
+        for entry in sorted(self.registry, key=lambda e: ip_sort_key(e.ip)):
+            live = self.keepalive.liveness(entry.ip, now)
+            conn = entry.conn if isinstance(entry.conn, _Conn) else None
+            rows.append(
+                PeerSnapshot(
+                    ip=entry.ip,
+                    node_id=entry.node_id,
+                    state=entry.state,
+                    direction=entry.direction,
+                    listen_port=entry.listen_port,
+                    up_for_s=None if entry.up_since is None or entry.state != UP else now - entry.up_since,
+                    down_reason=entry.down_reason,
+                    rtt_s=live.rtt_s if live else None,
+                    our_pings_answered=bool(live and live.our_pings_answered),
+                    their_frames_arriving=bool(live and live.their_frames_arriving),
+                    last_heard_s=live.last_received_age_s if live else None,
+                    bytes_in=conn.bytes_in if conn else 0,
+                    bytes_out=conn.bytes_out if conn else 0,
+                    drops=conn.drops if conn else 0,
+                )
+            )
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        """Node figures: uptime, loop lag, events and wake-ups, peers by state."""
+        up = len(self.registry.up())
+        return {
+            "node_id": self.node_id,
+            "uptime_s": monotonic() - self._started if self._started else 0.0,
+            "loop_lag_last_ms": self.lag_last_s * 1000,
+            "loop_lag_max_ms": self.lag_max_s * 1000,
+            "loop_lag_avg_ms": self._lag_sum_s * 1000 / max(1, self.events_handled),
+            "events_handled": self.events_handled,
+            "wakeups": self.wakeups,
+            "peers_up": up,
+            "peers_down": len(self.registry) - up,
+            "pending_requests": len(self._pending),
+            "unrouted_messages": self.unrouted,
+            "lost_sends": self.lost_sends,
+            "refused_connections": self.refused,
+        }
+
+    # -- API helpers -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing or self._tg is None:
+            raise NodeClosed("node is closed")
+
+    def _check_topic(self, topic: str) -> str:
+        if not isinstance(topic, str) or not topic:
+            raise InvalidArgument(f"topic: expected non-empty text, got {topic!r:.40}")
+        size = len(topic.encode())
+        if size > self._limits.max_topic_bytes:
+            raise InvalidArgument(
+                f"topic of {size} bytes exceeds {self._limits.max_topic_bytes}-byte limit"
+            )
+        return topic
+
+    def _check_payload(self, payload: bytes) -> bytes:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"payload: expected bytes, got {type(payload).__name__}")
+        limit = self._limits.max_frame_bytes - self._limits.max_topic_bytes - 32
+        if len(payload) > limit:
+            raise InvalidArgument(f"payload of {len(payload)} bytes exceeds {limit}-byte limit")
+        return bytes(payload)
+
+    def _resolve(self, peer: str) -> str:
+        try:
+            return normalise_ip(peer)
+        except ConfigError:
+            pass
+        try:
+            node_id = parse_node_id(peer)
+        except ConfigError:
+            raise InvalidArgument(f"peer {peer!r:.60} is neither an ip address nor a node id") from None
+        entry = self.registry.by_node_id(node_id)
+        if entry is None:
+            raise PeerUnavailable(f"node {node_id} is not known to this node")
+        return entry.ip
+
+    async def _up_peer(self, peer: str, wait_s: float | None) -> str:
+        self._check_open()
+        ip = self._resolve(peer)
+        entry = self.registry.get(ip)
+        if entry is not None and entry.state == UP:
+            return ip
+        if wait_s:
+            event = anyio.Event()
+            waiters = self._up_waiters.setdefault(ip, [])
+            waiters.append(event)
+            try:
+                with anyio.move_on_after(wait_s):
+                    await event.wait()
+            finally:
+                waiters.remove(event)
+                if not waiters:
+                    self._up_waiters.pop(ip, None)
+            self._check_open()
+            entry = self.registry.get(ip)
+            if entry is not None and entry.state == UP:
+                return ip
+        if entry is None:
+            raise PeerUnavailable(f"peer {ip} is not connected (never seen)")
+        waited = f" after waiting {wait_s} s" if wait_s else ""
+        raise PeerUnavailable(
+            f"peer {ip} is not connected{waited} ({entry.down_reason or 'not connected yet'})"
+        )
+
+    async def _post(self, event: _Ev) -> None:
+        # Sources may wait for room in the inbox; the dispatcher never does.
+        try:
+            await self._inbox_send.send(event)
+        except (ClosedResourceError, BrokenResourceError):
+            raise NodeClosed("node is closed") from None
+
+    async def _peers_handler(self, request: Incoming) -> bytes:
+        from cbor2 import dumps
+
+        return dumps(
+            [
+                [p.ip, p.node_id, p.state, p.direction, p.down_reason, p.rtt_s]
+                for p in self.peers()
+            ]
+        )
+
+    def _unsubscribe(self, sub: Stream) -> None:
+        for group in (self._wild_subs, self._event_streams, self._subs.get(sub.key, [])):
+            if sub in group:
+                group.remove(sub)
+        if not self._subs.get(sub.key, True):
+            del self._subs[sub.key]
+
+    # -- sources: listener, handshakes, dials, connections ------------------------------
+
+    async def _serve(self, listener: anyio.abc.Listener[Any]) -> None:
+        assert self._listener_scope is not None
+        with self._listener_scope:
+            async with listener:
+                await listener.serve(self._accept)
+
+    async def _accept(self, stream: ByteStream) -> None:
+        try:
+            peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            ip = normalise_ip(peer[0])
+        except Exception:  # a socket that died before we looked at it
+            await _close_stream(stream)
+            return
+        count = self._handshaking.get(ip, 0)
+        if count >= self.config.max_handshakes_per_ip:
+            await _close_stream(stream)
+            await self._post(
+                _Failed(
+                    ip,
+                    HandshakeError(
+                        f"{ip}: {count} handshakes already in progress "
+                        f"(limit {self.config.max_handshakes_per_ip})"
+                    ),
+                    False,
+                )
+            )
+            return
+        self._handshaking[ip] = count + 1
+        try:
+            conn = await self._handshake(ip, stream, None)
+        finally:
+            left = self._handshaking[ip] - 1
+            if left:
+                self._handshaking[ip] = left
+            else:
+                del self._handshaking[ip]
+        if conn is not None:
+            await self._run_connection(conn)
+
+    async def _dial(self, ip: str, port: int) -> None:
+        conn = await self._handshake(ip, None, port)
+        if conn is not None:
+            await self._run_connection(conn)
+
+    async def _handshake(self, ip: str, stream: ByteStream | None, port: int | None) -> _Conn | None:
+        """Run one side of the handshake under the handshake timeout.
+
+        Returns the connection with both hellos exchanged, or None after
+        posting the failure to the inbox.
+        """
+        timeout = self.config.handshake_timeout_s
+        link: Link | None = None
+        error: EdgeNodeError
+        try:
+            with anyio.fail_after(timeout):
+                if stream is not None:
+                    link = await accept_link(
+                        stream,
+                        contexts=self._server_contexts,
+                        is_authorised=self.authorised.__contains__,
+                    )
+                else:
+                    assert port is not None
+                    link = await dial_link(
+                        ip,
+                        port,
+                        context=self._client_ctx,
+                        cert_der=self.identity.cert_der,
+                        local_host=None if self._wildcard else self.config.listen_host,
+                        is_authorised=self.authorised.__contains__,
+                    )
+                return await self._exchange_hellos(link, INBOUND if stream is not None else OUTBOUND)
+        except TimeoutError:
+            what = "handshake" if stream is not None else f"dial to {ip}:{port}"
+            error = HandshakeError(f"{ip}: {what} not finished within {timeout} s")
+        except EdgeNodeError as exc:
+            error = exc
+        except (OSError, BrokenResourceError, EndOfStream) as exc:
+            detail = getattr(exc, "strerror", None) or type(exc).__name__
+            error = HandshakeError(f"{ip}: connection failed during handshake: {detail}")
+        closing = link.stream if link is not None else stream
+        if closing is not None:
+            await _close_stream(closing)
+        await self._post(_Failed(ip, error, stream is None))
+        return None
+
+    async def _exchange_hellos(self, link: Link, direction: str) -> _Conn:
+        proto = PeerProtocol(
+            expected_node_id=link.peer_node_id, limits=self._limits, name=link.peer_ip
+        )
+        await link.stream.send(PeerProtocol.send(Hello(self.node_id, self.listen_port, self.epoch)))
+        messages: list[AnyMessage] = []
+        while proto.their_hello is None:
+            try:
+                data = await link.stream.receive(_READ_BYTES)
+            except EndOfStream:
+                raise HandshakeError(f"{link.peer_ip}: connection closed before hello") from None
+            messages = proto.receive_data(data)
+        conn = _Conn(link, direction, proto, self.config.outbox_frames)
+        conn.early = messages[1:]
+        return conn
+
+    async def _run_connection(self, conn: _Conn) -> None:
+        self._open_conns += 1
+        try:
+            with anyio.CancelScope() as scope:
+                conn.scope = scope
+                await self._post(_Ready(conn))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._writer, conn)
+                    await self._reader(conn)
+                    tg.cancel_scope.cancel()
+        finally:
+            self._open_conns -= 1
+            if self._closing and not self._open_conns and self._all_closed is not None:
+                self._all_closed.set()
+            await _close_stream(conn.stream)
+
+    async def _reader(self, conn: _Conn) -> None:
+        stream, proto, post = conn.stream, conn.proto, self._inbox_send.send
+        error: EdgeNodeError | None = None
+        try:
+            while True:
+                data = await stream.receive(_READ_BYTES)
+                conn.bytes_in += len(data)
+                messages = proto.receive_data(data)
+                if messages:
+                    await post(_Received(conn, messages))
+        except EndOfStream:
+            try:
+                proto.receive_eof()
+                reason = "connection closed by peer"
+            except ProtocolError as exc:
+                reason, error = str(exc), exc
+        except (ProtocolError, HandshakeError) as exc:
+            reason, error = str(exc), exc
+        except (BrokenResourceError, OSError) as exc:
+            reason = f"connection lost: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        except ClosedResourceError:
+            return
+        await post(_Closed(conn, reason, error))
+
+    async def _writer(self, conn: _Conn) -> None:
+        recv, stream = conn.outbox_recv, conn.stream
+        try:
+            async for frame in recv:
+                size = len(frame)
+                if size < _COALESCE_BYTES:
+                    # Coalesce what is already queued into one TLS write.
+                    batch = [frame]
+                    while size < _COALESCE_BYTES:
+                        try:
+                            more = recv.receive_nowait()
+                        except (WouldBlock, EndOfStream):
+                            break
+                        batch.append(more)
+                        size += len(more)
+                    if len(batch) > 1:
+                        frame = b"".join(batch)
+                await stream.send(frame)
+                conn.bytes_out += size
+        except (BrokenResourceError, ClosedResourceError, OSError) as exc:
+            reason = f"connection lost while sending: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            await self._inbox_send.send(_Closed(conn, reason, None))
+            return
+        # The dispatcher closed the outbox: everything, including the bye,
+        # has been written.
+        assert conn.scope is not None
+        conn.scope.cancel()
+
+    # -- the dispatcher ---------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        recv = self._inbox_recv
+        handlers: dict[type, Callable[[Any, float], None]] = {
+            _Received: self._on_received,
+            _Send: self._on_send,
+            _Ready: self._on_ready,
+            _Closed: self._on_closed,
+            _Failed: self._on_failed,
+            _Ask: self._on_ask,
+            _Answer: self._on_answer,
+            _Shutdown: self._on_shutdown,
+        }
+        next_due = self._next_deadline()
+        event: Any = None
+        while True:
+            try:
+                event = recv.receive_nowait()
+            except WouldBlock:
+                now = monotonic()
+                if next_due is not None and now >= next_due:
+                    self._run_timers(now)
+                    next_due = self._next_deadline()
+                    continue
+                self.wakeups += 1
+                if next_due is None:
+                    event = await recv.receive()
+                else:
+                    event = None
+                    with anyio.move_on_after(next_due - now):
+                        event = await recv.receive()
+                    if event is None:
+                        continue
+            now = monotonic()
+            lag = now - event.t
+            self.lag_last_s = lag
+            self._lag_sum_s += lag
+            if lag > self.lag_max_s:
+                self.lag_max_s = lag
+            self.events_handled += 1
+            handlers[type(event)](event, now)
+            next_due = self._next_deadline()
+            if next_due is not None and now >= next_due:
+                self._run_timers(now)
+                next_due = self._next_deadline()
+            event = None
+
+    def _next_deadline(self) -> float | None:
+        keepalive_due = self.keepalive.next_deadline()
+        if self._timers:
+            own = self._timers[0][0]
+            return own if keepalive_due is None or own < keepalive_due else keepalive_due
+        return keepalive_due
+
+    def _push_timer(self, when: float, kind: int, obj: Any) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), kind, obj))
+
+    def _run_timers(self, now: float) -> None:
+        for action, ip, nonce in self.keepalive.due(now):
+            entry = self.registry.get(ip)
+            if action == PING:
+                if entry is not None and isinstance(entry.conn, _Conn):
+                    self._queue(entry.conn, PeerProtocol.send(Ping(nonce)), now, droppable=True)
+            elif action == DEAD:
+                if entry is not None and isinstance(entry.conn, _Conn):
+                    timeout = self.config.keepalive_timeout_s
+                    self._drop(entry.conn, f"no frames for {timeout} s (keepalive timeout)", now)
+            elif action == DIAL:
+                self._start_dial(entry)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, obj = heapq.heappop(timers)
+            if kind == _HARD_CLOSE:
+                if obj.scope is not None:
+                    obj.scope.cancel()
+            elif kind == _REQUEST_DEADLINE:
+                pending = self._pending.pop(obj.request_id, None)
+                if pending is not None:
+                    pending.finish(
+                        None,
+                        RequestTimeout(
+                            f"no response from {pending.ip} to request {pending.request_id} "
+                            f"on {pending.topic!r} within {pending.timeout_s} s"
+                        ),
+                    )
+            elif kind == _HOUSEKEEPING:
+                for entry in self.registry.prune(now):
+                    self.keepalive.forget(entry.ip)
+                    log.info("forgot peer %s: down since %s", entry.ip, entry.down_reason)
+                self._push_timer(now + _HOUSEKEEPING_S, _HOUSEKEEPING, None)
+
+    def _start_dial(self, entry: PeerEntry | None) -> None:
+        if entry is None or entry.state == UP or self._closing or not entry.listen_port:
+            return
+        if entry.ip in self._dialing or self._tg is None:
+            return
+        self._dialing.add(entry.ip)
+        self._tg.start_soon(self._dial, entry.ip, entry.listen_port)
+
+    def _queue(self, conn: _Conn, frame: bytes, now: float, *, droppable: bool = False) -> bool:
+        """Queue a frame without waiting; apply the slow-peer policy if full."""
+        try:
+            conn.outbox_send.send_nowait(frame)
+        except WouldBlock:
+            conn.drops += 1
+            if droppable:
+                if conn.drops == 1 or conn.drops % 100 == 0:
+                    log.warning(
+                        "slow peer %s: outbox full (%d frames); dropped best-effort "
+                        "traffic (%d drops)",
+                        conn.ip,
+                        self.config.outbox_frames,
+                        conn.drops,
+                    )
+                return False
+            reason = f"slow peer: outbox full ({self.config.outbox_frames} frames)"
+            self._drop(conn, reason, now, error=SlowPeer(f"{conn.ip}: {reason}"), bye=False)
+            return False
+        except (ClosedResourceError, BrokenResourceError):
+            return False
+        self.keepalive.sent(conn.ip, now)
+        return True
+
+    def _drop(
+        self,
+        conn: _Conn,
+        reason: str,
+        now: float,
+        *,
+        error: EdgeNodeError | None = None,
+        bye: bool = True,
+    ) -> None:
+        """Close ``conn``; if it was its peer's live connection, the peer is down."""
+        if conn.closing:
+            return
+        conn.closing = True
+        self._conns.discard(conn)
+        entry = self.registry.closed(conn, reason, now)
+        if entry is not None:
+            redial = bool(entry.listen_port) and not self._closing
+            delay = self.keepalive.link_down(conn.ip, now, redial=redial)
+            for pending in [p for p in self._pending.values() if p.ip == conn.ip]:
+                del self._pending[pending.request_id]
+                pending.finish(None, PeerUnavailable(f"peer {conn.ip} went down: {reason}"))
+            retry = f"; redial in {delay:.1f} s" if delay is not None else ""
+            log.warning("peer down %s (node %s): %s%s", conn.ip, entry.node_id, reason, retry)
+            self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
+        if bye:
+            try:
+                conn.outbox_send.send_nowait(PeerProtocol.send(Bye(reason[:200])))
+            except (WouldBlock, ClosedResourceError, BrokenResourceError):
+                bye = False
+        conn.outbox_send.close()
+        if bye:
+            self._push_timer(now + self.config.shutdown_grace_s, _HARD_CLOSE, conn)
+        elif conn.scope is not None:
+            conn.scope.cancel()
+
+    def _forget_pruned(self) -> None:
+        for entry in self.registry.take_pruned():
+            self.keepalive.forget(entry.ip)
+            log.info("forgot peer %s to make room: down since %s", entry.ip, entry.down_reason)
+
+    def _publish(self, event: NodeEvent) -> None:
+        for stream in self._event_streams:
+            stream._offer(event)
+
+    # -- dispatcher handlers: plain functions, never coroutines ------------------------
+
+    def _on_ready(self, ev: _Ready, now: float) -> None:
+        conn = ev.conn
+        if conn.direction == OUTBOUND:
+            self._dialing.discard(conn.ip)
+        if self._closing:
+            self._drop(conn, "node shutting down", now)
+            return
+        if self._wildcard:
+            # Our address as this peer sees it decides the simultaneous-open rule.
+            self.registry.our_ip = conn.local_ip
+        before = self.registry.get(conn.ip)
+        old_epoch = before.epoch if before is not None and before.state == UP else None
+        hello = conn.hello
+        admission = self.registry.admit(
+            conn, conn.ip, conn.node_id, hello.epoch, conn.direction, hello.listen_port or None, now
+        )
+        self._forget_pruned()
+        if not admission.accepted:
+            reason = admission.reason or "refused"
+            self.refused += 1
+            log.info("refused connection from %s (%s): %s", conn.ip, conn.direction, reason)
+            self._publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
+            self._drop(conn, reason, now)
+            return
+        replaced = admission.replaced
+        if isinstance(replaced, _Conn):
+            self._drop(replaced, admission.replaced_reason or "replaced", now)
+        self._conns.add(conn)
+        self.keepalive.link_up(conn.ip, now)
+        restarted = old_epoch is not None and old_epoch != hello.epoch
+        if replaced is None or restarted:
+            log.info(
+                "peer up %s (node %s, %s)%s",
+                conn.ip,
+                conn.node_id,
+                conn.direction,
+                " after a restart" if restarted else "",
+            )
+            self._publish(PeerUp(conn.ip, conn.node_id, conn.direction, restarted))
+        for waiter in self._up_waiters.get(conn.ip, ()):
+            waiter.set()
+        known = [
+            PeerInfo(e.ip, e.listen_port, e.node_id)
+            for e in self.registry.up()
+            if e.ip != conn.ip and e.listen_port
+        ][: self._limits.max_peers_listed]
+        if known:
+            self._queue(conn, PeerProtocol.send(Peers(known)), now, droppable=True)
+        if conn.early:
+            self._on_received(_Received(conn, conn.early), now)
+            conn.early = []
+
+    def _on_received(self, ev: _Received, now: float) -> None:
+        conn = ev.conn
+        if conn.closing:
+            return
+        ip = conn.ip
+        self.keepalive.received(ip, now)
+        for msg in ev.msgs:
+            code = msg.code
+            if code == DATA:
+                self._deliver(conn, msg, now)  # type: ignore[arg-type]
+            elif code == MSG_PING:
+                self._queue(conn, PeerProtocol.send(Pong(msg.nonce)), now, droppable=True)  # type: ignore[union-attr]
+            elif code == PONG:
+                self.keepalive.pong(ip, msg.nonce, now)  # type: ignore[union-attr]
+            elif code == REQUEST:
+                self._on_request(conn, msg, now)  # type: ignore[arg-type]
+            elif code == RESPONSE or code == ERROR:
+                pending = self._pending.get(msg.request_id)  # type: ignore[union-attr]
+                if pending is None or pending.ip != ip:
+                    log.debug("%s: response to unknown or expired request %s", ip, msg.request_id)  # type: ignore[union-attr]
+                    continue
+                del self._pending[pending.request_id]
+                if code == RESPONSE:
+                    pending.finish(msg.payload, None)  # type: ignore[union-attr]
+                else:
+                    pending.finish(None, RemoteError(msg.error_code, msg.message))  # type: ignore[union-attr]
+            elif code == BYE:
+                self._drop(conn, f"peer said bye: {msg.reason}", now, bye=False)  # type: ignore[union-attr]
+                return
+            elif code == PEERS:
+                self._learn(msg, now)  # type: ignore[arg-type]
+
+    def _deliver(self, conn: _Conn, msg: Data, now: float) -> None:
+        topic = msg.topic
+        subs = self._subs.get(topic)
+        delivered = False
+        if subs or self._wild_subs:
+            incoming = Incoming(conn.ip, conn.node_id, topic, msg.payload)
+            for sub in subs or ():
+                sub._offer(incoming)
+                delivered = True
+            for sub in self._wild_subs:
+                prefix = sub.key[:-1]
+                if topic.startswith(prefix):
+                    sub._offer(incoming)
+                    delivered = True
+        if not delivered:
+            self.unrouted += 1
+            log.debug("%s: no subscriber for topic %r", conn.ip, topic)
+
+    def _on_request(self, conn: _Conn, msg: Request, now: float) -> None:
+        handler = self._handlers.get(msg.topic)
+        if handler is None:
+            reply: AnyMessage = ErrorResponse(
+                msg.request_id, ERR_NO_HANDLER, f"no handler for topic {msg.topic!r}"
+            )
+        elif self._inflight_handlers >= self.config.max_inflight_handlers or self._tg is None:
+            reply = ErrorResponse(
+                msg.request_id,
+                ERR_BUSY,
+                f"busy: {self.config.max_inflight_handlers} requests already in progress",
+            )
+        else:
+            self._inflight_handlers += 1
+            self._tg.start_soon(
+                self._run_handler, conn, msg, handler, Incoming(conn.ip, conn.node_id, msg.topic, msg.payload)
+            )
+            return
+        self._queue(conn, PeerProtocol.send(reply), now)
+
+    async def _run_handler(self, conn: _Conn, msg: Request, handler: Handler, incoming: Incoming) -> None:
+        try:
+            result = await handler(incoming)
+            if not isinstance(result, (bytes, bytearray, memoryview)):
+                raise TypeError(f"handler returned {type(result).__name__}, expected bytes")
+            reply: AnyMessage = Response(msg.request_id, bytes(result))
+        except Exception as exc:
+            log.exception("request handler for %r failed", msg.topic)
+            reply = ErrorResponse(
+                msg.request_id, ERR_HANDLER_FAILED, f"handler for {msg.topic!r} failed: {type(exc).__name__}"
+            )
+        finally:
+            self._inflight_handlers -= 1
+        await self._inbox_send.send(_Answer(conn, reply))
+
+    def _on_answer(self, ev: _Answer, now: float) -> None:
+        if not ev.conn.closing:
+            self._queue(ev.conn, PeerProtocol.send(ev.msg), now)
+
+    def _on_ask(self, ev: _Ask, now: float) -> None:
+        pending = ev.pending
+        if len(self._pending) >= self.config.max_pending_requests:
+            pending.finish(
+                None,
+                TooManyPending(
+                    f"{len(self._pending)} requests already pending "
+                    f"(limit {self.config.max_pending_requests})"
+                ),
+            )
+            return
+        entry = self.registry.get(pending.ip)
+        if entry is None or not isinstance(entry.conn, _Conn):
+            pending.finish(None, PeerUnavailable(f"peer {pending.ip} went down before the request was sent"))
+            return
+        pending.request_id = next(self._request_ids)
+        pending.deadline = now + pending.timeout_s
+        frame = PeerProtocol.send(Request(pending.request_id, pending.topic, ev.payload))
+        if not self._queue(entry.conn, frame, now):
+            pending.finish(None, PeerUnavailable(f"peer {pending.ip} is too slow to take the request"))
+            return
+        self._pending[pending.request_id] = pending
+        self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
+
+    def _on_send(self, ev: _Send, now: float) -> None:
+        if ev.ip is None:
+            for entry in self.registry.up():
+                if isinstance(entry.conn, _Conn):
+                    self._queue(entry.conn, ev.frame, now, droppable=True)
+            return
+        entry = self.registry.get(ev.ip)
+        if entry is None or not isinstance(entry.conn, _Conn):
+            self.lost_sends += 1
+            log.warning("message to %s lost: the peer went down before it was queued", ev.ip)
+            return
+        self._queue(entry.conn, ev.frame, now, droppable=ev.droppable)
+
+    def _on_closed(self, ev: _Closed, now: float) -> None:
+        self._drop(ev.conn, ev.reason, now, error=ev.error, bye=ev.error is not None)
+
+    def _on_failed(self, ev: _Failed, now: float) -> None:
+        ip, error = ev.ip, ev.error
+        self.refused += 1
+        self._publish(Refused(ip, error))
+        if ev.dialled:
+            self._dialing.discard(ip)
+            entry = self.registry.get(ip)
+            if entry is not None and entry.state == DOWN and not self._closing:
+                delay = self.keepalive.dial_failed(ip, now)
+                log.info("dial %s failed: %s; retry in %.1f s", ip, error, delay)
+        else:
+            log.warning("refused connection from %s: %s", ip, error)
+
+    def _learn(self, msg: Peers, now: float) -> None:
+        if not self.config.learn_peers:
+            return
+        for info in msg.peers:
+            if info.node_id is None or info.node_id not in self.authorised:
+                continue
+            if info.node_id == self.node_id:
+                continue
+            try:
+                ip = normalise_ip(info.ip)
+                if ip in self.registry:
+                    continue
+                entry = self.registry.learn(ip, info.port, info.node_id, now)
+            except ConfigError as exc:
+                log.debug("ignored peer list entry %r: %s", info, exc)
+                continue
+            self._forget_pruned()
+            if entry is not None:
+                log.info("learned peer %s:%d (node %s)", ip, info.port, info.node_id)
+                self.keepalive.schedule_dial(ip, now)
+
+    def _on_shutdown(self, ev: _Shutdown, now: float) -> None:
+        self._closing = True
+        for conn in list(self._conns):
+            self._drop(conn, "node shutting down", now)
+        for pending in self._pending.values():
+            pending.finish(None, NodeClosed("node closed before the response arrived"))
+        self._pending.clear()
+        for waiters in self._up_waiters.values():
+            for waiter in waiters:
+                waiter.set()
+        if not self._open_conns and self._all_closed is not None:
+            self._all_closed.set()
+
+
+async def _close_stream(stream: ByteStream) -> None:
+    """Close a connection's stream at once, even inside a cancelled scope.
+
+    TLS streams are made with ``standard_compatible=False`` (a bye says
+    goodbye, not close_notify), so closing aborts the socket and returns.
+    """
+    with anyio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except (OSError, BrokenResourceError, ClosedResourceError):
+            pass

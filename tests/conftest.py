@@ -1,0 +1,148 @@
+"""Shared fixtures: identities made once per session, nodes on loopback IPs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from edgenode.config import NodeConfig
+from edgenode.identity import Identity, create_identity
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Identities:
+    """Lazily created node identities, shared by the whole session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: dict[str, Identity] = {}
+
+    def __getitem__(self, name: str) -> Identity:
+        if name not in self._made:
+            self._made[name] = create_identity(self.root / name)
+        return self._made[name]
+
+    def ids(self, *names: str) -> frozenset[str]:
+        return frozenset(self[n].node_id for n in names)
+
+
+@pytest.fixture(scope="session")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> Identities:
+    return Identities(tmp_path_factory.mktemp("identities"))
+
+
+#: Names of the trusted test nodes; "outsider" is never authorised.
+TRUSTED = ("a", "b", "c", "d", "raw", "raw2")
+
+
+@pytest.fixture
+def make_config(identities: Identities) -> Callable[..., NodeConfig]:
+    """``make_config(name, ip, peers=[...], **overrides)`` -> a fast-timing config."""
+
+    def make(name: str, ip: str, peers: list[tuple[str, int]] | None = None, **overrides: Any) -> NodeConfig:
+        settings: dict[str, Any] = dict(
+            state_dir=identities[name].state_dir,
+            listen_host=ip,
+            listen_port=0,
+            peers=list(peers or []),
+            authorised=identities.ids(*TRUSTED),
+            keepalive_interval_s=0.5,
+            keepalive_timeout_s=2.0,
+            backoff_base_s=0.05,
+            backoff_cap_s=0.5,
+            handshake_timeout_s=2.0,
+            shutdown_grace_s=1.0,
+        )
+        settings.update(overrides)
+        return NodeConfig(**settings)
+
+    return make
+
+
+async def wait_event(stream: Any, predicate: Callable[[Any], bool], timeout: float = 5.0) -> Any:
+    """Wait for the first event on ``stream`` that satisfies ``predicate``."""
+    with anyio.fail_after(timeout):
+        while True:
+            event = await stream.receive()
+            if predicate(event):
+                return event
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, checking after each loop turn.
+
+    For state the node exposes no event for (e.g. pong counters).
+    """
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def free_port(ip: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((ip, 0))
+        return int(probe.getsockname()[1])
+
+
+class RawPeer:
+    """A hand-driven peer: real preamble and TLS, then whatever bytes a test sends.
+
+    It speaks the protocol only as far as a test asks, so tests can send
+    bad input at any point of a connection.
+    """
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        self.stream = link.stream
+        self.proto: Any = None
+
+    @classmethod
+    async def connect(
+        cls, identity: Identity, ip: str, port: int, *, local_ip: str = "127.0.0.9"
+    ) -> RawPeer:
+        from edgenode.identity import client_context
+        from edgenode.transports.tcp import dial_link
+
+        link = await dial_link(
+            ip,
+            port,
+            context=client_context(identity),
+            cert_der=identity.cert_der,
+            local_host=local_ip,
+            is_authorised=lambda _node_id: True,
+        )
+        return cls(link)
+
+    async def hello(self, identity: Identity, *, epoch: int = 1, listen_port: int = 0) -> Any:
+        """Send our hello and read theirs; return their hello."""
+        from edgenode.proto.connection import PeerProtocol
+        from edgenode.proto.messages import Hello
+
+        self.proto = PeerProtocol(name="raw")
+        await self.send(PeerProtocol.send(Hello(identity.node_id, listen_port, epoch)))
+        while self.proto.their_hello is None:
+            self.proto.receive_data(await self.stream.receive())
+        return self.proto.their_hello
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def messages(self) -> list[Any]:
+        """Read until at least one message arrives; raises EndOfStream at the end."""
+        while True:
+            got = self.proto.receive_data(await self.stream.receive())
+            if got:
+                return got
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self.stream)

@@ -1,0 +1,354 @@
+"""The node over real TLS on loopback: API, loop, keepalive and registry.
+
+Nodes listen on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...);
+raw peers dial from 127.0.0.9 and beyond.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import anyio
+import pytest
+
+from edgenode.errors import (
+    InvalidArgument,
+    NodeClosed,
+    PeerUnavailable,
+    RemoteError,
+    RequestTimeout,
+    SlowPeer,
+)
+from edgenode.node import Incoming, Node, PeerDown, PeerUp, Refused
+from edgenode.proto.connection import PeerProtocol
+from edgenode.proto.messages import Bye, Data, Ping, Pong
+from edgenode.registry import INBOUND, OUTBOUND, UP
+
+from .conftest import RawPeer, wait_event, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(request: Incoming) -> bytes:
+    return request.payload
+
+
+async def test_send_request_and_broadcast_between_two_nodes(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            a.handle("echo", echo)
+            up = await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            assert (up.peer, up.node_id) == ("127.0.0.2", a.node_id)
+            with a.subscribe("greetings") as sub, a.subscribe("sensors/#") as wild:
+                await b.send("127.0.0.2", "greetings", b"hello")
+                await b.send(a.node_id, "sensors/temp", b"21.5")
+                with anyio.fail_after(2):
+                    msg = await sub.receive()
+                    reading = await wild.receive()
+            assert msg == Incoming("127.0.0.3", b.node_id, "greetings", b"hello")
+            assert (reading.topic, reading.payload) == ("sensors/temp", b"21.5")
+            assert await b.request("127.0.0.2", "echo", b"ping", timeout=2) == b"ping"
+            with a.subscribe("all") as everyone:
+                assert await b.broadcast("all", b"x") == 1
+                with anyio.fail_after(2):
+                    assert (await everyone.receive()).payload == b"x"
+            [row] = a.peers()
+            assert (row.ip, row.node_id, row.state, row.direction) == (
+                "127.0.0.3", b.node_id, UP, INBOUND,
+            )
+
+
+async def test_request_errors_name_the_cause(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+
+            async def broken(request: Incoming) -> bytes:
+                raise RuntimeError("boom")
+
+            async def never(request: Incoming) -> bytes:
+                await anyio.sleep_forever()
+                return b""
+
+            a.handle("broken", broken)
+            a.handle("never", never)
+            with pytest.raises(RemoteError, match=r"remote error 1: no handler for topic 'nothing'"):
+                await b.request("127.0.0.2", "nothing", b"")
+            with pytest.raises(RemoteError, match=r"remote error 2: handler for 'broken' failed: RuntimeError"):
+                await b.request("127.0.0.2", "broken", b"")
+            with pytest.raises(
+                RequestTimeout, match=r"no response from 127.0.0.2 to request \d+ on 'never' within 0.2 s"
+            ):
+                await b.request("127.0.0.2", "never", b"", timeout=0.2)
+            # The node carries on after each error.
+            a.handle("echo", echo)
+            assert await b.request("127.0.0.2", "echo", b"still here") == b"still here"
+
+
+async def test_api_rejects_bad_arguments(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        with pytest.raises(InvalidArgument, match="topic: expected non-empty text"):
+            await a.send("127.0.0.3", "", b"")
+        with pytest.raises(InvalidArgument, match="topic of 200 bytes exceeds 128-byte limit"):
+            await a.send("127.0.0.3", "t" * 200, b"")
+        with pytest.raises(InvalidArgument, match="payload: expected bytes, got str"):
+            await a.send("127.0.0.3", "t", "text")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match=r"payload of 70000 bytes exceeds \d+-byte limit"):
+            await a.send("127.0.0.3", "t", bytes(70000))
+        with pytest.raises(InvalidArgument, match="peer 'nonsense' is neither an ip address nor a node id"):
+            await a.send("nonsense", "t", b"")
+        with pytest.raises(PeerUnavailable, match=r"peer 127.0.0.3 is not connected \(never seen\)"):
+            await a.send("127.0.0.3", "t", b"")
+    with pytest.raises(NodeClosed, match="node is closed"):
+        await a.send("127.0.0.3", "t", b"")
+
+
+# -- failure 1: a starved loop ---------------------------------------------------
+
+
+def test_dispatcher_handlers_are_plain_functions() -> None:
+    """The dispatcher's handlers cannot await: none of them is a coroutine."""
+    handlers = [
+        name for name, fn in inspect.getmembers(Node, inspect.isfunction)
+        if name.startswith("_on_") or name in ("_queue", "_drop", "_run_timers", "_deliver")
+    ]
+    assert len(handlers) >= 10
+    assert not [name for name in handlers if inspect.iscoroutinefunction(getattr(Node, name))]
+
+
+async def test_message_is_delivered_promptly_while_a_handshake_hangs(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2", handshake_timeout_s=30)) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            with a.subscribe("t") as sub:
+                await b.send("127.0.0.2", "t", b"idle")
+                with anyio.fail_after(0.5):
+                    await sub.receive()
+                # A raw TCP client that connects and never speaks.
+                silent = await anyio.connect_tcp("127.0.0.2", a.listen_port, local_host="127.0.0.9")
+                async with silent:
+                    for i in range(20):
+                        await b.send("127.0.0.2", "t", b"%d" % i)
+                        with anyio.fail_after(0.5):
+                            assert (await sub.receive()).payload == b"%d" % i
+
+
+async def test_slow_peer_does_not_delay_other_peers(make_config: Any, identities: Any) -> None:
+    config = make_config("a", "127.0.0.2", outbox_frames=16, keepalive_timeout_s=30, keepalive_interval_s=10)
+    async with Node(config) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            events = a.events()
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            # A peer that completes the handshake and then never reads.
+            slow = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+            await slow.hello(identities["raw"])
+            await wait_event(events, lambda e: isinstance(e, PeerUp) and e.peer == "127.0.0.9")
+            with b.subscribe("t") as sub:
+                payload = bytes(16 * 1024)
+                down = None
+                sent = 0
+                while down is None:
+                    try:
+                        await a.send("127.0.0.9", "bulk", payload)
+                        sent += 1
+                    except PeerUnavailable:
+                        down = await wait_event(
+                            events, lambda e: isinstance(e, PeerDown) and e.peer == "127.0.0.9"
+                        )
+                    # Messages to the healthy peer still go straight through.
+                    await a.send("127.0.0.3", "t", b"%d" % sent)
+                    with anyio.fail_after(0.5):
+                        assert (await sub.receive()).payload == b"%d" % sent
+            assert sent > 16
+            assert isinstance(down.error, SlowPeer)
+            assert down.reason == "slow peer: outbox full (16 frames)"
+            assert await b.request("127.0.0.2", "edgenode/peers", b"")
+            await slow.aclose()
+
+
+async def test_slow_subscriber_loses_messages_not_the_loop(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2", subscription_buffer=4)) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            a.handle("echo", echo)
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            with a.subscribe("flood") as never_read:
+                for _ in range(50):
+                    await b.send("127.0.0.2", "flood", b"x")
+                assert await b.request("127.0.0.2", "echo", b"alive", timeout=2) == b"alive"
+                assert never_read.dropped == 46
+
+
+# -- failure 2: one-directional keepalive -------------------------------------------
+
+
+@pytest.mark.parametrize("dialler", ["lower", "higher"])
+async def test_idle_link_stays_up_and_both_ends_get_pongs(make_config: Any, dialler: str) -> None:
+    timing = dict(keepalive_interval_s=0.1, keepalive_timeout_s=0.4)
+    # The listener starts first; the other node dials it.
+    listen_name, listen_ip, dial_name, dial_ip = (
+        ("b", "127.0.0.3", "a", "127.0.0.2") if dialler == "lower" else ("a", "127.0.0.2", "b", "127.0.0.3")
+    )
+    async with Node(make_config(listen_name, listen_ip, **timing)) as listener:
+        dial_config = make_config(dial_name, dial_ip, [(listen_ip, listener.listen_port)], **timing)
+        async with Node(dial_config) as dialling:
+            listener_events, dialling_events = listener.events(), dialling.events()
+            await wait_event(listener_events, lambda e: isinstance(e, PeerUp))
+            await wait_event(dialling_events, lambda e: isinstance(e, PeerUp))
+
+            def pongs(node: Node, ip: str) -> int:
+                live = node.keepalive.liveness(ip, anyio.current_time())
+                return live.pongs_received if live else 0
+
+            # Five intervals' worth of pongs at each end, with no data sent.
+            await wait_until(lambda: pongs(listener, dial_ip) >= 5 and pongs(dialling, listen_ip) >= 5)
+            for node in (listener, dialling):
+                [row] = node.peers()
+                assert row.state == UP and row.our_pings_answered and row.their_frames_arriving
+                assert row.rtt_s is not None
+            assert listener.peers()[0].direction == INBOUND
+            assert dialling.peers()[0].direction == OUTBOUND
+            for stream in (listener_events, dialling_events):
+                with pytest.raises(anyio.WouldBlock):
+                    stream._recv.receive_nowait()  # no down, no re-up: it never cycled
+
+
+async def test_silent_peer_is_declared_dead_within_the_timeout(make_config: Any, identities: Any) -> None:
+    timeout = 0.5
+    async with Node(make_config("a", "127.0.0.2", keepalive_interval_s=0.1, keepalive_timeout_s=timeout)) as a:
+        events = a.events()
+        silent = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await silent.hello(identities["raw"])
+        up = await wait_event(events, lambda e: isinstance(e, PeerUp))
+        started = anyio.current_time()
+        down = await wait_event(events, lambda e: isinstance(e, PeerDown), timeout=timeout * 3)
+        took = anyio.current_time() - started
+        assert (up.peer, down.peer) == ("127.0.0.9", "127.0.0.9")
+        assert down.reason == "no frames for 0.5 s (keepalive timeout)"
+        assert took >= timeout * 0.9
+        [row] = a.peers()
+        assert row.state == "down" and row.down_reason == down.reason
+        with pytest.raises(PeerUnavailable, match=r"peer 127.0.0.9 is not connected \(no frames"):
+            await a.send("127.0.0.9", "t", b"")
+        await silent.aclose()
+
+
+async def test_peer_that_accepts_tcp_but_never_answers_never_counts_as_connected(
+    make_config: Any,
+) -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.5", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    accepted: list[Any] = []
+
+    async def hold(stream: Any) -> None:
+        accepted.append(stream)
+        await anyio.sleep_forever()
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, hold)
+        config = make_config("a", "127.0.0.2", [("127.0.0.5", port)], handshake_timeout_s=0.3)
+        async with Node(config) as a:
+            refused = await wait_event(a.events(), lambda e: isinstance(e, Refused))
+            assert str(refused.error) == f"127.0.0.5: dial to 127.0.0.5:{port} not finished within 0.3 s"
+            assert [r.state for r in a.peers()] == ["down"]
+        tg.cancel_scope.cancel()
+
+
+# -- failure 3: a registry keyed by IP:PORT ------------------------------------------
+
+
+async def test_two_connections_from_one_ip_make_one_entry(make_config: Any, identities: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        events = a.events()
+        first = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await first.hello(identities["raw"], epoch=7)
+        await wait_event(events, lambda e: isinstance(e, PeerUp))
+        second = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await second.hello(identities["raw"], epoch=7)
+        # The older connection is told why it is closed; the newer one is live.
+        [bye] = await first.messages()
+        assert bye == Bye("superseded by a newer connection from the same session")
+        assert len(a.peers()) == 1 and a.registry.get("127.0.0.9").conn is not None
+        await second.send(PeerProtocol.send(Ping(5)))
+        assert Pong(5) in await second.messages()
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_simultaneous_dial_ends_with_one_connection_both_sides_agree(make_config: Any) -> None:
+    from .conftest import free_port
+
+    port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
+    config_a = make_config("a", "127.0.0.2", [("127.0.0.3", port_b)], listen_port=port_a)
+    config_b = make_config("b", "127.0.0.3", [("127.0.0.2", port_a)], listen_port=port_b)
+    async with Node(config_a) as a, Node(config_b) as b:
+        await wait_until(
+            lambda: a._open_conns == 1 and b._open_conns == 1
+            and [p.state for p in a.peers()] == [UP] and [p.state for p in b.peers()] == [UP]
+        )
+        conn_a = a.registry.get("127.0.0.3").conn
+        conn_b = b.registry.get("127.0.0.2").conn
+        # The connection dialled by the higher IP (127.0.0.3) survives on both sides.
+        assert (conn_a.direction, conn_b.direction) == (INBOUND, OUTBOUND)
+        local_b = conn_b.stream.extra(anyio.abc.SocketAttribute.local_port)
+        assert conn_a.port == local_b
+
+
+async def test_restarted_peer_with_new_epoch_is_readmitted_at_once(make_config: Any, identities: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        events = a.events()
+        old = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await old.hello(identities["raw"], epoch=1)
+        await wait_event(events, lambda e: isinstance(e, PeerUp))
+        # The old process "died" without its connection closing; a new one arrives.
+        new = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await new.hello(identities["raw"], epoch=2)
+        up = await wait_event(events, lambda e: isinstance(e, PeerUp))
+        assert up.restarted
+        [bye] = await old.messages()
+        assert bye.reason.startswith("superseded by a new session")
+        await old.aclose()
+        await new.aclose()
+
+
+async def test_different_node_on_a_live_ip_is_refused(make_config: Any, identities: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        events = a.events()
+        first = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
+        await first.hello(identities["raw"])
+        await wait_event(events, lambda e: isinstance(e, PeerUp))
+        other = await RawPeer.connect(identities["raw2"], "127.0.0.2", a.listen_port)
+        await other.hello(identities["raw2"])
+        refused = await wait_event(events, lambda e: isinstance(e, Refused))
+        raw, raw2 = identities["raw"].node_id, identities["raw2"].node_id
+        assert str(refused.error) == f"127.0.0.9: ip 127.0.0.9 is connected as node {raw}; refusing node {raw2}"
+        [bye] = await other.messages()
+        assert isinstance(bye, Bye)
+        assert a.registry.get("127.0.0.9").node_id == raw
+        await first.aclose()
+        await other.aclose()
+
+
+# -- failure 4: a registry that lies ------------------------------------------------
+
+
+async def test_send_with_wait_succeeds_after_the_peer_reconnects(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        b_config = make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])
+        events = a.events()
+        async with Node(b_config) as b:
+            await wait_event(events, lambda e: isinstance(e, PeerUp))
+        down = await wait_event(events, lambda e: isinstance(e, PeerDown))
+        assert down.reason == "peer said bye: node shutting down"
+        with pytest.raises(PeerUnavailable, match="peer said bye"):
+            await a.send("127.0.0.3", "t", b"now")
+        with pytest.raises(PeerUnavailable, match="after waiting 0.05 s"):
+            await a.send("127.0.0.3", "t", b"soon", wait_s=0.05)
+        async with anyio.create_task_group() as tg:
+            async def restart_b() -> None:
+                async with Node(b_config) as b2, b2.subscribe("t") as sub:
+                    with anyio.fail_after(5):
+                        assert (await sub.receive()).payload == b"later"
+
+            tg.start_soon(restart_b)
+            await a.send("127.0.0.3", "t", b"later", wait_s=5)
