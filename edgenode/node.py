@@ -797,6 +797,9 @@ class Node:
         except (OSError, BrokenResourceError, EndOfStream) as exc:
             detail = getattr(exc, "strerror", None) or type(exc).__name__
             error = HandshakeError(f"{ip}: connection failed during handshake: {detail}")
+        except Exception as exc:  # a bug: contain it, the listener serves everyone
+            log.exception("handshake with %s failed", ip)
+            error = HandshakeError(f"{ip}: internal error during handshake: {exc!r:.100}")
         closing = link.stream if link is not None else stream
         if closing is not None:
             await _close_stream(closing)
@@ -822,18 +825,30 @@ class Node:
     async def _run_connection(self, conn: _Conn) -> None:
         self._open_conns += 1
         try:
-            with anyio.CancelScope() as scope:
-                conn.scope = scope
-                await self._post(_Ready(conn))
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._writer, conn)
-                    await self._reader(conn)
-                    tg.cancel_scope.cancel()
+            await self._connection_tasks(conn)
+        except Exception as exc:
+            # A bug, not a peer's doing. The other connections share the
+            # listener's task group, so contain it here and keep the registry
+            # truthful.
+            log.exception("connection %r failed", conn)
+            if not conn.closing:
+                await self._inbox_send.send(_Closed(conn, f"internal error: {exc!r:.100}", None))
         finally:
             self._open_conns -= 1
             if self._closing and not self._open_conns and self._all_closed is not None:
                 self._all_closed.set()
             await _close_stream(conn.stream)
+
+    async def _connection_tasks(self, conn: _Conn) -> None:
+        with anyio.CancelScope() as scope:
+            conn.scope = scope
+            await self._post(_Ready(conn))
+            # The reader reports the end of the stream to the dispatcher,
+            # which cancels this scope, or first lets the writer flush a
+            # bye that tells the peer why.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer, conn)
+                await self._reader(conn)
 
     async def _reader(self, conn: _Conn) -> None:
         stream, proto, post = conn.stream, conn.proto, self._inbox_send.send
@@ -853,10 +868,8 @@ class Node:
                 reason, error = str(exc), exc
         except (ProtocolError, HandshakeError) as exc:
             reason, error = str(exc), exc
-        except (BrokenResourceError, OSError) as exc:
+        except (BrokenResourceError, ClosedResourceError, OSError) as exc:
             reason = f"connection lost: {getattr(exc, 'strerror', None) or type(exc).__name__}"
-        except ClosedResourceError:
-            return
         await post(_Closed(conn, reason, error))
 
     async def _writer(self, conn: _Conn) -> None:
@@ -878,7 +891,8 @@ class Node:
                         frame = b"".join(batch)
                 await stream.send(frame)
                 conn.bytes_out += size
-        except (BrokenResourceError, ClosedResourceError, OSError) as exc:
+        except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
+            # EndOfStream: TLS needed to read while writing and the peer had gone.
             reason = f"connection lost while sending: {getattr(exc, 'strerror', None) or type(exc).__name__}"
             await self._inbox_send.send(_Closed(conn, reason, None))
             return
