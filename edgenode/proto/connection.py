@@ -80,10 +80,18 @@ class PeerProtocol:
             return []
         try:
             frames = self._decoder.feed(data)
-            messages = [decode_message(f, self.limits) for f in frames]
         except ProtocolError as exc:
             raise self._fail(exc) from None
-        for i, msg in enumerate(messages):
+        messages: list[AnyMessage] = []
+        # Decode and check one frame at a time, in order, so that the outcome
+        # does not depend on how the stream was cut into reads.
+        for frame in frames:
+            if self.state == CLOSED:
+                raise self._fail(UnexpectedMessage(f"{self.name}: bytes after bye"))
+            try:
+                msg = decode_message(frame, self.limits)
+            except ProtocolError as exc:
+                raise self._fail(exc) from None
             code = msg.code
             if self.state == AWAIT_HELLO:
                 if code != HELLO:
@@ -107,8 +115,10 @@ class PeerProtocol:
                 raise self._fail(UnexpectedMessage(f"{self.name}: second hello on one connection"))
             elif code == BYE:
                 self.state = CLOSED
-                if i != len(messages) - 1:
-                    raise self._fail(UnexpectedMessage(f"{self.name}: messages after bye"))
+            messages.append(msg)
+        if self.state == CLOSED and self._decoder.buffered:
+            # Part of a frame after the bye: as wrong as a whole one.
+            raise self._fail(UnexpectedMessage(f"{self.name}: bytes after bye"))
         return messages
 
     def receive_eof(self) -> None:

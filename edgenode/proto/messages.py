@@ -284,10 +284,15 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
     code = item[0]
     if not 0 <= code < len(_ARITY):
         raise UnknownMessageType(f"unknown message type {code} in frame {hexdump(body)}")
-    if code == HELLO and len(item) >= 2 and item[1] != PROTOCOL_VERSION:
-        raise VersionMismatch(
-            f"peer speaks protocol version {item[1]!r:.20}; this node speaks {PROTOCOL_VERSION}"
-        )
+    # The version is checked before the arity, so that a hello of another
+    # version is reported as such whatever its shape. A bool is not a
+    # version, although True == 1 in Python.
+    if code == HELLO and len(item) >= 2:
+        version = _uint(item[1], "hello version")
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"peer speaks protocol version {version}; this node speaks {PROTOCOL_VERSION}"
+            )
     if len(item) != _ARITY[code]:
         raise MalformedMessage(
             f"{_NAMES[code]} should have {_ARITY[code] - 1} fields, got {len(item) - 1}"
@@ -333,7 +338,9 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
     peers = []
     for entry in entries:
         if type(entry) is not list or len(entry) != 3:
-            raise MalformedMessage(f"peer list entry should be [ip, port, node_id], got {entry!r:.60}")
+            raise MalformedMessage(
+                f"peer list entry should be [ip, port, node_id], got {entry!r:.60}"
+            )
         node_id = entry[2]
         if node_id is not None:
             node_id = _text(node_id, "peer list node id", 64, empty=False)
