@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import anyio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
@@ -74,7 +74,6 @@ from .proto.messages import (
     ERR_NO_HANDLER,
     ERROR,
     PEERS,
-    PING as MSG_PING,
     PONG,
     REQUEST,
     RESPONSE,
@@ -90,6 +89,9 @@ from .proto.messages import (
     Pong,
     Request,
     Response,
+)
+from .proto.messages import (
+    PING as MSG_PING,
 )
 from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
 from .transports.tcp import Link, accept_link, dial_link
@@ -131,9 +133,9 @@ class PeerDown:
     """A peer's live connection ended; ``reason`` says why."""
 
     peer: str
-    node_id: Optional[str]
+    node_id: str | None
     reason: str
-    error: Optional[EdgeNodeError] = None
+    error: EdgeNodeError | None = None
 
 
 @dataclass(frozen=True)
@@ -152,16 +154,16 @@ class PeerSnapshot:
     """One row of :meth:`Node.peers`: what the node knows of a peer now."""
 
     ip: str
-    node_id: Optional[str]
+    node_id: str | None
     state: str
-    direction: Optional[str]
-    listen_port: Optional[int]
-    up_for_s: Optional[float]
-    down_reason: Optional[str]
-    rtt_s: Optional[float]
+    direction: str | None
+    listen_port: int | None
+    up_for_s: float | None
+    down_reason: str | None
+    rtt_s: float | None
     our_pings_answered: bool
     their_frames_arriving: bool
-    last_heard_s: Optional[float]
+    last_heard_s: float | None
     bytes_in: int
     bytes_out: int
     drops: int
@@ -593,7 +595,9 @@ class Node:
                     state=entry.state,
                     direction=entry.direction,
                     listen_port=entry.listen_port,
-                    up_for_s=None if entry.up_since is None or entry.state != UP else now - entry.up_since,
+                    up_for_s=None
+                    if entry.up_since is None or entry.state != UP
+                    else now - entry.up_since,
                     down_reason=entry.down_reason,
                     rtt_s=live.rtt_s if live else None,
                     our_pings_answered=bool(live and live.our_pings_answered),
@@ -657,7 +661,9 @@ class Node:
         try:
             node_id = parse_node_id(peer)
         except ConfigError:
-            raise InvalidArgument(f"peer {peer!r:.60} is neither an ip address nor a node id") from None
+            raise InvalidArgument(
+                f"peer {peer!r:.60} is neither an ip address nor a node id"
+            ) from None
         entry = self.registry.by_node_id(node_id)
         if entry is None:
             raise PeerUnavailable(f"node {node_id} is not known to this node")
@@ -702,10 +708,7 @@ class Node:
         from cbor2 import dumps
 
         return dumps(
-            [
-                [p.ip, p.node_id, p.state, p.direction, p.down_reason, p.rtt_s]
-                for p in self.peers()
-            ]
+            [[p.ip, p.node_id, p.state, p.direction, p.down_reason, p.rtt_s] for p in self.peers()]
         )
 
     def _unsubscribe(self, sub: Stream) -> None:
@@ -761,7 +764,9 @@ class Node:
         if conn is not None:
             await self._run_connection(conn)
 
-    async def _handshake(self, ip: str, stream: ByteStream | None, port: int | None) -> _Conn | None:
+    async def _handshake(
+        self, ip: str, stream: ByteStream | None, port: int | None
+    ) -> _Conn | None:
         """Run one side of the handshake under the handshake timeout.
 
         Returns the connection with both hellos exchanged, or None after
@@ -788,7 +793,9 @@ class Node:
                         local_host=None if self._wildcard else self.config.listen_host,
                         is_authorised=self.authorised.__contains__,
                     )
-                return await self._exchange_hellos(link, INBOUND if stream is not None else OUTBOUND)
+                return await self._exchange_hellos(
+                    link, INBOUND if stream is not None else OUTBOUND
+                )
         except TimeoutError:
             what = "handshake" if stream is not None else f"dial to {ip}:{port}"
             error = HandshakeError(f"{ip}: {what} not finished within {timeout} s")
@@ -893,7 +900,8 @@ class Node:
                 conn.bytes_out += size
         except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
             # EndOfStream: TLS needed to read while writing and the peer had gone.
-            reason = f"connection lost while sending: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            detail = getattr(exc, "strerror", None) or type(exc).__name__
+            reason = f"connection lost while sending: {detail}"
             await self._inbox_send.send(_Closed(conn, reason, None))
             return
         # The dispatcher closed the outbox: everything, including the bye,
@@ -1051,7 +1059,7 @@ class Node:
             self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
         if bye:
             try:
-                conn.outbox_send.send_nowait(PeerProtocol.send(Bye(reason[:200])))
+                conn.outbox_send.send_nowait(PeerProtocol.send(Bye(_clip(reason))))
             except (WouldBlock, ClosedResourceError, BrokenResourceError):
                 bye = False
         conn.outbox_send.close()
@@ -1177,7 +1185,7 @@ class Node:
         handler = self._handlers.get(msg.topic)
         if handler is None:
             reply: AnyMessage = ErrorResponse(
-                msg.request_id, ERR_NO_HANDLER, f"no handler for topic {msg.topic!r}"
+                msg.request_id, ERR_NO_HANDLER, _clip(f"no handler for topic {msg.topic!r}")
             )
         elif self._inflight_handlers >= self.config.max_inflight_handlers or self._tg is None:
             reply = ErrorResponse(
@@ -1188,12 +1196,18 @@ class Node:
         else:
             self._inflight_handlers += 1
             self._tg.start_soon(
-                self._run_handler, conn, msg, handler, Incoming(conn.ip, conn.node_id, msg.topic, msg.payload)
+                self._run_handler,
+                conn,
+                msg,
+                handler,
+                Incoming(conn.ip, conn.node_id, msg.topic, msg.payload),
             )
             return
         self._queue(conn, PeerProtocol.send(reply), now)
 
-    async def _run_handler(self, conn: _Conn, msg: Request, handler: Handler, incoming: Incoming) -> None:
+    async def _run_handler(
+        self, conn: _Conn, msg: Request, handler: Handler, incoming: Incoming
+    ) -> None:
         try:
             result = await handler(incoming)
             if not isinstance(result, (bytes, bytearray, memoryview)):
@@ -1202,7 +1216,9 @@ class Node:
         except Exception as exc:
             log.exception("request handler for %r failed", msg.topic)
             reply = ErrorResponse(
-                msg.request_id, ERR_HANDLER_FAILED, f"handler for {msg.topic!r} failed: {type(exc).__name__}"
+                msg.request_id,
+                ERR_HANDLER_FAILED,
+                _clip(f"handler for {msg.topic!r} failed: {type(exc).__name__}"),
             )
         finally:
             self._inflight_handlers -= 1
@@ -1225,13 +1241,17 @@ class Node:
             return
         entry = self.registry.get(pending.ip)
         if entry is None or not isinstance(entry.conn, _Conn):
-            pending.finish(None, PeerUnavailable(f"peer {pending.ip} went down before the request was sent"))
+            pending.finish(
+                None, PeerUnavailable(f"peer {pending.ip} went down before the request was sent")
+            )
             return
         pending.request_id = next(self._request_ids)
         pending.deadline = now + pending.timeout_s
         frame = PeerProtocol.send(Request(pending.request_id, pending.topic, ev.payload))
         if not self._queue(entry.conn, frame, now):
-            pending.finish(None, PeerUnavailable(f"peer {pending.ip} is too slow to take the request"))
+            pending.finish(
+                None, PeerUnavailable(f"peer {pending.ip} is too slow to take the request")
+            )
             return
         self._pending[pending.request_id] = pending
         self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
@@ -1298,6 +1318,11 @@ class Node:
                 waiter.set()
         if not self._open_conns and self._all_closed is not None:
             self._all_closed.set()
+
+
+def _clip(text: str, limit_bytes: int = 256) -> str:
+    """Cut ``text`` to fit the peer's text limit (it counts UTF-8 bytes)."""
+    return text.encode()[:limit_bytes].decode(errors="ignore")
 
 
 async def _close_stream(stream: ByteStream) -> None:

@@ -47,7 +47,9 @@ TRUSTED = ("a", "b", "c", "d", "raw", "raw2")
 def make_config(identities: Identities) -> Callable[..., NodeConfig]:
     """``make_config(name, ip, peers=[...], **overrides)`` -> a fast-timing config."""
 
-    def make(name: str, ip: str, peers: list[tuple[str, int]] | None = None, **overrides: Any) -> NodeConfig:
+    def make(
+        name: str, ip: str, peers: list[tuple[str, int]] | None = None, **overrides: Any
+    ) -> NodeConfig:
         settings: dict[str, Any] = dict(
             state_dir=identities[name].state_dir,
             listen_host=ip,

@@ -74,7 +74,9 @@ async def _established(pair: Pair, identities: Any) -> RawPeer:
 
 
 async def _down(pair: Pair) -> PeerDown:
-    return await wait_event(pair.events, lambda e: isinstance(e, PeerDown) and e.peer == "127.0.0.9")
+    return await wait_event(
+        pair.events, lambda e: isinstance(e, PeerDown) and e.peer == "127.0.0.9"
+    )
 
 
 async def _refused(pair: Pair) -> Refused:
@@ -174,7 +176,9 @@ async def test_node_rejects_unauthorised_node(pair: Pair, identities: Any) -> No
     await pair.still_working()
 
 
-async def test_node_rejects_plain_tls_client_with_untrusted_certificate(pair: Pair, identities: Any) -> None:
+async def test_node_rejects_plain_tls_client_with_untrusted_certificate(
+    pair: Pair, identities: Any
+) -> None:
     stream = await anyio.connect_tcp("127.0.0.2", pair.a.listen_port, local_host="127.0.0.9")
     from anyio.streams.tls import TLSStream
 
@@ -184,8 +188,12 @@ async def test_node_rejects_plain_tls_client_with_untrusted_certificate(pair: Pa
         )
     refused = await _refused(pair)
     assert isinstance(refused.error, BadPreamble)
-    assert str(refused.error).startswith("expected preamble magic 45 44 47 4e ('EDGN'), got 16 03 01")
-    assert str(refused.error).endswith("(a plain TLS client? edgenode dialers send a preamble first)")
+    assert str(refused.error).startswith(
+        "expected preamble magic 45 44 47 4e ('EDGN'), got 16 03 01"
+    )
+    assert str(refused.error).endswith(
+        "(a plain TLS client? edgenode dialers send a preamble first)"
+    )
     await anyio.aclose_forcefully(stream)
     await pair.still_working()
 

@@ -21,9 +21,26 @@ PURE = [
     ROOT / "edgenode" / "errors.py",
     *sorted(p for p in (ROOT / "firmware_bridge").glob("*.py")),
 ]
-FORBIDDEN = {"anyio", "socket", "ssl", "serial", "time", "cryptography", "asyncio", "random", "select"}
+FORBIDDEN = {
+    "anyio",
+    "socket",
+    "ssl",
+    "serial",
+    "time",
+    "cryptography",
+    "asyncio",
+    "random",
+    "select",
+}
 # Modules above the pure layers; a pure module importing one breaks layering.
-UPPER = {"edgenode.node", "edgenode.cli", "edgenode.demo", "edgenode.transports", "edgenode.identity", "edgenode.config"}
+UPPER = {
+    "edgenode.node",
+    "edgenode.cli",
+    "edgenode.demo",
+    "edgenode.transports",
+    "edgenode.identity",
+    "edgenode.config",
+}
 
 
 def _imports(path: Path) -> list[str]:
@@ -57,12 +74,15 @@ def test_firmware_bridge_never_imports_edgenode() -> None:
 def test_importing_pure_layers_loads_no_io_modules() -> None:
     code = (
         "import sys\n"
-        "import edgenode.proto.connection, edgenode.registry, edgenode.keepalive, firmware_bridge.cbor\n"
+        "import edgenode.proto.connection, edgenode.registry, edgenode.keepalive\n"
+        "import firmware_bridge.cbor\n"
         # time is loaded by the interpreter itself; the AST check covers it.
         f"bad = sorted(set({sorted(FORBIDDEN - {'time'})!r}) & set(sys.modules))\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == ""
 
 
@@ -75,10 +95,14 @@ def test_running_node_does_not_import_cryptography(tmp_path: Path) -> None:
         "from edgenode.config import NodeConfig\n"
         "from edgenode.node import Node\n"
         "async def main():\n"
-        f"    async with Node(NodeConfig(state_dir={str(tmp_path / 'n')!r}, listen_host='127.0.0.2', listen_port=0, authorised=frozenset())):\n"
+        f"    config = NodeConfig(state_dir={str(tmp_path / 'n')!r}, listen_host='127.0.0.2',\n"
+        "                        listen_port=0, authorised=frozenset())\n"
+        "    async with Node(config):\n"
         "        pass\n"
         "anyio.run(main)\n"
         "print('cryptography' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "False"

@@ -24,13 +24,22 @@ pytestmark = pytest.mark.anyio
 
 async def _start_peer(identities: Any, port: int, a: Node) -> anyio.abc.Process:
     command = [
-        sys.executable, "-m", "edgenode", "run",
-        "--state-dir", str(identities["b"].state_dir),
-        "--listen", f"127.0.0.3:{port}",
-        "--peer", f"127.0.0.2:{a.listen_port}",
-        "--authorise", a.node_id,
-        "--keepalive-interval", "0.5",
-        "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "edgenode",
+        "run",
+        "--state-dir",
+        str(identities["b"].state_dir),
+        "--listen",
+        f"127.0.0.3:{port}",
+        "--peer",
+        f"127.0.0.2:{a.listen_port}",
+        "--authorise",
+        a.node_id,
+        "--keepalive-interval",
+        "0.5",
+        "--log-level",
+        "warning",
     ]
     return await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -53,7 +62,9 @@ async def test_killed_peer_is_down_at_once_and_send_waits_for_its_return(
             assert down.peer == "127.0.0.3"
             assert [(p.ip, p.state) for p in a.peers()] == [("127.0.0.3", "down")]
             with anyio.fail_after(0.1):  # fails fast: no waiting on a dead transport
-                with pytest.raises(PeerUnavailable, match=r"peer 127.0.0.3 is not connected \(connection"):
+                with pytest.raises(
+                    PeerUnavailable, match=r"peer 127.0.0.3 is not connected \(connection"
+                ):
                     await a.send("127.0.0.3", "t", b"lost")
 
             async def restart_later() -> None:

@@ -1,0 +1,7 @@
+"""``python -m edgenode``: the same as the ``edgenode`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,469 @@
+"""Tests of the ``edgenode`` command line: real subprocesses, real sockets, no mocks.
+
+Every test runs ``python -m edgenode`` in its own ``tmp_path`` state
+directory. Running nodes are watched through their stderr, read line by
+line by a pump thread; tests wait for a log line or for the process to
+exit, each with a deadline, never with a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+NODE_ID_RE = re.compile(r"^[a-z2-7]{4}(?:-[a-z2-7]{4}){6}$")
+# A canonical node ID whose checksum does not match (last group changed).
+BAD_CHECKSUM_ID = "aaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaa"
+
+# Seconds to wait for a command that should answer at once, and for a node
+# to log a line. Generous: CI boards and loaded runners are slow.
+COMMAND_TIMEOUT_S = 30.0
+LINE_TIMEOUT_S = 20.0
+EXIT_TIMEOUT_S = 10.0
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _env(tmp_path: Path, state_dir: Path | None = None) -> dict[str, str]:
+    """The environment of a test command: never the user's own state directory."""
+    env = dict(os.environ)
+    env["EDGENODE_STATE_DIR"] = str(state_dir or tmp_path / "default-state")
+    env.pop("XDG_STATE_HOME", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def edgenode(
+    tmp_path: Path, *args: str, state_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m edgenode ARGS`` to completion and return its result."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgenode", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path, state_dir),
+        timeout=COMMAND_TIMEOUT_S,
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int, pattern: str) -> str:
+    """Check the command failed with ``code`` and one ``error: ...`` line matching ``pattern``."""
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+    assert result.returncode == code, result.stderr
+    return errors[0]
+
+
+def keygen(tmp_path: Path, state_dir: Path) -> str:
+    result = edgenode(tmp_path, "keygen", "--state-dir", str(state_dir))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def free_port(*ips: str) -> int:
+    """A TCP port that can be bound on every one of ``ips`` right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((ips[0], 0))
+            port = probe.getsockname()[1]
+            try:
+                for ip in ips[1:]:
+                    with socket.socket() as other:
+                        other.bind((ip, port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no port is free on all of {ips}")
+
+
+class NodeProcess:
+    """An ``edgenode run`` subprocess whose stderr lines a thread collects."""
+
+    def __init__(self, tmp_path: Path, args: Sequence[str]) -> None:
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgenode", "run", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(tmp_path),
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._eof = False
+        self._pump = threading.Thread(target=self._read_stderr, daemon=True)
+        self._pump.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def _take(self, timeout_s: float) -> bool:
+        """Move one line from the pump into ``lines``; False at end of output."""
+        line = self._queue.get(timeout=timeout_s)
+        if line is None:
+            self._eof = True
+            return False
+        self.lines.append(line)
+        return True
+
+    def wait_for(self, pattern: str, timeout_s: float = LINE_TIMEOUT_S) -> str:
+        """Return the first stderr line matching ``pattern``, waiting up to ``timeout_s``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        checked = 0
+        while True:
+            for line in self.lines[checked:]:
+                if regex.search(line):
+                    return line
+            checked = len(self.lines)
+            remaining = deadline - time.monotonic()
+            try:
+                if self._eof or remaining <= 0 or not self._take(remaining):
+                    raise queue.Empty
+            except queue.Empty:
+                state = "exited" if self._eof else f"no match within {timeout_s} s"
+                raise AssertionError(
+                    f"{pattern!r}: {state}; edgenode run {' '.join(self.args)} logged:\n"
+                    f"{self.log()}"
+                ) from None
+
+    def stop(self, signum: int, timeout_s: float = EXIT_TIMEOUT_S) -> int:
+        """Send ``signum``, wait for the exit and the rest of stderr; return the exit code."""
+        self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"no exit within {timeout_s} s of {signal.Signals(signum).name}:\n{self.log()}"
+            ) from None
+        self._drain()
+        return code
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while not self._eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"stderr not closed after exit:\n{self.log()}")
+            try:
+                self._take(remaining)
+            except queue.Empty:
+                continue
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=EXIT_TIMEOUT_S)
+        if self.proc.stderr is not None:
+            self._pump.join(timeout=EXIT_TIMEOUT_S)
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start ``edgenode run ARGS`` processes; kill whatever is left at teardown."""
+    started: list[NodeProcess] = []
+
+    def start(*args: str) -> NodeProcess:
+        node = NodeProcess(tmp_path, args)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()
+
+
+# -- keygen ------------------------------------------------------------------------
+
+
+def test_keygen_prints_node_id_and_writes_owner_only_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = edgenode(tmp_path, "keygen", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    assert NODE_ID_RE.match(result.stdout.strip()), result.stdout
+    assert stat.S_IMODE((state / "node.key").stat().st_mode) == 0o600
+    assert (state / "node.crt").is_file()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_keygen_uses_edgenode_state_dir_from_environment(tmp_path: Path) -> None:
+    state = tmp_path / "from-env"
+    result = edgenode(tmp_path, "keygen", state_dir=state)
+    assert result.returncode == 0, result.stderr
+    assert (state / "node.key").is_file()
+    assert edgenode(tmp_path, "id", state_dir=state).stdout.strip() == result.stdout.strip()
+
+
+def test_keygen_rejects_existing_identity_without_force(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    node_id = keygen(tmp_path, state)
+    result = edgenode(tmp_path, "keygen", "--state-dir", str(state))
+    line = assert_one_error_line(
+        result, 1, rf"^error: state directory .*state already holds identity {node_id}"
+    )
+    assert "--force" in line
+    assert result.stdout == ""
+    # Nothing was replaced.
+    assert edgenode(tmp_path, "id", "--state-dir", str(state)).stdout.strip() == node_id
+
+
+def test_keygen_force_replaces_identity(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    old_id = keygen(tmp_path, state)
+    result = edgenode(tmp_path, "keygen", "--force", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    new_id = result.stdout.strip()
+    assert NODE_ID_RE.match(new_id)
+    assert new_id != old_id
+    assert edgenode(tmp_path, "id", "--state-dir", str(state)).stdout.strip() == new_id
+    assert stat.S_IMODE((state / "node.key").stat().st_mode) == 0o600
+
+
+# -- id ------------------------------------------------------------------------------
+
+
+def test_id_prints_the_keygen_node_id(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    node_id = keygen(tmp_path, state)
+    result = edgenode(tmp_path, "id", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == node_id + "\n"
+
+
+def test_id_rejects_empty_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "empty"
+    state.mkdir()
+    result = edgenode(tmp_path, "id", "--state-dir", str(state))
+    assert_one_error_line(result, 1, r"^error: no identity in .*empty: .*edgenode keygen")
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+# -- authorise -------------------------------------------------------------------------
+
+
+def test_authorise_adds_node_id_once(tmp_path: Path) -> None:
+    other = keygen(tmp_path, tmp_path / "other")
+    state = tmp_path / "state"
+    first = edgenode(tmp_path, "authorise", "--state-dir", str(state), other)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == f"authorised: {other}\n"
+    # Any case and without dashes: the same node.
+    second = edgenode(tmp_path, "authorise", "--state-dir", str(state), other.replace("-", "").upper())
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == f"already authorised: {other}\n"
+    assert (state / "authorised_nodes").read_text().split() == [other]
+
+
+def test_authorise_rejects_short_node_id(tmp_path: Path) -> None:
+    result = edgenode(tmp_path, "authorise", "--state-dir", str(tmp_path / "s"), "abcd-efgh")
+    assert_one_error_line(
+        result, 2, r"^error: node id 'abcd-efgh' should be 28 base32 characters .*got 8$"
+    )
+    assert not (tmp_path / "s" / "authorised_nodes").exists()
+
+
+def test_authorise_rejects_bad_checksum(tmp_path: Path) -> None:
+    result = edgenode(tmp_path, "authorise", "--state-dir", str(tmp_path / "s"), BAD_CHECKSUM_ID)
+    assert_one_error_line(result, 2, r"^error: node id .* has a bad checksum")
+
+
+def test_authorise_rejects_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    other = keygen(tmp_path, tmp_path / "other")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = edgenode(tmp_path, "authorise", "--state-dir", str(not_a_dir), other)
+    assert_one_error_line(result, 2, r"^error: state directory .*file is not a directory$")
+
+
+# -- run: usage and configuration errors ------------------------------------------------
+
+
+def test_run_rejects_listen_port_out_of_range(tmp_path: Path) -> None:
+    result = edgenode(tmp_path, "run", "--listen", "127.0.0.2:99999")
+    assert_one_error_line(
+        result, 2, r"^error: invalid address '127.0.0.2:99999': port should be 0\.\.65535"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_run_rejects_bad_keepalive_interval(tmp_path: Path, value: str) -> None:
+    result = edgenode(tmp_path, "run", "--keepalive-interval", value)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage: edgenode run")
+    assert f"argument --keepalive-interval: expected a" in result.stderr
+    assert repr(value) in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["2", "1.5"])
+def test_run_rejects_keepalive_timeout_not_above_interval(tmp_path: Path, timeout: str) -> None:
+    result = edgenode(
+        tmp_path, "run", "--keepalive-interval", "2", "--keepalive-timeout", timeout
+    )
+    assert_one_error_line(
+        result,
+        2,
+        rf"^error: keepalive_timeout_s: expected more than keepalive_interval_s \(2\.0\), "
+        rf"got {float(timeout)}$",
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_run_rejects_key_file_readable_by_others(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    keygen(tmp_path, state)
+    (state / "node.key").chmod(0o644)
+    result = edgenode(tmp_path, "run", "--state-dir", str(state), "--listen", "127.0.0.5:0")
+    line = assert_one_error_line(
+        result, 1, r"^error: key file .*node\.key is readable by others \(mode 0644\)"
+    )
+    assert "chmod 600" in line
+    assert "PRIVATE KEY" not in result.stderr
+
+
+def test_run_rejects_listen_address_in_use(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    keygen(tmp_path, state)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.5", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = edgenode(
+            tmp_path, "run", "--state-dir", str(state), "--listen", f"127.0.0.5:{port}"
+        )
+    assert_one_error_line(result, 2, rf"^error: cannot listen on 127\.0\.0\.5:{port}: ")
+
+
+# -- run: two real nodes ----------------------------------------------------------------
+
+
+def _paired_state_dirs(tmp_path: Path) -> tuple[Path, Path, str, str]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a_id, b_id = keygen(tmp_path, a), keygen(tmp_path, b)
+    for state, other in ((a, b_id), (b, a_id)):
+        result = edgenode(tmp_path, "authorise", "--state-dir", str(state), other)
+        assert result.returncode == 0, result.stderr
+    return a, b, a_id, b_id
+
+
+@pytest.mark.timeout(90)
+def test_run_pair_connects_and_sigterm_says_bye(tmp_path: Path, start_node: Callable[..., NodeProcess]) -> None:
+    a, b, a_id, b_id = _paired_state_dirs(tmp_path)
+    port = free_port("127.0.0.2", "127.0.0.3")
+    common = ["--keepalive-interval", "0.5", "--log-level", "info"]
+    node_a = start_node(
+        "--state-dir", str(a), "--listen", f"127.0.0.2:{port}", "--peer", f"127.0.0.3:{port}",
+        *common,
+    )
+    node_b = start_node(
+        "--state-dir", str(b), "--listen", f"127.0.0.3:{port}", "--peer", f"127.0.0.2:{port}",
+        *common,
+    )
+    node_a.wait_for(rf"peer up 127\.0\.0\.3 \(node {b_id}, ")
+    node_b.wait_for(rf"peer up 127\.0\.0\.2 \(node {a_id}, ")
+
+    started = time.monotonic()
+    assert node_a.stop(signal.SIGTERM) == 0, node_a.log()
+    assert time.monotonic() - started < 5, node_a.log()
+    node_a.wait_for(r"received SIGTERM: saying bye to peers")
+    node_a.wait_for(rf"node {a_id} stopped")
+    assert "Traceback" not in node_a.log()
+    node_b.wait_for(
+        rf"peer down 127\.0\.0\.2 \(node {a_id}\): peer said bye: node shutting down"
+    )
+
+    assert node_b.stop(signal.SIGINT) == 0, node_b.log()
+    node_b.wait_for(r"received SIGINT: saying bye to peers")
+    assert "Traceback" not in node_b.log()
+
+
+def test_run_sigint_exits_0(tmp_path: Path, start_node: Callable[..., NodeProcess]) -> None:
+    state = tmp_path / "state"
+    node_id = keygen(tmp_path, state)
+    node = start_node("--state-dir", str(state), "--listen", "127.0.0.5:0")
+    node.wait_for(rf"node {node_id} listening on 127\.0\.0\.5:\d+")
+    assert node.stop(signal.SIGINT) == 0, node.log()
+    node.wait_for(r"received SIGINT")
+    assert "Traceback" not in node.log()
+
+
+def test_run_creates_identity_on_first_start(tmp_path: Path, start_node: Callable[..., NodeProcess]) -> None:
+    state = tmp_path / "fresh"
+    node = start_node("--state-dir", str(state), "--listen", "127.0.0.5:0")
+    line = node.wait_for(r"node \S+ listening on ")
+    assert node.stop(signal.SIGTERM) == 0, node.log()
+    node_id = line.split("node ", 1)[1].split()[0]
+    assert NODE_ID_RE.match(node_id)
+    assert edgenode(tmp_path, "id", "--state-dir", str(state)).stdout.strip() == node_id
+    assert stat.S_IMODE((state / "node.key").stat().st_mode) == 0o600
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_demo_runs_all_steps(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "edgenode", "demo"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(tmp_path),
+        timeout=60,
+    )
+    wall_s = time.monotonic() - started
+    out = result.stdout
+    assert result.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert wall_s < 60
+
+    positions = []
+    for step in range(1, 8):
+        marker = f"[{step}/7] "
+        assert marker in out, out
+        positions.append(out.index(marker))
+    assert positions == sorted(positions), out
+
+    step5, step6, step7 = (out.index(f"[{n}/7] ") for n in (5, 6, 7))
+    kill_part, restart_part, table_part = out[step5:step6], out[step6:step7], out[step7:]
+    assert "SIGKILL charlie" in kill_part
+    for other in ("alpha", "bravo"):
+        assert re.search(rf"{other} reports charlie down", kill_part), out
+        assert re.search(rf"{other} reports charlie up again after \d+ ms", restart_part), out
+
+    # The final peer tables: every node sees the two others and the console up.
+    assert re.search(r"seen by\s+peer\s+node id\s+state", table_part), out
+    rows = re.findall(
+        r"^\s+(alpha|bravo|charlie)\s+(127\.0\.0\.\d)\s+([a-z2-7-]{34})\s+(\w+)\s", table_part, re.M
+    )
+    assert len(rows) == 9, out
+    assert {state for *_, state in rows} == {"up"}, out
+    assert re.search(r"^demo finished in\s+[\d.]+s$", out, re.M), out
