@@ -108,7 +108,9 @@ class NodeConfig:
                 f"({self.keepalive_interval_s}), got {self.keepalive_timeout_s}"
             )
         if not 0 <= self.keepalive_jitter < 0.5:
-            raise ConfigError(f"keepalive_jitter: expected 0 <= value < 0.5, got {self.keepalive_jitter}")
+            raise ConfigError(
+                f"keepalive_jitter: expected 0 <= value < 0.5, got {self.keepalive_jitter}"
+            )
         if self.backoff_cap_s < self.backoff_base_s:
             raise ConfigError(
                 f"backoff_cap_s: expected at least backoff_base_s ({self.backoff_base_s}), "
