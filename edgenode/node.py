@@ -802,8 +802,7 @@ class Node:
         except EdgeNodeError as exc:
             error = exc
         except (OSError, BrokenResourceError, EndOfStream) as exc:
-            detail = getattr(exc, "strerror", None) or type(exc).__name__
-            error = HandshakeError(f"{ip}: connection failed during handshake: {detail}")
+            error = HandshakeError(f"{ip}: connection failed during handshake: {_os_detail(exc)}")
         except Exception as exc:  # a bug: contain it, the listener serves everyone
             log.exception("handshake with %s failed", ip)
             error = HandshakeError(f"{ip}: internal error during handshake: {exc!r:.100}")
@@ -876,7 +875,7 @@ class Node:
         except (ProtocolError, HandshakeError) as exc:
             reason, error = str(exc), exc
         except (BrokenResourceError, ClosedResourceError, OSError) as exc:
-            reason = f"connection lost: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            reason = f"connection lost: {_os_detail(exc)}"
         await post(_Closed(conn, reason, error))
 
     async def _writer(self, conn: _Conn) -> None:
@@ -900,8 +899,7 @@ class Node:
                 conn.bytes_out += size
         except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
             # EndOfStream: TLS needed to read while writing and the peer had gone.
-            detail = getattr(exc, "strerror", None) or type(exc).__name__
-            reason = f"connection lost while sending: {detail}"
+            reason = f"connection lost while sending: {_os_detail(exc)}"
             await self._inbox_send.send(_Closed(conn, reason, None))
             return
         # The dispatcher closed the outbox: everything, including the bye,
@@ -1318,6 +1316,12 @@ class Node:
                 waiter.set()
         if not self._open_conns and self._all_closed is not None:
             self._all_closed.set()
+
+
+def _os_detail(exc: BaseException) -> str:
+    """A short, lowercase account of a socket-level failure."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
 
 
 def _clip(text: str, limit_bytes: int = 256) -> str:
