@@ -65,27 +65,50 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a node until SIGINT or SIGTERM")
     with_state(run)
     run.add_argument(
-        "--listen", default=f"0.0.0.0:{DEFAULT_PORT}", metavar="HOST:PORT",
+        "--listen",
+        default=f"0.0.0.0:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
         help=f"address to listen on (default 0.0.0.0:{DEFAULT_PORT})",
     )
     run.add_argument(
-        "--peer", action="append", default=[], metavar="HOST:PORT",
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
         help="a peer to dial and keep connected (repeatable)",
     )
     run.add_argument(
-        "--authorise", action="append", default=[], metavar="NODE_ID",
+        "--authorise",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
         help=f"also trust this node ID (repeatable; adds to {AUTHORISED_FILE} in the state dir)",
     )
-    run.add_argument("--keepalive-interval", type=_positive_float, metavar="S",
-                     help="send a ping after this long without sending (default 5)")
-    run.add_argument("--keepalive-timeout", type=_positive_float, metavar="S",
-                     help="declare a peer dead after this long without a frame (default 15)")
-    run.add_argument("--handshake-timeout", type=_positive_float, metavar="S",
-                     help="give up a handshake after this long (default 5)")
-    run.add_argument("--backoff-cap", type=_positive_float, metavar="S",
-                     help="longest wait between redials (default 30)")
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--keepalive-interval",
+        type=_positive_float,
+        metavar="S",
+        help="send a ping after this long without sending (default 5)",
+    )
+    run.add_argument(
+        "--keepalive-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="declare a peer dead after this long without a frame (default 15)",
+    )
+    run.add_argument(
+        "--handshake-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="give up a handshake after this long (default 5)",
+    )
+    run.add_argument(
+        "--backoff-cap",
+        type=_positive_float,
+        metavar="S",
+        help="longest wait between redials (default 30)",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--demo-app", action="store_true", help=argparse.SUPPRESS)
 
     ident = sub.add_parser("id", help="print this node's ID")
@@ -100,8 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("node_id", metavar="NODE_ID")
 
     demo = sub.add_parser("demo", help="three nodes on 127.0.0.2-4: connect, fail, rejoin")
-    demo.add_argument("--duration", type=_positive_float, default=None, metavar="S",
-                      help="keep the demo running at least this long")
+    demo.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="keep the demo running at least this long",
+    )
     demo.add_argument("--keep", action="store_true", help="keep the demo's state directory")
     return parser
 

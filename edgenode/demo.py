@@ -97,7 +97,13 @@ class _Demo:
         self.started = time.monotonic()
 
     def elapsed(self) -> str:
+        """Seconds since the demo started, padded for the log column."""
         return f"{time.monotonic() - self.started:4.1f}s"
+
+    def name_of(self, ip: str) -> str:
+        if ip == CONSOLE_IP:
+            return "console"
+        return next((name for name, node_ip in NODES if node_ip == ip), "?")
 
     def provision(self) -> None:
         names = [name for name, _ in NODES] + ["console"]
@@ -112,11 +118,17 @@ class _Demo:
     async def start(self, tg: anyio.abc.TaskGroup, name: str, ip: str) -> None:
         others = [f"{o_ip}:{self.port}" for o_name, o_ip in NODES if o_name != name]
         command = [
-            sys.executable, "-m", "edgenode", "run",
-            "--state-dir", os.path.join(self.root, name),
-            "--listen", f"{ip}:{self.port}",
+            sys.executable,
+            "-m",
+            "edgenode",
+            "run",
+            "--state-dir",
+            os.path.join(self.root, name),
+            "--listen",
+            f"{ip}:{self.port}",
             *[arg for peer in others for arg in ("--peer", peer)],
-            *_TIMING, "--demo-app",
+            *_TIMING,
+            "--demo-app",
         ]
         proc = await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.procs[name] = proc
@@ -131,7 +143,7 @@ class _Demo:
             for line in lines:
                 text = line.decode(errors="replace")
                 # Drop the timestamp the node prints; the demo shows its own clock.
-                parts = text.split(" ", 2)
+                parts = text.split(None, 2)
                 if len(parts) == 3 and parts[0].count(":") == 2:
                     text = f"{parts[1]:<7} {parts[2]}"
                 _say(f"   {self.elapsed()}  {name:<7} | {text}")
@@ -151,22 +163,49 @@ class _Demo:
                 await anyio.sleep(0.1)
 
     async def show_tables(self, console: Node) -> None:
-        _say(f"   {'seen by':<8} {'peer':<10} {'node id':<36} {'state':<5} {'dir':<8} {'rtt':>8}  note")
+        """Print each running node's peer table, fetched over edgenode/peers."""
+        rows = []
         for name, ip in NODES:
-            if self.procs[name].returncode is not None:
-                continue
-            for peer, node_id, state, direction, reason, rtt in await self.peer_table(console, name, ip):
-                rtt_text = f"{rtt * 1000:.2f}ms" if rtt is not None else "-"
-                note = "" if state == "up" else reason or ""
-                _say(
-                    f"   {name:<8} {peer:<10} {node_id or '-':<36} {state:<5} "
-                    f"{direction or '-':<8} {rtt_text:>8}  {note}"
-                )
+            if self.procs[name].returncode is None:
+                for row in await self.peer_table(console, name, ip):
+                    rows.append((name, *row))
+        # Keepalive measures the rtt after a second without traffic: in a
+        # short demo there is often none yet, and a column of dashes says nothing.
+        show_rtt = any(row[6] is not None for row in rows)
+        rtt_head = f" {'rtt':>8}" if show_rtt else ""
+        # Fetch first, print after: node log lines cannot land inside the table.
+        _say(
+            f"   {'seen by':<8} {'peer':<18} {'node id':<34} {'state':<5} "
+            f"{'direction':<9}{rtt_head}"
+        )
+        for name, peer, node_id, state, direction, reason, rtt in rows:
+            rtt_text = ""
+            if show_rtt:
+                rtt_text = f" {rtt * 1000:6.2f}ms" if rtt is not None else f" {'-':>8}"
+            note = "" if state == "up" else f"  {reason or ''}"
+            _say(
+                f"   {name:<8} {self.name_of(peer):<8} {peer:<9} {node_id or '-':<34} "
+                f"{state:<5} {direction or '-':<9}{rtt_text}{note}".rstrip()
+            )
+
+
+class _ElapsedFilter(logging.Filter):
+    """Give the console's log records the demo clock the node lines show."""
+
+    def __init__(self, demo: _Demo) -> None:
+        super().__init__()
+        self.demo = demo
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.elapsed = self.demo.elapsed()
+        return True
 
 
 async def _demo(duration_s: float | None, keep: bool) -> int:
     root = tempfile.mkdtemp(prefix="edgenode-demo-")
     demo = _Demo(root, _free_port())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ElapsedFilter(demo))
     try:
         return await _run(demo, duration_s)
     finally:
@@ -181,16 +220,20 @@ async def _demo(duration_s: float | None, keep: bool) -> int:
 
 
 async def _run(demo: _Demo, duration_s: float | None) -> int:
-    _say("edgenode demo: three nodes on 127.0.0.2-4, each its own process, and this")
-    _say("console as a fourth node on 127.0.0.1. Every link is mutual TLS 1.3.")
+    _say("edgenode demo: three nodes, alpha, bravo and charlie, on 127.0.0.2-4, each")
+    _say("its own `edgenode run` process, and this console as a fourth node on 127.0.0.1.")
+    _say("Every link is mutual TLS 1.3. A line that starts with a clock is a log line")
+    _say("of the node named after the clock.")
 
-    _step(1, "provisioning identities and authorising them to each other")
+    _step(1, "making an identity (key and node id) for each node; authorising them to each other")
     demo.provision()
     for name, ip in (*NODES, ("console", CONSOLE_IP)):
         _say(f"   {name:<8} {ip}:{demo.port}  node {demo.ids[name]}")
 
     async with anyio.create_task_group() as tg:
-        _step(2, "starting the nodes (edgenode run, one process each)")
+        _step(2, "starting the nodes, and the console, which dials all three")
+        _say("   each node dials the other two; a dial to a node that is not listening yet")
+        _say("   fails and is retried after a short, growing delay")
         for name, ip in NODES:
             await demo.start(tg, name, ip)
         config = NodeConfig(
@@ -214,23 +257,27 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
                 for _, other in NODES:
                     if other != ip:
                         await demo.wait_for(console, name, ip, other, "up")
-            _step(3, f"all connected after {demo.elapsed()}: each node holds one link per peer")
+            elapsed_s = time.monotonic() - demo.started
+            _step(3, f"all connected after {elapsed_s:.1f} s: each node holds one link per peer")
             await demo.show_tables(console)
 
-            _step(4, "messages and requests")
+            _step(4, "messages (fire and forget) and requests (with a reply)")
             count = await console.broadcast("demo/hello", b"hello from the console")
-            _say(f"   console broadcast 'demo/hello' to {count} peers")
+            _say(f"   console broadcast a message on topic demo/hello to {count} peers")
             for name, ip in NODES:
                 started = time.perf_counter()
                 reply = await console.request(ip, "demo/echo", f"ping {name}".encode(), timeout=5)
                 ms = (time.perf_counter() - started) * 1000
-                _say(f"   console -> {name}: request demo/echo answered {reply.decode()!r} in {ms:.1f} ms")
-            reply = await console.request(NODES[0][1], "demo/relay", f"{NODES[1][1]}|hi bravo, alpha here".encode(), timeout=5)
+                answer = reply.decode()
+                _say(f"   console -> {name}: request demo/echo {answer!r} answered in {ms:.1f} ms")
+            relay = f"{NODES[1][1]}|hi bravo, alpha here".encode()
+            reply = await console.request(NODES[0][1], "demo/relay", relay, timeout=5)
             _say(f"   console asked alpha to ask bravo: {reply.decode()}")
-            await console.send(NODES[2][1], "demo/note", b"charlie, you are about to be killed")
 
             name, ip = NODES[2]
-            _step(5, f"SIGKILL {name} ({ip}): the others must notice")
+            _step(5, f"killing {name} with SIGKILL, so it cannot say bye: the others must notice")
+            _say("   the kernel closes a killed process's sockets, so its peers see it at once;")
+            _say("   a board that loses power would be caught by the keepalive timeout (3 s here)")
             killed_at = time.monotonic()
             demo.procs[name].send_signal(signal.SIGKILL)
             await demo.procs[name].wait()
@@ -239,7 +286,8 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
                     event = await events.receive()
                     if isinstance(event, PeerDown) and event.peer == ip:
                         break
-            _say(f"   console saw {name} down after {(time.monotonic() - killed_at) * 1000:.0f} ms: {event.reason}")
+            down_ms = (time.monotonic() - killed_at) * 1000
+            _say(f"   console saw {name} down after {down_ms:.0f} ms: {event.reason}")
             for other, other_ip in NODES[:2]:
                 await demo.wait_for(console, other, other_ip, ip, "down")
                 _say(f"   {other} reports {name} down")
@@ -248,40 +296,45 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             except EdgeNodeError as exc:
                 _say(f"   a send to {name} now fails at once: {type(exc).__name__}: {exc}")
 
-            _step(6, f"restarting {name}: it must rejoin by itself")
+            _step(6, f"restarting {name} with the same identity: it must rejoin by itself")
             restarted_at = time.monotonic()
             await demo.start(tg, name, ip)
             for other, other_ip in NODES[:2]:
                 await demo.wait_for(console, other, other_ip, ip, "up")
-                _say(f"   {other} reports {name} up again after {(time.monotonic() - restarted_at) * 1000:.0f} ms")
+                up_ms = (time.monotonic() - restarted_at) * 1000
+                _say(f"   {other} reports {name} up again after {up_ms:.0f} ms")
             await console.send(ip, "demo/note", b"welcome back", wait_s=5)
-            _say(f"   console -> {name}: 'welcome back' delivered")
+            _say(f"   console sent {name} 'welcome back' on topic demo/note")
 
-            _step(7, "peer tables")
+            _step(7, "peer tables again: everyone is back up")
             await demo.show_tables(console)
             if duration_s:
                 while time.monotonic() - demo.started < duration_s:
-                    await anyio.sleep(min(5.0, max(0.1, duration_s - (time.monotonic() - demo.started))))
+                    left_s = duration_s - (time.monotonic() - demo.started)
+                    await anyio.sleep(min(5.0, max(0.1, left_s)))
                     _say()
                     _say(f"   at {demo.elapsed()}:")
                     await demo.show_tables(console)
 
             _say()
-            _say("stopping: SIGTERM to each node, which says bye to its peers")
-            for proc in demo.procs.values():
+            _say("stopping: SIGTERM to one node at a time; each says bye to its peers and exits")
+            codes = []
+            for name, _ in NODES:
+                proc = demo.procs[name]
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
-            codes = []
-            with anyio.fail_after(10):
-                for proc in demo.procs.values():
+                with anyio.fail_after(10):
                     codes.append(await proc.wait())
         tg.cancel_scope.cancel()
     bad = [c for c in codes if c not in (0, -signal.SIGKILL)]
-    _say(f"demo finished in {demo.elapsed()}" + (f"; exit codes {codes}" if bad else ""))
+    total_s = time.monotonic() - demo.started
+    _say(f"demo finished in {total_s:.1f} s" + (f"; exit codes {codes}" if bad else ""))
     return 1 if bad else 0
 
 
 def run_demo(duration_s: float | None = None, keep: bool = False) -> int:
     """Run the demo; return the process exit status."""
-    logging.basicConfig(level=logging.WARNING, format="   console | %(levelname)-7s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="   %(elapsed)s  console | %(levelname)-7s %(message)s"
+    )
     return anyio.run(_demo, duration_s, keep)

@@ -449,7 +449,7 @@ class Node:
             ) from None
         self.listen_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         self._started = monotonic()
-        tg.start_soon(self._serve, listener)
+        tg.start_soon(self._serve, listener, tg)
         tg.start_soon(self._dispatch)
         now = monotonic()
         for host, port in self.config.peers:
@@ -720,11 +720,14 @@ class Node:
 
     # -- sources: listener, handshakes, dials, connections ------------------------------
 
-    async def _serve(self, listener: anyio.abc.Listener[Any]) -> None:
+    async def _serve(self, listener: anyio.abc.Listener[Any], tg: TaskGroup) -> None:
+        # Only the accept loop lives in the listener's scope; connections run
+        # in the node's task group, so stopping the listener at shutdown
+        # leaves them open long enough to say bye.
         assert self._listener_scope is not None
         with self._listener_scope:
             async with listener:
-                await listener.serve(self._accept)
+                await listener.serve(self._accept, task_group=tg)
 
     async def _accept(self, stream: ByteStream) -> None:
         try:
@@ -1097,7 +1100,7 @@ class Node:
         if not admission.accepted:
             reason = admission.reason or "refused"
             self.refused += 1
-            log.info("refused connection from %s (%s): %s", conn.ip, conn.direction, reason)
+            log.info("not admitting %s connection with %s: %s", conn.direction, conn.ip, reason)
             self._publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
             self._drop(conn, reason, now)
             return
