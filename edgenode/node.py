@@ -1055,8 +1055,11 @@ class Node:
             for pending in [p for p in self._pending.values() if p.ip == conn.ip]:
                 del self._pending[pending.request_id]
                 pending.finish(None, PeerUnavailable(f"peer {conn.ip} went down: {reason}"))
-            retry = f"; redial in {delay:.1f} s" if delay is not None else ""
-            log.warning("peer down %s (node %s): %s%s", conn.ip, entry.node_id, reason, retry)
+            if self._closing:
+                log.info("closed link to %s (node %s): %s", conn.ip, entry.node_id, reason)
+            else:
+                retry = f"; redial in {delay:.1f} s" if delay is not None else ""
+                log.warning("peer down %s (node %s): %s%s", conn.ip, entry.node_id, reason, retry)
             self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
         if bye:
             try:
@@ -1310,7 +1313,7 @@ class Node:
     def _on_shutdown(self, ev: _Shutdown, now: float) -> None:
         self._closing = True
         for conn in list(self._conns):
-            self._drop(conn, "node shutting down", now)
+            self._drop(conn, "node shutting down", now)  # the peer logs "peer said bye: ..."
         for pending in self._pending.values():
             pending.finish(None, NodeClosed("node closed before the response arrived"))
         self._pending.clear()

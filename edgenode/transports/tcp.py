@@ -114,10 +114,16 @@ async def dial_link(
     """Connect to a peer, send the preamble and complete TLS 1.3.
 
     Raises :class:`NotAuthorised` if the listener's node ID is not
-    authorised, :class:`HandshakeError` for TLS failures and ``OSError``
-    for connection failures. The caller bounds it with a timeout.
+    authorised and :class:`HandshakeError` when the connection or TLS fails.
+    The caller bounds it with a timeout.
     """
-    stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+    try:
+        stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+    except OSError as exc:
+        # anyio reports "all connection attempts failed"; the cause says why.
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        detail = (cause.strerror or str(cause)).lower()
+        raise HandshakeError(f"{ip}:{port}: cannot connect: {detail}") from None
     try:
         peer_ip, peer_port, local_ip = addresses(stream)
         await stream.send(encode_preamble(cert_der))
