@@ -392,3 +392,13 @@ async def test_send_with_wait_succeeds_after_the_peer_reconnects(make_config: An
 
             tg.start_soon(restart_b)
             await a.send("127.0.0.3", "t", b"later", wait_s=5)
+
+
+async def test_dial_to_a_closed_port_says_connection_refused(make_config: Any) -> None:
+    from .conftest import free_port
+
+    port = free_port("127.0.0.6")  # nothing listens there
+    async with Node(make_config("a", "127.0.0.2", [("127.0.0.6", port)])) as a:
+        refused = await wait_event(a.events(), lambda e: isinstance(e, Refused))
+        assert str(refused.error) == f"127.0.0.6:{port}: cannot connect: connection refused"
+        assert [(p.ip, p.state) for p in a.peers()] == [("127.0.0.6", "down")]

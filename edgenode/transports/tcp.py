@@ -9,6 +9,7 @@ timeouts; nothing here waits without a bound set by the caller.
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable
 
@@ -122,7 +123,7 @@ async def dial_link(
     except OSError as exc:
         # anyio reports "all connection attempts failed"; the cause says why.
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-        detail = (cause.strerror or str(cause)).lower()
+        detail = (os.strerror(cause.errno) if cause.errno else str(cause)).lower()
         raise HandshakeError(f"{ip}:{port}: cannot connect: {detail}") from None
     try:
         peer_ip, peer_port, local_ip = addresses(stream)
