@@ -1,0 +1,209 @@
+"""COBS framing for the UART link: encode, decode, and split a byte stream.
+
+Consistent Overhead Byte Stuffing (Cheshire and Baker, 1999) rewrites a
+frame so that it contains no 0x00 byte; a 0x00 then marks the end of each
+frame on the line. The cost is one byte per 254 bytes of frame (at least
+one), and a reader that loses its place resynchronises at the next 0x00.
+
+Runs unchanged on CPython 3.9+ and MicroPython: no typing at run time, no
+``from __future__`` import, annotations only as strings.
+
+This module also opens the link's error hierarchy (:class:`LinkError`), as
+the lowest module of the link; :mod:`firmware_bridge.link` adds the rest
+and re-exports these.
+"""
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):  # type: ignore[no-redef]
+        return x
+
+
+DELIMITER = b"\x00"
+_HEX_LIMIT = const(16)
+_BLOCK = const(254)  # data bytes in a full COBS block (code byte 0xff)
+
+
+# --- errors ----------------------------------------------------------------
+
+
+class LinkError(Exception):
+    """Base of every error raised by firmware_bridge's link layer."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+
+
+class FrameError(LinkError):
+    """Bytes from the line do not form a frame the link accepts; it is dropped and counted."""
+
+    #: The key this error is counted under in ``Link.stats.drops``.
+    reason = "bad frame"
+
+
+class BadCOBS(FrameError):
+    """A frame between two delimiters is not valid COBS."""
+
+    reason = "bad cobs"
+
+
+class FrameTooLarge(FrameError):
+    """A frame on the line is longer than the receiver's limit."""
+
+    reason = "oversize"
+
+
+def hex_preview(data: "bytes | bytearray | memoryview") -> str:
+    """Return ``data`` as spaced hex, cut after 16 bytes (for error messages)."""
+    # bytes.hex(sep) is missing on some MicroPython ports.
+    shown = " ".join(f"{b:02x}" for b in bytes(data[:_HEX_LIMIT]))
+    if len(data) > _HEX_LIMIT:
+        shown += f" ... ({len(data)} bytes)"
+    return shown
+
+
+# --- the codec -------------------------------------------------------------
+
+
+def max_encoded_len(n: int) -> int:
+    """Return the longest COBS encoding of ``n`` bytes (without the delimiter)."""
+    return n + 1 + n // _BLOCK
+
+
+def encode(data: "bytes | bytearray | memoryview") -> bytes:
+    """Return the COBS encoding of ``data``: no 0x00 byte, delimiter not included.
+
+    Canonical form: a full block (code 0xff) that ends the data is not
+    followed by an empty block, so 254 non-zero bytes encode to 255 bytes.
+    """
+    data = bytes(data)
+    n = len(data)
+    out = bytearray()
+    pos = 0
+    while True:
+        stop = pos + _BLOCK
+        if stop > n:
+            stop = n
+        zero = data.find(DELIMITER, pos, stop)
+        if zero >= 0:
+            # A block of data ending where a zero was.
+            out.append(zero - pos + 1)
+            out += data[pos:zero]
+            pos = zero + 1
+        elif stop - pos == _BLOCK:
+            # A full block: 254 non-zero bytes and no implied zero.
+            out.append(0xFF)
+            out += data[pos:stop]
+            pos = stop
+            if pos == n:
+                break
+        else:
+            # The last block (possibly empty, after a final zero).
+            out.append(stop - pos + 1)
+            out += data[pos:stop]
+            break
+    return bytes(out)
+
+
+def decode(data: "bytes | bytearray | memoryview") -> bytes:
+    """Decode one COBS frame (without its delimiter) and return the original bytes.
+
+    Raises :class:`BadCOBS` for an empty frame, a 0x00 inside it, or a block
+    whose code byte points past the end of the frame.
+    """
+    data = bytes(data)
+    n = len(data)
+    if n == 0:
+        raise BadCOBS("bad cobs: empty frame")
+    zero = data.find(DELIMITER)
+    if zero >= 0:
+        raise BadCOBS(f"bad cobs: 0x00 at offset {zero} inside a frame: {hex_preview(data)}")
+    out = bytearray()
+    pos = 0
+    while pos < n:
+        code = data[pos]
+        stop = pos + code
+        if stop > n:
+            raise BadCOBS(
+                f"bad cobs: block at offset {pos} claims {code - 1} bytes, "
+                f"only {n - pos - 1} remain: {hex_preview(data)}"
+            )
+        out += data[pos + 1 : stop]
+        pos = stop
+        if code != 0xFF and pos < n:
+            out.append(0)
+    return bytes(out)
+
+
+# --- stream splitting ------------------------------------------------------
+
+
+class FrameSplitter:
+    """Cuts a byte stream into 0x00-delimited frames of at most ``max_frame_bytes``.
+
+    ``feed()`` takes any chunk and returns, in line order, each completed
+    frame (``bytes``, still COBS-encoded, delimiter removed) and a
+    :class:`FrameTooLarge` error for each frame over the limit. An oversize
+    frame is never buffered past the limit: its bytes are counted and
+    skipped up to the next delimiter. Empty frames (two delimiters in a
+    row) are ignored: a sender may lead with a 0x00 to end any garbage.
+    """
+
+    __slots__ = ("_buf", "_head", "_skipped", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._skipped = -1  # bytes of the oversize frame skipped so far; -1 when not skipping
+        self._head = b""  # the first bytes of the oversize frame, for its error message
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet delimited."""
+        return len(self._buf)
+
+    def feed(self, data: "bytes | bytearray | memoryview") -> list:
+        """Add ``data``; return the frames and :class:`FrameTooLarge` errors it completes."""
+        data = bytes(data)
+        n = len(data)
+        buf = self._buf
+        cap = self.max_frame_bytes
+        items = []
+        pos = 0
+        while pos < n:
+            zero = data.find(DELIMITER, pos)
+            stop = n if zero < 0 else zero
+            if self._skipped >= 0:
+                self._skipped += stop - pos
+            elif len(buf) + stop - pos > cap:
+                self._head = bytes(buf[:_HEX_LIMIT]) + data[pos : pos + _HEX_LIMIT]
+                self._skipped = len(buf) + stop - pos
+                buf[:] = b""
+            else:
+                buf += data[pos:stop]
+            if zero < 0:
+                break
+            if self._skipped >= 0:
+                items.append(
+                    FrameTooLarge(
+                        f"oversize frame: {self._skipped} bytes exceed the {cap}-byte limit: "
+                        f"{hex_preview(self._head)}"
+                    )
+                )
+                self._skipped = -1
+                self._head = b""
+            elif buf:
+                items.append(bytes(buf))
+                buf[:] = b""
+            pos = zero + 1
+        return items
+
+    def reset(self) -> None:
+        """Forget any partial frame (for example after the line was reopened)."""
+        self._buf[:] = b""
+        self._skipped = -1
+        self._head = b""
