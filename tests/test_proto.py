@@ -7,6 +7,8 @@ byte vectors below are the ones docs/protocol.md shows: keep them identical.
 
 from __future__ import annotations
 
+import re
+
 import cbor2
 import pytest
 from hypothesis import given
@@ -36,7 +38,10 @@ from edgenode.proto.messages import (
     PROTOCOL_VERSION,
     Bye,
     Data,
+    DeviceRequest,
+    Devices,
     ErrorResponse,
+    FromDevice,
     Hello,
     Limits,
     PeerInfo,
@@ -45,6 +50,7 @@ from edgenode.proto.messages import (
     Pong,
     Request,
     Response,
+    ToDevice,
     decode_message,
     encode_message,
     message_name,
@@ -248,6 +254,11 @@ EVERY_MESSAGE = [
     Peers([]),
     Peers([PeerInfo("10.0.0.2", 7300, NODE_A), PeerInfo("10.0.0.3", 7300, None)]),
     Peers([PeerInfo("fe80::1", 1, NODE_B)] * 64),
+    ToDevice("pico-1", "led", b"on"),
+    FromDevice("d" * 32, "temp", b"21.5"),
+    DeviceRequest(5, "esp32", "read", b""),
+    Devices([]),
+    Devices(["pico-1", "esp32"]),
 ]
 
 
@@ -260,9 +271,10 @@ def test_message_round_trip(msg) -> None:
 
 
 def test_every_message_type_has_a_round_trip_case() -> None:
-    assert {m.code for m in EVERY_MESSAGE} == set(range(9))
-    assert [message_name(c) for c in range(10)] == [
-        "hello", "ping", "pong", "data", "request", "response", "error", "bye", "peers", "type 9",
+    assert {m.code for m in EVERY_MESSAGE} == set(range(13))
+    assert [message_name(c) for c in range(14)] == [
+        "hello", "ping", "pong", "data", "request", "response", "error", "bye", "peers",
+        "to-dev", "from-dev", "dev-req", "devices", "type 13",
     ]  # fmt: skip
 
 
@@ -468,7 +480,12 @@ def test_message_decoder_rejects_not_an_array_with_a_type_code(case: str, hex_bo
 
 @pytest.mark.parametrize(
     ("hex_body", "code"),
-    [("81 09", 9), ("82 18 ff 01", 255), ("81 20", -1), ("81 1b ff ff ff ff ff ff ff ff", U64_MAX)],
+    [
+        ("81 0d", 13),
+        ("82 18 ff 01", 255),
+        ("81 20", -1),
+        ("81 1b ff ff ff ff ff ff ff ff", U64_MAX),
+    ],
 )
 def test_message_decoder_rejects_unknown_type_code(hex_body: str, code: int) -> None:
     raises(
@@ -1049,8 +1066,8 @@ def test_connection_rejects_bytes_after_bye(after: bytes) -> None:
 def test_connection_error_state_is_sticky() -> None:
     a, b = open_pair()
     error = raises(
-        UnknownMessageType, "unknown message type 9 in frame 81 09", a.receive_data,
-        encode_frame(hx("81 09")),
+        UnknownMessageType, "unknown message type 13 in frame 81 0d", a.receive_data,
+        encode_frame(hx("81 0d")),
     )  # fmt: skip
     assert a.state == connection.ERROR
     for call in (
@@ -1142,3 +1159,19 @@ def test_connection_outcome_does_not_depend_on_how_reads_cut_the_stream(
     expected = outcome([stream])
     assert outcome(chunks) == expected
     assert outcome([bytes([x]) for x in stream]) == expected
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ([9, "", "t", b""], "device id should not be empty"),
+        ([10, "d" * 33, "t", b""], "device id of 33 bytes exceeds 32-byte limit"),
+        ([11, 1, "dev", "", b""], "topic should not be empty"),
+        ([12, "pico"], "device list should be an array, got str"),
+        ([12, ["d"] * 33], "device list of 33 entries exceeds 32-entry limit"),
+        ([12, [7]], "device id should be text, got int"),
+    ],
+)
+def test_message_decoder_rejects_bad_device_messages(item: list, message: str) -> None:
+    with pytest.raises(MalformedMessage, match=re.escape(message)):
+        decode_message(cbor2.dumps(item))

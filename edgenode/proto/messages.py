@@ -16,7 +16,18 @@ code    name      array
 6       error     [6, request_id, code, message]
 7       bye       [7, reason]
 8       peers     [8, [[ip, port, node_id or null], ...]]
+9       to-dev    [9, device_id, topic, payload]
+10      from-dev  [10, device_id, topic, payload]
+11      dev-req   [11, request_id, device_id, topic, payload]
+12      devices   [12, [device_id, ...]]
 ======  ========  ==================================================
+
+Types 9-12 carry traffic of microcontrollers bridged over UART: a node
+addresses a device as ``<bridging node's ip>/<device id>``. ``to-dev`` asks
+the receiver to pass data to one of its devices, ``from-dev`` is data one
+of the sender's devices published, ``dev-req`` is a request for one of the
+receiver's devices (answered by a response or error with its id), and
+``devices`` lists the devices the sender bridges now.
 
 Decoding uses the strict CBOR subset decoder of ``firmware_bridge.cbor``
 (no tags, floats, maps or indefinite lengths; every count and length
@@ -46,13 +57,35 @@ RESPONSE = 5
 ERROR = 6
 BYE = 7
 PEERS = 8
+TO_DEVICE = 9
+FROM_DEVICE = 10
+DEVICE_REQUEST = 11
+DEVICES = 12
 
-_NAMES = ("hello", "ping", "pong", "data", "request", "response", "error", "bye", "peers")
+_NAMES = (
+    "hello",
+    "ping",
+    "pong",
+    "data",
+    "request",
+    "response",
+    "error",
+    "bye",
+    "peers",
+    "to-dev",
+    "from-dev",
+    "dev-req",
+    "devices",
+)
 
 #: Error codes carried by an error response.
 ERR_NO_HANDLER = 1
 ERR_HANDLER_FAILED = 2
 ERR_BUSY = 3
+ERR_NO_DEVICE = 4
+ERR_DEVICE_FAILED = 5
+
+MAX_DEVICE_ID_BYTES = 32
 
 _U64 = (1 << 64) - 1
 
@@ -60,7 +93,13 @@ _U64 = (1 << 64) - 1
 class Limits:
     """Caps on everything a peer controls in a message."""
 
-    __slots__ = ("max_frame_bytes", "max_peers_listed", "max_text_bytes", "max_topic_bytes")
+    __slots__ = (
+        "max_devices_listed",
+        "max_frame_bytes",
+        "max_peers_listed",
+        "max_text_bytes",
+        "max_topic_bytes",
+    )
 
     def __init__(
         self,
@@ -68,11 +107,13 @@ class Limits:
         max_topic_bytes: int = 128,
         max_text_bytes: int = 512,
         max_peers_listed: int = 64,
+        max_devices_listed: int = 32,
     ) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.max_topic_bytes = max_topic_bytes
         self.max_text_bytes = max_text_bytes
         self.max_peers_listed = max_peers_listed
+        self.max_devices_listed = max_devices_listed
 
 
 DEFAULT_LIMITS = Limits()
@@ -207,7 +248,68 @@ class Peers(Message):
         self.peers = peers
 
 
-AnyMessage = Union[Hello, Ping, Pong, Data, Request, Response, ErrorResponse, Bye, Peers]
+class ToDevice(Message):
+    """Data for one of the receiver's bridged devices."""
+
+    __slots__ = ("device_id", "payload", "topic")
+    code = TO_DEVICE
+
+    def __init__(self, device_id: str, topic: str, payload: bytes) -> None:
+        self.device_id = device_id
+        self.topic = topic
+        self.payload = payload
+
+
+class FromDevice(Message):
+    """Data published by one of the sender's bridged devices."""
+
+    __slots__ = ("device_id", "payload", "topic")
+    code = FROM_DEVICE
+
+    def __init__(self, device_id: str, topic: str, payload: bytes) -> None:
+        self.device_id = device_id
+        self.topic = topic
+        self.payload = payload
+
+
+class DeviceRequest(Message):
+    """A request for one of the receiver's bridged devices."""
+
+    __slots__ = ("device_id", "payload", "request_id", "topic")
+    code = DEVICE_REQUEST
+
+    def __init__(self, request_id: int, device_id: str, topic: str, payload: bytes) -> None:
+        self.request_id = request_id
+        self.device_id = device_id
+        self.topic = topic
+        self.payload = payload
+
+
+class Devices(Message):
+    """The devices the sender bridges now."""
+
+    __slots__ = ("device_ids",)
+    code = DEVICES
+
+    def __init__(self, device_ids: list[str]) -> None:
+        self.device_ids = device_ids
+
+
+AnyMessage = Union[
+    Hello,
+    Ping,
+    Pong,
+    Data,
+    Request,
+    Response,
+    ErrorResponse,
+    Bye,
+    Peers,
+    ToDevice,
+    FromDevice,
+    DeviceRequest,
+    Devices,
+]
 
 
 def message_name(code: int) -> str:
@@ -234,6 +336,12 @@ def encode_message(msg: AnyMessage) -> bytes:
         item = (BYE, msg.reason)  # type: ignore[union-attr]
     elif code == PEERS:
         item = (PEERS, [(p.ip, p.port, p.node_id) for p in msg.peers])  # type: ignore[union-attr]
+    elif code == TO_DEVICE or code == FROM_DEVICE:
+        item = (code, msg.device_id, msg.topic, msg.payload)  # type: ignore[union-attr]
+    elif code == DEVICE_REQUEST:
+        item = (code, msg.request_id, msg.device_id, msg.topic, msg.payload)  # type: ignore[union-attr]
+    elif code == DEVICES:
+        item = (DEVICES, list(msg.device_ids))  # type: ignore[union-attr]
     else:
         raise TypeError(f"not a message: {msg!r}")
     return _cbor_dumps(item)
@@ -241,7 +349,7 @@ def encode_message(msg: AnyMessage) -> bytes:
 
 # -- decoding ---------------------------------------------------------------
 
-_ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2)
+_ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2, 4, 4, 5, 2)
 
 
 def _uint(value: object, what: str, limit: int = _U64) -> int:
@@ -327,6 +435,29 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
         )
     if code == BYE:
         return Bye(_text(item[1], "bye reason", limits.max_text_bytes))
+    if code == TO_DEVICE or code == FROM_DEVICE:
+        cls = ToDevice if code == TO_DEVICE else FromDevice
+        return cls(
+            _text(item[1], "device id", MAX_DEVICE_ID_BYTES, empty=False),
+            _text(item[2], "topic", limits.max_topic_bytes, empty=False),
+            _bytes(item[3], "payload"),
+        )
+    if code == DEVICE_REQUEST:
+        return DeviceRequest(
+            _uint(item[1], "request id"),
+            _text(item[2], "device id", MAX_DEVICE_ID_BYTES, empty=False),
+            _text(item[3], "topic", limits.max_topic_bytes, empty=False),
+            _bytes(item[4], "payload"),
+        )
+    if code == DEVICES:
+        ids = item[1]
+        if type(ids) is not list:
+            raise MalformedMessage(f"device list should be an array, got {type(ids).__name__}")
+        if len(ids) > limits.max_devices_listed:
+            raise MalformedMessage(
+                f"device list of {len(ids)} entries exceeds {limits.max_devices_listed}-entry limit"
+            )
+        return Devices([_text(d, "device id", MAX_DEVICE_ID_BYTES, empty=False) for d in ids])
     # PEERS
     entries = item[1]
     if type(entries) is not list:
