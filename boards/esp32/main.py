@@ -1,0 +1,74 @@
+"""edgenode on an ESP32: publish the chip's temperature, switch the LED on request.
+
+Wiring (3.3 V logic on both sides, crossed over; UART2 of the ESP32):
+
+    ESP32 GPIO17 (UART2 TX) ------> Raspberry Pi GPIO15 / RXD (header pin 10)
+    ESP32 GPIO16 (UART2 RX) <------ Raspberry Pi GPIO14 / TXD (header pin 8)
+    ESP32 GND ---------------------- Raspberry Pi GND (header pin 6)
+
+On the Pi: ``edgenode run --serial /dev/serial0:115200``. On the ESP32:
+install firmware_bridge (see boards/README.md) and copy this file as main.py.
+The device shows up as ``<pi's ip>/esp32-XXXXXX``; it publishes "esp32/temp"
+(degrees Celsius as text) every 5 s and answers requests on "esp32/led"
+with payload "on", "off" or "toggle" (empty: toggle), replying the new state.
+"""
+
+import asyncio
+import binascii
+
+import machine
+
+from firmware_bridge.driver import Device
+from firmware_bridge.link import LinkError
+
+DEVICE_ID = "esp32-" + binascii.hexlify(machine.unique_id()).decode()[-6:]
+LED_PIN = 2  # the on-board LED of most ESP32 DevKit boards
+PUBLISH_EVERY_MS = 5000
+
+led = machine.Pin(LED_PIN, machine.Pin.OUT)
+
+
+def temperature_c(count: int) -> int:
+    """The chip's temperature in degrees C, or a fake value on a chip without a sensor."""
+    try:
+        import esp32
+
+        if hasattr(esp32, "mcu_temperature"):  # ESP32-S2, -S3, -C3: Celsius
+            return esp32.mcu_temperature()
+        return (esp32.raw_temperature() - 32) * 5 // 9  # the original ESP32: Fahrenheit
+    except (ImportError, AttributeError, OSError):
+        return 20 + count % 5
+
+
+async def on_led(payload: bytes) -> bytes:
+    if payload == b"on":
+        led.value(1)
+    elif payload == b"off":
+        led.value(0)
+    elif payload in (b"", b"toggle"):
+        led.value(not led.value())
+    else:
+        raise ValueError("expected on, off or toggle, got " + repr(payload))
+    return b"on" if led.value() else b"off"
+
+
+async def publish_forever(device: Device) -> None:
+    count = 0
+    while True:
+        await device.wait_up()
+        try:
+            await device.publish("esp32/temp", str(temperature_c(count)).encode())
+        except LinkError as exc:  # the host went away meanwhile: wait for it again
+            print("publish failed:", exc)
+        count += 1
+        await asyncio.sleep_ms(PUBLISH_EVERY_MS)
+
+
+async def main() -> None:
+    uart = machine.UART(2, 115200, tx=17, rx=16, rxbuf=512)
+    device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), DEVICE_ID)
+    device.handle("esp32/led", on_led)
+    await asyncio.gather(device.run(), publish_forever(device))
+
+
+asyncio.run(main())

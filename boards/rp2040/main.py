@@ -1,0 +1,67 @@
+"""edgenode on a Raspberry Pi Pico (RP2040): publish the temperature, switch the LED.
+
+Wiring (3.3 V logic on both sides, crossed over; UART0 of the Pico):
+
+    Pico GP0 (UART0 TX, pin 1) ------> Raspberry Pi GPIO15 / RXD (header pin 10)
+    Pico GP1 (UART0 RX, pin 2) <------ Raspberry Pi GPIO14 / TXD (header pin 8)
+    Pico GND (pin 3) ------------------ Raspberry Pi GND (header pin 6)
+
+On the Pi: ``edgenode run --serial /dev/serial0:115200``. On the Pico:
+install firmware_bridge (see boards/README.md) and copy this file as main.py.
+The device shows up as ``<pi's ip>/pico-XXXXXX``; it publishes "rp2040/temp"
+(degrees Celsius as text, from the on-chip sensor on ADC 4) every 5 s and
+answers requests on "rp2040/led" with payload "on", "off" or "toggle" (empty:
+toggle), replying the new state.
+"""
+
+import asyncio
+import binascii
+
+import machine
+
+from firmware_bridge.driver import Device
+from firmware_bridge.link import LinkError
+
+DEVICE_ID = "pico-" + binascii.hexlify(machine.unique_id()).decode()[-6:]
+PUBLISH_EVERY_MS = 5000
+
+led = machine.Pin("LED", machine.Pin.OUT)  # Pico and Pico W
+sensor = machine.ADC(4)
+
+
+def temperature_c() -> float:
+    """The RP2040's temperature sensor, per its datasheet (27 C at 0.706 V)."""
+    volts = sensor.read_u16() * 3.3 / 65535
+    return 27 - (volts - 0.706) / 0.001721
+
+
+async def on_led(payload: bytes) -> bytes:
+    if payload == b"on":
+        led.value(1)
+    elif payload == b"off":
+        led.value(0)
+    elif payload in (b"", b"toggle"):
+        led.toggle()
+    else:
+        raise ValueError("expected on, off or toggle, got " + repr(payload))
+    return b"on" if led.value() else b"off"
+
+
+async def publish_forever(device: Device) -> None:
+    while True:
+        await device.wait_up()
+        try:
+            await device.publish("rp2040/temp", f"{temperature_c():.1f}".encode())
+        except LinkError as exc:  # the host went away meanwhile: wait for it again
+            print("publish failed:", exc)
+        await asyncio.sleep_ms(PUBLISH_EVERY_MS)
+
+
+async def main() -> None:
+    uart = machine.UART(0, 115200, tx=machine.Pin(0), rx=machine.Pin(1), rxbuf=512)
+    device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), DEVICE_ID)
+    device.handle("rp2040/led", on_led)
+    await asyncio.gather(device.run(), publish_forever(device))
+
+
+asyncio.run(main())

@@ -1,0 +1,592 @@
+"""The microcontroller side of the UART link: a :class:`Device` on asyncio streams.
+
+Runs unchanged on MicroPython (``asyncio``, 1.20 or later) and on CPython
+asyncio. The protocol is :class:`firmware_bridge.link.Link`; this module only
+moves bytes between it and a stream and turns its events into calls::
+
+    import asyncio, machine
+    from firmware_bridge.driver import Device
+
+    async def report(device):
+        await device.wait_up()
+        await device.publish("esp32/temp", b"21")
+
+    async def main():
+        uart = machine.UART(2, 115200, tx=17, rx=16)
+        device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), "esp32-1")
+        await asyncio.gather(device.run(), report(device))
+
+    asyncio.run(main())
+
+One task (``run``) reads the stream with a timeout that ends at the link's
+next deadline, feeds the link, runs its timers and writes what it queued.
+Sends from other tasks go straight to the link and are written under one
+lock, so one drain runs at a time. No threads, no polling.
+
+Requests from the network run their handler in a task of its own, as do
+coroutine callbacks; at most 4 such tasks run at once, and a request beyond
+that is refused with status 3 (busy). A handler's exception, or a reply that
+is not bytes, is answered with status 2 and the error's text; a topic with no
+handler with status 1. The codes are the node's (docs/protocol.md, section 7).
+
+Memory. Every buffer is bounded: reads of at most 128 bytes and writes of at
+most 256; at most 4 of our requests pending and 4 tasks running; the link's
+output capped at 4 largest frames (1056 bytes at the default 256-byte
+``max_frame``), its receive buffer at one frame (262 bytes) and, in reliable
+mode, 4 frames in flight plus 4 queued. Measured on MicroPython 1.27 (the
+WebAssembly port, ``gc.mem_free()`` after ``gc.collect()``, defaults), the
+code is most of it: importing the link (with cobs, cbor, hmac_sha256) and
+this driver from source keeps 61 KB of heap and allocates 90 KB while
+compiling; from ``.mpy`` files made by ``mpy-cross`` it keeps 46 KB and
+allocates 61 KB. So ship ``.mpy`` files, or freeze the modules into the
+firmware, which keeps their code in flash. A Device then takes 1.6 KB when
+created and 2.5 KB with its session up; with traffic, about 5 KB while
+publishing and up to 11 KB once requests have run (tasks, events and
+buffers, with some garbage the collector had not yet freed).
+"""
+
+import time
+
+try:
+    import asyncio
+except ImportError:  # MicroPython before 1.20
+    import uasyncio as asyncio  # type: ignore[no-redef]
+
+from . import cobs
+from .cobs import LinkError
+from .link import (
+    CRC_BYTES,
+    Link,
+    LinkDown,
+    LinkUsageError,
+    MessageTooLarge,
+    Received,
+    SendQueueFull,
+    SessionDown,
+    SessionUp,
+)
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):  # type: ignore[no-redef]
+        return x
+
+
+try:
+    from typing import TYPE_CHECKING
+except ImportError:
+    TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+READ_CHUNK_BYTES = const(128)
+WRITE_CHUNK_BYTES = const(256)
+MAX_PENDING_REQUESTS = const(4)
+MAX_TASKS = const(4)  # handlers and async callbacks running at once
+_OUTPUT_FRAMES = const(4)
+_SEND_QUEUE = const(4)
+_ERROR_CHARS = const(64)  # error texts are cut to fit the smallest frame
+
+# Response status codes, as in the node's protocol (docs/protocol.md, section 7).
+STATUS_OK = const(0)
+STATUS_NO_HANDLER = const(1)
+STATUS_HANDLER_FAILED = const(2)
+STATUS_BUSY = const(3)
+
+# The driver's own counters in ``Device.stats``.
+_COUNTERS = (
+    "requests_sent",  # requests of ours written to the link
+    "request_timeouts",
+    "requests_failed",  # answered with an error status
+    "requests_lost",  # the session went down first
+    "late_responses",  # answers to no pending request
+    "requests_served",  # requests from the host answered by a handler
+    "handler_errors",
+    "no_handler",
+    "refused_busy",  # requests and async callbacks beyond MAX_TASKS
+    "callback_errors",
+    "unhandled",  # data on a topic with no callback
+)
+
+
+class RequestError(LinkError):
+    """A request of ours got no answer: the base of the three below."""
+
+
+class RequestTimeout(RequestError):
+    """No response arrived within the request's timeout."""
+
+
+class RequestFailed(RequestError):
+    """The peer answered with an error status (``status``); the message has its text."""
+
+    def __init__(self, msg: str, status: int) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+class RequestLost(RequestError):
+    """The session went down, or the device stopped, before the response arrived."""
+
+
+if hasattr(asyncio, "wait_for_ms"):  # MicroPython
+
+    def _wait_ms(awaitable: "Any", timeout_ms: int) -> "Any":
+        return asyncio.wait_for_ms(awaitable, timeout_ms)
+
+else:
+
+    def _wait_ms(awaitable: "Any", timeout_ms: int) -> "Any":
+        return asyncio.wait_for(awaitable, timeout_ms / 1000)
+
+
+def default_clock() -> "Callable[[], int]":
+    """Return a function giving milliseconds as an int that never wraps or goes back."""
+    if not hasattr(time, "ticks_ms"):
+        return lambda: int(time.monotonic() * 1000)
+    # ticks_ms wraps (after 2**30 ms on most ports): accumulate the differences.
+    # Correct as long as it is called at least once per half wrap period.
+    state = [time.ticks_ms(), 0]
+
+    def clock() -> int:
+        now = time.ticks_ms()
+        state[1] += time.ticks_diff(now, state[0])
+        state[0] = now
+        return state[1]
+
+    return clock
+
+
+def new_epoch() -> int:
+    """Return a random boot epoch in 1..2**32-1 (os.urandom, else the clock)."""
+    try:
+        import os
+
+        value = int.from_bytes(os.urandom(4), "big")
+    except (ImportError, AttributeError, NotImplementedError, OSError):
+        ticks = getattr(time, "ticks_us", None) or getattr(time, "time_ns", None)
+        value = ticks() * 2654435761 if ticks else int(time.time() * 1000)
+    return (value & 0xFFFFFFFF) or 1
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:_ERROR_CHARS]
+
+
+class Device:
+    """A microcontroller on a UART link to a host node.
+
+    ``reader``/``writer`` are asyncio streams over the UART (``read(n)``,
+    ``write(data)``, ``drain()``); they stay the caller's to close.
+    ``device_id`` names the device to the host; ``psk``, ``reliable``,
+    ``max_frame`` and the keepalive timings are the link's (both ends must
+    agree on a key). ``epoch`` defaults to a random one, so a reboot is a
+    new session; ``clock`` returns milliseconds as a growing int (the
+    default is built on ``ticks_ms``, which wraps, or ``time.monotonic``).
+    Create the Device inside the running event loop (Python 3.9 binds
+    asyncio's Event and Lock to the loop at creation).
+
+    Raises :class:`LinkUsageError` for a bad argument.
+    """
+
+    __slots__ = (
+        "_callbacks",
+        "_changed",
+        "_clock",
+        "_closed",
+        "_counts",
+        "_ended",
+        "_handlers",
+        "_last_error",
+        "_lock",
+        "_next_req_id",
+        "_pending",
+        "_reader",
+        "_room",
+        "_running",
+        "_sessions",
+        "_task",
+        "_tasks",
+        "_writer",
+        "link",
+    )
+
+    def __init__(
+        self,
+        reader: "Any",
+        writer: "Any",
+        device_id: str,
+        *,
+        psk: "bytes | None" = None,
+        reliable: bool = False,
+        max_frame: int = 256,
+        keepalive_interval_ms: int = 1000,
+        keepalive_timeout_ms: int = 3000,
+        epoch: "int | None" = None,
+        clock: "Callable[[], int] | None" = None,
+    ) -> None:
+        output_bytes = None  # the link rejects a bad max_frame itself
+        if type(max_frame) is int:
+            output_bytes = _OUTPUT_FRAMES * (cobs.max_encoded_len(max_frame + CRC_BYTES) + 2)
+        self.link = Link(
+            "device",
+            device_id,
+            new_epoch() if epoch is None else epoch,
+            max_frame=max_frame,
+            keepalive_interval_ms=keepalive_interval_ms,
+            keepalive_timeout_ms=keepalive_timeout_ms,
+            reliable=reliable,
+            psk=psk,
+            send_queue=_SEND_QUEUE,
+            max_output_bytes=output_bytes,
+        )
+        self._reader = reader
+        self._writer = writer
+        self._clock = clock or default_clock()
+        self._lock = asyncio.Lock()  # one drain at a time
+        self._changed = asyncio.Event()  # set while up, or once run() has ended
+        self._room = asyncio.Event()  # set when the link may have room for a send
+        self._callbacks = {}  # topic -> callback(topic, payload)
+        self._handlers = {}  # topic -> handler(payload) -> bytes
+        self._pending = {}  # req_id -> [event, result or exception, topic]
+        self._next_req_id = 0
+        self._sessions = 0
+        self._task = None
+        self._tasks = set()  # handler and callback tasks: asyncio keeps only weak references
+        self._running = False
+        self._ended = False
+        self._closed = False
+        self._last_error = None
+        self._counts = {}
+        for name in _COUNTERS:
+            self._counts[name] = 0
+
+    def __repr__(self) -> str:
+        state = "up" if self.is_up else ("ended" if self._ended else "down")
+        return f"Device({self.link.my_id!r}, epoch={self.link.epoch}, {state})"
+
+    # --- state -------------------------------------------------------------
+
+    @property
+    def is_up(self) -> bool:
+        """True while ``run()`` runs and the session with the host is up."""
+        return self._running and self.link.is_up
+
+    async def wait_up(self) -> None:
+        """Wait until the session is up. Raises :class:`LinkDown` once run() has ended."""
+        while not self.is_up:
+            if self._ended or self._closed:
+                raise LinkDown("the device has stopped: run() ended or close() was called")
+            await self._changed.wait()
+
+    @property
+    def stats(self) -> dict:
+        """The link's counters plus the driver's, as a new dict."""
+        s = self.link.stats
+        out = {
+            "frames_in": s.frames_in,
+            "frames_out": s.frames_out,
+            "bytes_in": s.bytes_in,
+            "bytes_out": s.bytes_out,
+            "retransmits": s.retransmits,
+            "tx_skipped": s.tx_skipped,
+            "drops": dict(s.drops),
+            "dropped": s.dropped,
+            "sessions": self._sessions,
+            "last_error": self._last_error,
+        }
+        out.update(self._counts)
+        return out
+
+    # --- the loop ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the link until the stream ends (EOF or an OSError) or ``close()``.
+
+        Bad bytes never end it: the link drops and counts them. Call it once
+        per Device. Raises :class:`LinkUsageError` if called again.
+        """
+        if self._task is not None or self._ended:
+            raise LinkUsageError("run() may be called once per Device: make a new one")
+        link = self.link
+        self._task = asyncio.current_task()
+        self._running = True
+        try:
+            link.start(self._clock())
+            while not self._closed and await self._flush():
+                now = self._clock()
+                wait_ms = link.next_deadline_ms() - now
+                if wait_ms <= 0:
+                    self._handle(link.tick(now))
+                    self._room.set()
+                    continue
+                if link.reliable and wait_ms > link.rto_ms:
+                    # A send from another task may start a retransmission timer.
+                    wait_ms = link.rto_ms
+                try:
+                    data = await _wait_ms(self._reader.read(READ_CHUNK_BYTES), wait_ms)
+                except asyncio.TimeoutError:
+                    continue
+                except OSError as exc:  # a pty whose other end closed reads EIO
+                    self._last_error = "stream: " + _error_text(exc)
+                    break
+                if not data:
+                    break  # end of stream
+                self._handle(link.receive_bytes(data, self._clock()))
+                self._room.set()
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+            uncancel = getattr(self._task, "uncancel", None)  # CPython 3.11+
+            if uncancel is not None:
+                uncancel()
+        finally:
+            self._running = False
+            self._ended = True
+            self._task = None
+            self._fail_pending("the device stopped")
+            self._changed.set()
+            self._room.set()
+
+    def close(self) -> None:
+        """Stop ``run()`` and fail pending requests; the streams stay open. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_pending("the device was closed")
+        task = self._task
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:  # no running loop
+            current = None
+        if task is not None and task is not current:
+            task.cancel()
+        # From run()'s own task (a callback), the loop sees _closed at once.
+
+    async def _flush(self) -> bool:
+        """Write what the link queued; return False if the stream failed."""
+        if self.link.pending_output:
+            async with self._lock:
+                return await self._write_out()
+        return True
+
+    async def _write_out(self) -> bool:
+        link = self.link
+        try:
+            while link.pending_output:
+                self._writer.write(link.bytes_to_send(WRITE_CHUNK_BYTES))
+                await self._writer.drain()
+        except OSError as exc:
+            self._last_error = "stream: " + _error_text(exc)
+            return False
+        return True
+
+    async def _send(self, method: "Any", *args: "Any") -> None:
+        while True:
+            if self._closed or not self._running:
+                raise LinkDown("cannot send: the device is not running")
+            async with self._lock:
+                try:
+                    method(*args, self._clock())
+                except SendQueueFull:
+                    if not self.link.reliable:
+                        raise
+                else:
+                    if not await self._write_out():
+                        raise LinkDown("cannot send: the stream failed: " + str(self._last_error))
+                    return
+            # Reliable mode, window and queue full: wait for acks (or the end).
+            self._room.clear()
+            await self._room.wait()
+
+    def _handle(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, Received):
+                kind = event.kind
+                if kind == "data":
+                    self._deliver(event.topic, event.payload)
+                elif kind == "request":
+                    self._on_request(event)
+                elif kind == "response":
+                    self._on_response(event)
+            elif isinstance(event, SessionUp):
+                self._sessions += 1
+                self._changed.set()
+            elif isinstance(event, SessionDown):
+                self._changed.clear()
+                self._fail_pending("the session went down (" + event.reason + ")")
+            # Dropped: the link counted it in stats["drops"].
+
+    # --- messages from the host ----------------------------------------------
+
+    def on_message(self, topic: str, callback: "Callable[[str, bytes], Any]") -> None:
+        """Call ``callback(topic, payload)`` for data on ``topic`` ("#": every topic).
+
+        It runs in run()'s task: keep it short, or make it a coroutine
+        function (its coroutine is started as a task). Its errors are counted.
+        """
+        self._callbacks[topic] = callback
+
+    def handle(self, topic: str, handler: "Callable[[bytes], Any]") -> None:
+        """Answer requests on ``topic`` with ``await handler(payload)``, which returns bytes."""
+        self._handlers[topic] = handler
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        delivered = False
+        for key in (topic, "#") if topic != "#" else ("#",):
+            callback = self._callbacks.get(key)
+            if callback is None:
+                continue
+            delivered = True
+            try:
+                result = callback(topic, payload)
+                if hasattr(result, "send"):  # a coroutine function's coroutine
+                    if len(self._tasks) < MAX_TASKS:
+                        self._spawn(self._await_callback(topic, result))
+                    else:
+                        result.close()
+                        self._counts["refused_busy"] += 1
+            except Exception as exc:
+                self._error("callback_errors", "callback for " + topic, exc)
+        if not delivered:
+            self._counts["unhandled"] += 1
+
+    def _on_request(self, event: Received) -> None:
+        handler = self._handlers.get(event.topic)
+        if handler is None:
+            self._counts["no_handler"] += 1
+            self._respond_now(event.req_id, STATUS_NO_HANDLER, f"no handler for {event.topic!r}")
+        elif len(self._tasks) >= MAX_TASKS:
+            self._counts["refused_busy"] += 1
+            self._respond_now(event.req_id, STATUS_BUSY, f"busy: {MAX_TASKS} tasks running")
+        else:
+            self._spawn(
+                self._serve(event.req_id, event.topic, handler, event.payload, self._sessions)
+            )
+
+    def _spawn(self, coro: "Any") -> None:
+        # The coroutine removes its task from the set when it ends.
+        self._tasks.add(asyncio.create_task(coro))
+
+    async def _await_callback(self, topic: str, coro: "Any") -> None:
+        try:
+            await coro
+        except Exception as exc:
+            self._error("callback_errors", "callback for " + topic, exc)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    def _respond_now(self, req_id: int, status: int, text: str) -> None:
+        try:
+            self.link.send_response(req_id, status, text[:_ERROR_CHARS], self._clock())
+        except LinkError as exc:  # output full: the host times the request out
+            self._last_error = "response: " + _error_text(exc)
+
+    async def _serve(
+        self, req_id: int, topic: str, handler: "Any", payload: bytes, session: int
+    ) -> None:
+        try:
+            try:
+                result = handler(payload)
+                if hasattr(result, "send"):
+                    result = await result
+                if not isinstance(result, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"handler returned {type(result).__name__}, not bytes")
+                status = STATUS_OK
+            except Exception as exc:
+                self._error("handler_errors", "handler for " + topic, exc)
+                status, result = STATUS_HANDLER_FAILED, _error_text(exc)
+            if session != self._sessions or not self.is_up:
+                return  # asked in a session that has ended: nobody waits for this
+            try:
+                await self._send(self.link.send_response, req_id, status, result)
+            except MessageTooLarge as exc:
+                await self._send(
+                    self.link.send_response, req_id, STATUS_HANDLER_FAILED, _error_text(exc)
+                )
+            self._counts["requests_served"] += 1
+        except LinkError as exc:
+            self._last_error = "response: " + _error_text(exc)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    def _on_response(self, event: Received) -> None:
+        slot = self._pending.get(event.req_id)
+        if slot is None or slot[1] is not None:
+            self._counts["late_responses"] += 1  # timed out already, or from an old session
+            return
+        if event.status == STATUS_OK:
+            slot[1] = event.payload
+        else:
+            slot[1] = RequestFailed(
+                f"request on {slot[2]!r} failed with status {event.status}: {event.error}",
+                event.status,
+            )
+        slot[0].set()
+
+    def _fail_pending(self, why: str) -> None:
+        for slot in self._pending.values():
+            if slot[1] is None:
+                slot[1] = RequestLost(f"request on {slot[2]!r} lost: {why}")
+                slot[0].set()
+
+    def _error(self, counter: str, what: str, exc: BaseException) -> None:
+        self._counts[counter] += 1
+        self._last_error = what + ": " + type(exc).__name__ + ": " + _error_text(exc)
+
+    # --- messages to the host ------------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Send data on ``topic`` to the host, which publishes it to its subscribers.
+
+        In reliable mode it waits while the link's window and queue are full.
+        Raises :class:`LinkDown` (session not up, or the device stopped),
+        :class:`MessageTooLarge`, :class:`SendQueueFull` (output full) or
+        :class:`LinkUsageError` (a bad argument).
+        """
+        await self._send(self.link.send_data, topic, payload)
+
+    async def send_to(self, dest: str, topic: str, payload: bytes) -> None:
+        """Ask the host to route data to ``dest``: a node's IP or "IP/device". Errors as publish."""
+        await self._send(self.link.send_to, dest, topic, payload)
+
+    async def request(self, topic: str, payload: bytes, timeout_ms: int = 2000) -> bytes:
+        """Send a request that the host node's handler answers; return the answer.
+
+        Raises :class:`RequestTimeout`, :class:`RequestFailed` (error status),
+        :class:`RequestLost` (session down before the answer), :class:`SendQueueFull`
+        (already 4 requests pending), or as :meth:`publish`.
+        """
+        pending = self._pending
+        if len(pending) >= MAX_PENDING_REQUESTS:
+            raise SendQueueFull(
+                f"cannot send request: {len(pending)} requests await answers "
+                f"(limit {MAX_PENDING_REQUESTS})"
+            )
+        req_id = self._next_req_id
+        while req_id in pending:
+            req_id = (req_id + 1) & 0xFFFF
+        self._next_req_id = (req_id + 1) & 0xFFFF
+        slot = [asyncio.Event(), None, topic]
+        pending[req_id] = slot
+        try:
+            await self._send(self.link.send_request, req_id, topic, payload)
+            self._counts["requests_sent"] += 1
+            try:
+                await _wait_ms(slot[0].wait(), timeout_ms)
+            except asyncio.TimeoutError:
+                self._counts["request_timeouts"] += 1
+                raise RequestTimeout(
+                    f"request on {topic!r} got no response within {timeout_ms} ms"
+                ) from None
+        finally:
+            del pending[req_id]
+        result = slot[1]
+        if isinstance(result, RequestError):
+            lost = isinstance(result, RequestLost)
+            self._counts["requests_lost" if lost else "requests_failed"] += 1
+            raise result
+        return result
