@@ -108,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="longest wait between redials (default 30)",
     )
+    run.add_argument(
+        "--serial",
+        action="append",
+        default=[],
+        metavar="PORT[:BAUD]",
+        help="bridge the microcontroller on this UART (repeatable; default 115200 baud)",
+    )
+    run.add_argument(
+        "--serial-psk-file",
+        type=Path,
+        metavar="FILE",
+        help="pre-shared key (16-64 bytes) authenticating every UART frame",
+    )
+    run.add_argument(
+        "--serial-reliable",
+        action="store_true",
+        help="ask devices for reliable delivery (acks and retransmission)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--demo-app", action="store_true", help=argparse.SUPPRESS)
 
@@ -180,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from .identity import load_authorised, load_or_create_identity, parse_node_id
+    from .transports.serial import parse_serial_spec
 
     _setup_logging(args.log_level)
     state_dir = args.state_dir or default_state_dir()
@@ -187,12 +206,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     peers = [parse_address(p) for p in args.peer]
     authorised = set(load_authorised(os.path.join(state_dir, AUTHORISED_FILE)))
     authorised.update(parse_node_id(n) for n in args.authorise)
+    serial_psk = None
+    if args.serial_psk_file is not None:
+        try:
+            mode = args.serial_psk_file.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(
+                    f"--serial-psk-file: {args.serial_psk_file} is readable by others "
+                    f"(mode {mode:04o}); run: chmod 600 {args.serial_psk_file}"
+                )
+            serial_psk = args.serial_psk_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"--serial-psk-file: cannot read {args.serial_psk_file}: {exc.strerror}"
+            ) from None
     config = NodeConfig(
         state_dir=state_dir,
         listen_host=host,
         listen_port=port,
         peers=peers,
         authorised=frozenset(authorised),
+        serial_ports=[parse_serial_spec(spec) for spec in args.serial],
+        serial_psk=serial_psk,
+        serial_reliable=args.serial_reliable,
     )
     overrides = {
         "keepalive_interval_s": args.keepalive_interval,

@@ -64,6 +64,15 @@ class NodeConfig:
     max_handshakes_per_ip: int = 4
     #: Dial authorised peers that other peers tell us about.
     learn_peers: bool = True
+    #: Serial ports bridging microcontrollers, as (device path, baud rate).
+    serial_ports: list[tuple[str, int]] = field(default_factory=list)
+    #: Pre-shared key (16..64 bytes) authenticating every UART frame, or None.
+    serial_psk: bytes | None = None
+    #: Ask devices for reliable delivery (sequence numbers, acks, retransmission).
+    serial_reliable: bool = False
+    serial_max_frame: int = 256
+    serial_keepalive_interval_s: float = 1.0
+    serial_keepalive_timeout_s: float = 3.0
 
     def replace(self, **changes: object) -> NodeConfig:
         """Return a copy with ``changes`` applied."""
@@ -119,6 +128,20 @@ class NodeConfig:
         if not 256 <= self.max_frame_bytes <= 16 * 1024 * 1024:
             raise ConfigError(
                 f"max_frame_bytes: expected 256..16777216, got {self.max_frame_bytes!r}"
+            )
+        positive("serial_keepalive_interval_s")
+        if self.serial_keepalive_timeout_s <= self.serial_keepalive_interval_s:
+            raise ConfigError(
+                f"serial_keepalive_timeout_s: expected more than serial_keepalive_interval_s "
+                f"({self.serial_keepalive_interval_s}), got {self.serial_keepalive_timeout_s}"
+            )
+        if not 128 <= self.serial_max_frame <= 4096:
+            raise ConfigError(
+                f"serial_max_frame: expected 128..4096, got {self.serial_max_frame!r}"
+            )
+        if self.serial_psk is not None and not 16 <= len(self.serial_psk) <= 64:
+            raise ConfigError(
+                f"serial_psk: expected 16..64 bytes, got {len(self.serial_psk)} bytes"
             )
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port: expected 0..65535, got {self.listen_port!r}")

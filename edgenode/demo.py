@@ -3,9 +3,10 @@
 The demo provisions four identities (the three nodes and this console),
 authorises them to each other, starts the nodes with ``edgenode run``,
 joins them from a console node on 127.0.0.1, sends messages and requests,
-SIGKILLs one node, shows the others notice, restarts it, shows it rejoin
-and prints the peer tables. Everything it shows goes over mutual TLS on
-loopback.
+bridges a simulated microcontroller (the real firmware_bridge driver on a
+pseudo-terminal) into bravo, SIGKILLs one node, shows the others notice,
+restarts it, shows it rejoin and prints the peer tables. Everything it
+shows goes over mutual TLS on loopback, or over the pseudo-terminal.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from .config import NodeConfig
 from .errors import EdgeNodeError
 from .identity import add_authorised, create_identity
 from .node import Incoming, Node, PeerDown, PeerUp
+from .simdevice import SimulatedDevice
 
 log = logging.getLogger("edgenode.demo")
 
 NODES = (("alpha", "127.0.0.2"), ("bravo", "127.0.0.3"), ("charlie", "127.0.0.4"))
 CONSOLE_IP = "127.0.0.1"
+DEVICE_ID = "pico-sim"
+BRIDGE = NODES[1]  # bravo bridges the simulated microcontroller
+STEPS = 8
 _TIMING = ["--keepalive-interval", "1", "--keepalive-timeout", "3", "--backoff-cap", "2"]
 
 
@@ -85,7 +90,7 @@ def _say(text: str = "") -> None:
 
 def _step(number: int, text: str) -> None:
     _say()
-    _say(f"[{number}/7] {text}")
+    _say(f"[{number}/{STEPS}] {text}")
 
 
 class _Demo:
@@ -101,6 +106,8 @@ class _Demo:
         return f"{time.monotonic() - self.started:4.1f}s"
 
     def name_of(self, ip: str) -> str:
+        if "/" in ip:
+            return ip.partition("/")[2]
         if ip == CONSOLE_IP:
             return "console"
         return next((name for name, node_ip in NODES if node_ip == ip), "?")
@@ -115,7 +122,9 @@ class _Demo:
                 if other != name:
                     add_authorised(path, self.ids[other])
 
-    async def start(self, tg: anyio.abc.TaskGroup, name: str, ip: str) -> None:
+    async def start(
+        self, tg: anyio.abc.TaskGroup, name: str, ip: str, extra: tuple[str, ...] = ()
+    ) -> None:
         others = [f"{o_ip}:{self.port}" for o_name, o_ip in NODES if o_name != name]
         command = [
             sys.executable,
@@ -128,6 +137,7 @@ class _Demo:
             f"{ip}:{self.port}",
             *[arg for peer in others for arg in ("--peer", peer)],
             *_TIMING,
+            *extra,
             "--demo-app",
         ]
         proc = await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -234,8 +244,19 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
         _step(2, "starting the nodes, and the console, which dials all three")
         _say("   each node dials the other two; a dial to a node that is not listening yet")
         _say("   fails and is retried after a short, growing delay")
+        # The microcontroller's UART is a pseudo-terminal: bravo opens one end
+        # with pyserial, the real firmware_bridge driver runs on the other.
+        sim = SimulatedDevice(DEVICE_ID, keepalive_interval_ms=500, keepalive_timeout_ms=1500)
         for name, ip in NODES:
-            await demo.start(tg, name, ip)
+            extra = ("--serial", sim.pty.path) if name == BRIDGE[0] else ()
+            await demo.start(tg, name, ip, extra)
+        device = await sim.start()
+
+        async def device_echo(payload: bytes) -> bytes:
+            _say(f"   {demo.elapsed()}  {DEVICE_ID:<7} | request demo/echo {payload.decode()!r}")
+            return b"pico-sim heard " + payload
+
+        device.handle("demo/echo", device_echo)
         config = NodeConfig(
             state_dir=os.path.join(demo.root, "console"),
             listen_host=CONSOLE_IP,
@@ -274,8 +295,26 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             reply = await console.request(NODES[0][1], "demo/relay", relay, timeout=5)
             _say(f"   console asked alpha to ask bravo: {reply.decode()}")
 
+            _step(5, f"a microcontroller on a UART joins through {BRIDGE[0]}")
+            _say(f"   {DEVICE_ID} runs the firmware_bridge driver (the code a Pico or ESP32 runs)")
+            _say(f"   on a pseudo-terminal; {BRIDGE[0]} opened the other end with pyserial")
+            with anyio.fail_after(15):
+                while not any(DEVICE_ID in p.devices for p in console.peers()):
+                    await anyio.sleep(0.1)
+            sim.pty.release_slave()
+            address = f"{BRIDGE[1]}/{DEVICE_ID}"
+            _say(f"   the console sees {address} listed under {BRIDGE[0]}")
+            relay = f"{address}|hello from alpha".encode()
+            reply = await console.request(NODES[0][1], "demo/relay", relay, timeout=5)
+            _say(
+                f"   console asked alpha to ask {DEVICE_ID}, through {BRIDGE[0]}: {reply.decode()}"
+            )
+            await device.publish("demo/temp", b"21.5 C")
+            _say(f"   {DEVICE_ID} published 'demo/temp'; every node gets it, from {address}:")
+            await anyio.sleep(0.2)  # a demo may pause to let the nodes' log lines print
+
             name, ip = NODES[2]
-            _step(5, f"killing {name} with SIGKILL, so it cannot say bye: the others must notice")
+            _step(6, f"killing {name} with SIGKILL, so it cannot say bye: the others must notice")
             _say("   the kernel closes a killed process's sockets, so its peers see it at once;")
             _say("   a board that loses power would be caught by the keepalive timeout (3 s here)")
             killed_at = time.monotonic()
@@ -296,7 +335,7 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             except EdgeNodeError as exc:
                 _say(f"   a send to {name} now fails at once: {type(exc).__name__}: {exc}")
 
-            _step(6, f"restarting {name} with the same identity: it must rejoin by itself")
+            _step(7, f"restarting {name} with the same identity: it must rejoin by itself")
             restarted_at = time.monotonic()
             await demo.start(tg, name, ip)
             for other, other_ip in NODES[:2]:
@@ -306,7 +345,7 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             await console.send(ip, "demo/note", b"welcome back", wait_s=5)
             _say(f"   console sent {name} 'welcome back' on topic demo/note")
 
-            _step(7, "peer tables again: everyone is back up")
+            _step(8, "peer tables again: everyone is back up")
             await demo.show_tables(console)
             if duration_s:
                 while time.monotonic() - demo.started < duration_s:
@@ -318,6 +357,7 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
 
             _say()
             _say("stopping: SIGTERM to one node at a time; each says bye to its peers and exits")
+            await sim.aclose()
             codes = []
             for name, _ in NODES:
                 proc = demo.procs[name]

@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import anyio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
@@ -69,18 +69,28 @@ from .proto.connection import PeerProtocol
 from .proto.messages import (
     BYE,
     DATA,
+    DEVICE_REQUEST,
+    DEVICES,
     ERR_BUSY,
+    ERR_DEVICE_FAILED,
     ERR_HANDLER_FAILED,
+    ERR_NO_DEVICE,
     ERR_NO_HANDLER,
     ERROR,
+    FROM_DEVICE,
+    MAX_DEVICE_ID_BYTES,
     PEERS,
     PONG,
     REQUEST,
     RESPONSE,
+    TO_DEVICE,
     AnyMessage,
     Bye,
     Data,
+    DeviceRequest,
+    Devices,
     ErrorResponse,
+    FromDevice,
     Hello,
     Limits,
     PeerInfo,
@@ -89,12 +99,16 @@ from .proto.messages import (
     Pong,
     Request,
     Response,
+    ToDevice,
 )
 from .proto.messages import (
     PING as MSG_PING,
 )
 from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
 from .transports.tcp import Link, accept_link, dial_link
+
+if TYPE_CHECKING:
+    from .bridge import DeviceAnswer, Port, SerialBridge
 
 log = logging.getLogger("edgenode.node")
 
@@ -167,6 +181,8 @@ class PeerSnapshot:
     bytes_in: int
     bytes_out: int
     drops: int
+    #: Microcontrollers this peer bridges (addressed as ``ip/device``).
+    devices: tuple[str, ...] = ()
 
 
 class Stream:
@@ -271,10 +287,21 @@ class _Conn:
 
 
 class _Pending:
-    __slots__ = ("deadline", "done", "error", "ip", "request_id", "result", "timeout_s", "topic")
+    __slots__ = (
+        "deadline",
+        "device",
+        "done",
+        "error",
+        "ip",
+        "request_id",
+        "result",
+        "timeout_s",
+        "topic",
+    )
 
-    def __init__(self, ip: str, topic: str, timeout_s: float) -> None:
+    def __init__(self, ip: str, topic: str, timeout_s: float, device: str | None = None) -> None:
         self.ip = ip
+        self.device = device
         self.topic = topic
         self.timeout_s = timeout_s
         self.request_id = 0
@@ -325,10 +352,20 @@ class _Failed(_Ev):
 
 
 class _Send(_Ev):
-    __slots__ = ("droppable", "frame", "ip")
+    """Queue ``frame`` to ``ip`` (None: every peer); or, with ``local``, data
+    (device id, topic, payload) for a device on this node's serial ports."""
 
-    def __init__(self, ip: str | None, frame: bytes, droppable: bool) -> None:
+    __slots__ = ("droppable", "frame", "ip", "local")
+
+    def __init__(
+        self,
+        ip: str | None,
+        frame: bytes,
+        droppable: bool,
+        local: tuple[str, str, bytes] | None = None,
+    ) -> None:
         self.ip, self.frame, self.droppable, self.t = ip, frame, droppable, monotonic()
+        self.local = local
 
 
 class _Ask(_Ev):
@@ -355,6 +392,7 @@ class _Shutdown(_Ev):
 _HARD_CLOSE = 0
 _REQUEST_DEADLINE = 1
 _HOUSEKEEPING = 2
+_LINK_TICK = 3
 
 
 class Node:
@@ -410,6 +448,13 @@ class Node:
         self._wild_subs: list[Stream] = []
         self._event_streams: list[Stream] = []
         self._up_waiters: dict[str, list[anyio.Event]] = {}
+        #: The devices each peer bridges, from its devices messages.
+        self._remote_devices: dict[str, tuple[str, ...]] = {}
+        self.bridge: SerialBridge | None = None
+        if config.serial_ports:
+            from .bridge import SerialBridge  # pyserial and the link load only when needed
+
+            self.bridge = SerialBridge(self)
         self._closing = False
         self._started = 0.0
         # Loop figures.
@@ -451,6 +496,9 @@ class Node:
         self._started = monotonic()
         tg.start_soon(self._serve, listener, tg)
         tg.start_soon(self._dispatch)
+        if self.bridge is not None:
+            for port in self.bridge.ports:
+                tg.start_soon(self.bridge.run_port, port)
         now = monotonic()
         for host, port in self.config.peers:
             ip = normalise_ip(host)
@@ -494,15 +542,21 @@ class Node:
     async def send(
         self, peer: str, topic: str, payload: bytes, *, wait_s: float | None = None
     ) -> None:
-        """Queue a message to ``peer`` (an IP or a node ID).
+        """Queue a message to ``peer``: an IP, a node ID, or ``ip/device`` for a
+        microcontroller bridged by the node at ``ip``.
 
         Raises :class:`PeerUnavailable` at once if the peer is not connected,
         or, with ``wait_s``, after waiting that long for it to (re)connect.
         Delivery is not confirmed; use :meth:`request` for that.
         """
-        frame = PeerProtocol.send(Data(self._check_topic(topic), self._check_payload(payload)))
-        ip = await self._up_peer(peer, wait_s)
-        await self._post(_Send(ip, frame, False))
+        topic, payload = self._check_topic(topic), self._check_payload(payload)
+        ip, device = await self._up_peer(peer, wait_s)
+        if device is None:
+            await self._post(_Send(ip, PeerProtocol.send(Data(topic, payload)), False))
+        elif self._is_local(ip):
+            await self._post(_Send(ip, b"", False, local=(device, topic, payload)))
+        else:
+            await self._post(_Send(ip, PeerProtocol.send(ToDevice(device, topic, payload)), False))
 
     async def broadcast(self, topic: str, payload: bytes) -> int:
         """Queue a best-effort message to every connected peer; return how many."""
@@ -530,8 +584,8 @@ class Node:
         self._check_payload(payload)
         if not timeout > 0:
             raise InvalidArgument(f"timeout: expected a number > 0, got {timeout!r}")
-        ip = await self._up_peer(peer, wait_s)
-        pending = _Pending(ip, topic, timeout)
+        ip, device = await self._up_peer(peer, wait_s)
+        pending = _Pending(ip, topic, timeout, device)
         await self._post(_Ask(pending, bytes(payload)))
         await pending.done.wait()
         if pending.error is not None:
@@ -582,7 +636,11 @@ class Node:
         return sub
 
     def peers(self) -> list[PeerSnapshot]:
-        """A snapshot of the registry, one row per known peer, sorted by IP."""
+        """A snapshot of the registry, one row per known peer, sorted by IP.
+
+        Devices on this node's serial ports follow, one row each, with
+        ``ip`` set to their address (``ip/device``) and direction "serial".
+        """
         now = monotonic()
         rows = []
         for entry in sorted(self.registry, key=lambda e: ip_sort_key(e.ip)):
@@ -606,8 +664,11 @@ class Node:
                     bytes_in=conn.bytes_in if conn else 0,
                     bytes_out=conn.bytes_out if conn else 0,
                     drops=conn.drops if conn else 0,
+                    devices=self._remote_devices.get(entry.ip, ()),
                 )
             )
+        if self.bridge is not None:
+            rows.extend(self.bridge.snapshot(now))
         return rows
 
     def stats(self) -> dict[str, Any]:
@@ -653,49 +714,88 @@ class Node:
             raise InvalidArgument(f"payload of {len(payload)} bytes exceeds {limit}-byte limit")
         return bytes(payload)
 
-    def _resolve(self, peer: str) -> str:
+    def _resolve_node(self, text: str) -> str:
         try:
-            return normalise_ip(peer)
+            return normalise_ip(text)
         except ConfigError:
             pass
         try:
-            node_id = parse_node_id(peer)
+            node_id = parse_node_id(text)
         except ConfigError:
             raise InvalidArgument(
-                f"peer {peer!r:.60} is neither an ip address nor a node id"
+                f"peer {text!r:.60} is neither an ip address nor a node id"
             ) from None
         entry = self.registry.by_node_id(node_id)
         if entry is None:
             raise PeerUnavailable(f"node {node_id} is not known to this node")
         return entry.ip
 
-    async def _up_peer(self, peer: str, wait_s: float | None) -> str:
-        self._check_open()
-        ip = self._resolve(peer)
+    def _resolve(self, peer: str) -> tuple[str, str | None]:
+        """Split ``peer`` into (node ip, device id or None)."""
+        node, slash, device = peer.partition("/")
+        if not slash:
+            return self._resolve_node(peer), None
+        if not device or len(device.encode()) > MAX_DEVICE_ID_BYTES:
+            raise InvalidArgument(
+                f"peer {peer!r:.60}: device id should be 1..{MAX_DEVICE_ID_BYTES} bytes"
+            )
+        return (self.address if node == "local" else self._resolve_node(node)), device
+
+    @property
+    def address(self) -> str:
+        """This node's IP as its devices are addressed (``local`` on a wildcard listener)."""
+        return "local" if self._wildcard else self.registry.our_ip
+
+    def device_address(self, device_id: str) -> str:
+        """The address of a device on this node's serial ports."""
+        return f"{self.address}/{device_id}"
+
+    def _is_local(self, ip: str) -> bool:
+        return ip == self.address
+
+    def _is_up(self, ip: str, device: str | None) -> bool:
+        if device is not None and self._is_local(ip):
+            return self.bridge is not None and device in self.bridge.devices
         entry = self.registry.get(ip)
-        if entry is not None and entry.state == UP:
-            return ip
+        if entry is None or entry.state != UP:
+            return False
+        return device is None or device in self._remote_devices.get(ip, ())
+
+    async def _up_peer(self, peer: str, wait_s: float | None) -> tuple[str, str | None]:
+        self._check_open()
+        ip, device = self._resolve(peer)
+        if self._is_up(ip, device):
+            return ip, device
+        key = ip if device is None else f"{ip}/{device}"
         if wait_s:
-            event = anyio.Event()
-            waiters = self._up_waiters.setdefault(ip, [])
-            waiters.append(event)
-            try:
-                with anyio.move_on_after(wait_s):
-                    await event.wait()
-            finally:
-                waiters.remove(event)
-                if not waiters:
-                    self._up_waiters.pop(ip, None)
-            self._check_open()
-            entry = self.registry.get(ip)
-            if entry is not None and entry.state == UP:
-                return ip
+            with anyio.move_on_after(wait_s):
+                while not self._is_up(ip, device):
+                    event = anyio.Event()
+                    waiters = self._up_waiters.setdefault(key, [])
+                    waiters.append(event)
+                    try:
+                        await event.wait()
+                    finally:
+                        waiters.remove(event)
+                        if not waiters:
+                            self._up_waiters.pop(key, None)
+                    self._check_open()
+            if self._is_up(ip, device):
+                return ip, device
+        waited = f" after waiting {wait_s} s" if wait_s else ""
+        if device is not None:
+            where = "this node" if self._is_local(ip) else ip
+            raise PeerUnavailable(f"device {device} is not connected to {where}{waited}")
+        entry = self.registry.get(ip)
         if entry is None:
             raise PeerUnavailable(f"peer {ip} is not connected (never seen)")
-        waited = f" after waiting {wait_s} s" if wait_s else ""
         raise PeerUnavailable(
             f"peer {ip} is not connected{waited} ({entry.down_reason or 'not connected yet'})"
         )
+
+    def _wake(self, key: str) -> None:
+        for waiter in self._up_waiters.get(key, ()):
+            waiter.set()
 
     async def _post(self, event: _Ev) -> None:
         # Sources may wait for room in the inbox; the dispatcher never does.
@@ -924,6 +1024,11 @@ class Node:
             _Answer: self._on_answer,
             _Shutdown: self._on_shutdown,
         }
+        if self.bridge is not None:
+            from .bridge import DeviceAnswer, SerialEvent
+
+            handlers[SerialEvent] = self.bridge.on_event
+            handlers[DeviceAnswer] = self.bridge.on_answer
         next_due = self._next_deadline()
         event: Any = None
         while True:
@@ -982,8 +1087,11 @@ class Node:
                 self._start_dial(entry)
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, kind, obj = heapq.heappop(timers)
-            if kind == _HARD_CLOSE:
+            when, _, kind, obj = heapq.heappop(timers)
+            if kind == _LINK_TICK:
+                if obj.tick_at == when and self.bridge is not None:
+                    self.bridge.on_tick(obj, now)
+            elif kind == _HARD_CLOSE:
                 if obj.scope is not None:
                     obj.scope.cancel()
             elif kind == _REQUEST_DEADLINE:
@@ -1050,6 +1158,8 @@ class Node:
         self._conns.discard(conn)
         entry = self.registry.closed(conn, reason, now)
         if entry is not None:
+            for device in self._remote_devices.pop(conn.ip, ()):
+                self._publish(PeerDown(f"{conn.ip}/{device}", entry.node_id, reason))
             redial = bool(entry.listen_port) and not self._closing
             delay = self.keepalive.link_down(conn.ip, now, redial=redial)
             for pending in [p for p in self._pending.values() if p.ip == conn.ip]:
@@ -1122,8 +1232,7 @@ class Node:
                 " after a restart" if restarted else "",
             )
             self._publish(PeerUp(conn.ip, conn.node_id, conn.direction, restarted))
-        for waiter in self._up_waiters.get(conn.ip, ()):
-            waiter.set()
+        self._wake(conn.ip)
         known = [
             PeerInfo(e.ip, e.listen_port, e.node_id)
             for e in self.registry.up()
@@ -1131,6 +1240,8 @@ class Node:
         ][: self._limits.max_peers_listed]
         if known:
             self._queue(conn, PeerProtocol.send(Peers(known)), now, droppable=True)
+        if self.bridge is not None and self.bridge.devices:
+            self._queue(conn, self._devices_message(), now)
         if conn.early:
             self._on_received(_Received(conn, conn.early), now)
             conn.early = []
@@ -1144,7 +1255,7 @@ class Node:
         for msg in ev.msgs:
             code = msg.code
             if code == DATA:
-                self._deliver(conn, msg, now)  # type: ignore[arg-type]
+                self._deliver(Incoming(ip, conn.node_id, msg.topic, msg.payload))  # type: ignore[union-attr]
             elif code == MSG_PING:
                 self._queue(conn, PeerProtocol.send(Pong(msg.nonce)), now, droppable=True)  # type: ignore[union-attr]
             elif code == PONG:
@@ -1166,67 +1277,71 @@ class Node:
                 return
             elif code == PEERS:
                 self._learn(msg, now)  # type: ignore[arg-type]
+            elif code >= TO_DEVICE:
+                self._on_device_message(conn, msg, now)
 
-    def _deliver(self, conn: _Conn, msg: Data, now: float) -> None:
-        topic = msg.topic
+    def _deliver(self, incoming: Incoming) -> None:
+        topic = incoming.topic
         subs = self._subs.get(topic)
         delivered = False
-        if subs or self._wild_subs:
-            incoming = Incoming(conn.ip, conn.node_id, topic, msg.payload)
-            for sub in subs or ():
+        for sub in subs or ():
+            sub._offer(incoming)
+            delivered = True
+        for sub in self._wild_subs:
+            if topic.startswith(sub.key[:-1]):
                 sub._offer(incoming)
                 delivered = True
-            for sub in self._wild_subs:
-                prefix = sub.key[:-1]
-                if topic.startswith(prefix):
-                    sub._offer(incoming)
-                    delivered = True
         if not delivered:
             self.unrouted += 1
-            log.debug("%s: no subscriber for topic %r", conn.ip, topic)
+            log.debug("%s: no subscriber for topic %r", incoming.peer, topic)
 
     def _on_request(self, conn: _Conn, msg: Request, now: float) -> None:
-        handler = self._handlers.get(msg.topic)
+        request_id = msg.request_id
+
+        def reply(status: int, payload: bytes | str) -> _Answer:
+            return _Answer(conn, _answer(request_id, status, payload))
+
+        refused = self._start_handler(
+            Incoming(conn.ip, conn.node_id, msg.topic, msg.payload), reply
+        )
+        if refused is not None:
+            self._queue(conn, PeerProtocol.send(_answer(request_id, *refused)), now)
+
+    def _start_handler(
+        self, incoming: Incoming, reply: Callable[[int, bytes | str], Any]
+    ) -> tuple[int, str] | None:
+        """Run the handler for ``incoming.topic`` in a task of its own.
+
+        The task posts ``reply(status, payload)`` to the inbox (status 0:
+        success). Returns (error code, message) at once if it cannot run.
+        """
+        handler = self._handlers.get(incoming.topic)
         if handler is None:
-            reply: AnyMessage = ErrorResponse(
-                msg.request_id, ERR_NO_HANDLER, _clip(f"no handler for topic {msg.topic!r}")
-            )
-        elif self._inflight_handlers >= self.config.max_inflight_handlers or self._tg is None:
-            reply = ErrorResponse(
-                msg.request_id,
+            return ERR_NO_HANDLER, _clip(f"no handler for topic {incoming.topic!r}")
+        if self._inflight_handlers >= self.config.max_inflight_handlers or self._tg is None:
+            return (
                 ERR_BUSY,
                 f"busy: {self.config.max_inflight_handlers} requests already in progress",
             )
-        else:
-            self._inflight_handlers += 1
-            self._tg.start_soon(
-                self._run_handler,
-                conn,
-                msg,
-                handler,
-                Incoming(conn.ip, conn.node_id, msg.topic, msg.payload),
-            )
-            return
-        self._queue(conn, PeerProtocol.send(reply), now)
+        self._inflight_handlers += 1
+        self._tg.start_soon(self._run_handler, handler, incoming, reply)
+        return None
 
     async def _run_handler(
-        self, conn: _Conn, msg: Request, handler: Handler, incoming: Incoming
+        self, handler: Handler, incoming: Incoming, reply: Callable[[int, bytes | str], Any]
     ) -> None:
         try:
             result = await handler(incoming)
             if not isinstance(result, (bytes, bytearray, memoryview)):
                 raise TypeError(f"handler returned {type(result).__name__}, expected bytes")
-            reply: AnyMessage = Response(msg.request_id, bytes(result))
+            status, payload = 0, bytes(result)
         except Exception as exc:
-            log.exception("request handler for %r failed", msg.topic)
-            reply = ErrorResponse(
-                msg.request_id,
-                ERR_HANDLER_FAILED,
-                _clip(f"handler for {msg.topic!r} failed: {type(exc).__name__}"),
-            )
+            log.exception("request handler for %r failed", incoming.topic)
+            status = ERR_HANDLER_FAILED
+            payload = _clip(f"handler for {incoming.topic!r} failed: {type(exc).__name__}")
         finally:
             self._inflight_handlers -= 1
-        await self._inbox_send.send(_Answer(conn, reply))
+        await self._inbox_send.send(reply(status, payload))
 
     def _on_answer(self, ev: _Answer, now: float) -> None:
         if not ev.conn.closing:
@@ -1243,16 +1358,25 @@ class Node:
                 ),
             )
             return
+        pending.request_id = next(self._request_ids)
+        pending.deadline = now + pending.timeout_s
+        if pending.device is not None and self._is_local(pending.ip):
+            self._pending[pending.request_id] = pending
+            self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
+            assert self.bridge is not None
+            self.bridge.request(pending.device, pending.topic, ev.payload, pending, now)
+            return
         entry = self.registry.get(pending.ip)
         if entry is None or not isinstance(entry.conn, _Conn):
             pending.finish(
                 None, PeerUnavailable(f"peer {pending.ip} went down before the request was sent")
             )
             return
-        pending.request_id = next(self._request_ids)
-        pending.deadline = now + pending.timeout_s
-        frame = PeerProtocol.send(Request(pending.request_id, pending.topic, ev.payload))
-        if not self._queue(entry.conn, frame, now):
+        if pending.device is None:
+            message: AnyMessage = Request(pending.request_id, pending.topic, ev.payload)
+        else:
+            message = DeviceRequest(pending.request_id, pending.device, pending.topic, ev.payload)
+        if not self._queue(entry.conn, PeerProtocol.send(message), now):
             pending.finish(
                 None, PeerUnavailable(f"peer {pending.ip} is too slow to take the request")
             )
@@ -1261,6 +1385,12 @@ class Node:
         self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
 
     def _on_send(self, ev: _Send, now: float) -> None:
+        if ev.local is not None:
+            device, topic, payload = ev.local
+            if self.bridge is None or not self.bridge.send_data(device, topic, payload, now):
+                self.lost_sends += 1
+                log.warning("message to device %s lost: it went down first", device)
+            return
         if ev.ip is None:
             for entry in self.registry.up():
                 if isinstance(entry.conn, _Conn):
@@ -1272,6 +1402,127 @@ class Node:
             log.warning("message to %s lost: the peer went down before it was queued", ev.ip)
             return
         self._queue(entry.conn, ev.frame, now, droppable=ev.droppable)
+
+    # -- bridged devices: called by the dispatcher and by SerialBridge ------------------
+
+    def _on_device_message(self, conn: _Conn, msg: AnyMessage, now: float) -> None:
+        code = msg.code
+        if code == FROM_DEVICE:
+            address = f"{conn.ip}/{msg.device_id}"  # type: ignore[union-attr]
+            self._deliver(Incoming(address, conn.node_id, msg.topic, msg.payload))  # type: ignore[union-attr]
+        elif code == TO_DEVICE:
+            if self.bridge is None or not self.bridge.send_data(
+                msg.device_id,
+                msg.topic,
+                msg.payload,
+                now,  # type: ignore[union-attr]
+            ):
+                self.lost_sends += 1
+                log.info(
+                    "%s: message for device %s dropped: not connected here", conn.ip, msg.device_id
+                )  # type: ignore[union-attr]
+        elif code == DEVICE_REQUEST:
+            target = (conn, msg.request_id)  # type: ignore[union-attr]
+            if self.bridge is None:
+                self._device_answered(
+                    target,
+                    None,
+                    PeerUnavailable(f"device {msg.device_id} is not connected"),
+                    now,  # type: ignore[union-attr]
+                )
+            else:
+                self.bridge.request(msg.device_id, msg.topic, msg.payload, target, now)  # type: ignore[union-attr]
+        elif code == DEVICES:
+            ids = tuple(msg.device_ids)  # type: ignore[union-attr]
+            self._remote_devices[conn.ip] = ids
+            for device in ids:
+                self._wake(f"{conn.ip}/{device}")
+
+    def _devices_message(self) -> bytes:
+        devices = sorted(self.bridge.devices) if self.bridge is not None else []
+        return PeerProtocol.send(Devices(devices))
+
+    def _device_changed(self, device_id: str, *, up: bool, reason: str | None) -> None:
+        address = self.device_address(device_id)
+        if up:
+            self._publish(PeerUp(address, self.node_id, "serial"))
+            self._wake(address)
+        else:
+            self._publish(PeerDown(address, self.node_id, reason or "down"))
+        now = monotonic()
+        frame = self._devices_message()
+        for entry in self.registry.up():
+            if isinstance(entry.conn, _Conn):
+                self._queue(entry.conn, frame, now)
+
+    def _device_published(self, device_id: str, topic: str, payload: bytes, now: float) -> None:
+        self._deliver(Incoming(self.device_address(device_id), self.node_id, topic, payload))
+        frame = PeerProtocol.send(FromDevice(device_id, topic, payload))
+        for entry in self.registry.up():
+            if isinstance(entry.conn, _Conn):
+                self._queue(entry.conn, frame, now, droppable=True)
+
+    def _device_request(
+        self, port: Port, device_id: str, request_id: int, topic: str, payload: bytes, now: float
+    ) -> None:
+        from .bridge import DeviceAnswer
+
+        def reply(status: int, answer: bytes | str) -> DeviceAnswer:
+            return DeviceAnswer(port, request_id, status, answer)
+
+        incoming = Incoming(self.device_address(device_id), self.node_id, topic, payload)
+        refused = self._start_handler(incoming, reply)
+        if refused is not None and self.bridge is not None:
+            self.bridge.on_answer(reply(*refused), now)
+
+    def _device_send_to(
+        self, device_id: str, dest: str, topic: str, payload: bytes, now: float
+    ) -> None:
+        try:
+            ip, device = self._resolve(dest)
+        except EdgeNodeError as exc:
+            self.lost_sends += 1
+            log.warning("device %s: cannot route to %r: %s", device_id, dest, exc)
+            return
+        if device is not None and self._is_local(ip):
+            if self.bridge is None or not self.bridge.send_data(device, topic, payload, now):
+                self.lost_sends += 1
+            return
+        entry = self.registry.get(ip)
+        if entry is None or not isinstance(entry.conn, _Conn):
+            self.lost_sends += 1
+            log.warning("device %s: cannot route to %s: not connected", device_id, dest)
+            return
+        if device is None:
+            message: AnyMessage = FromDevice(device_id, topic, payload)
+        else:
+            message = ToDevice(device, topic, payload)
+        self._queue(entry.conn, PeerProtocol.send(message), now)
+
+    def _device_answered(
+        self, target: Any, payload: bytes | None, error: EdgeNodeError | None, now: float
+    ) -> None:
+        """A device answered (or could not answer) a request made of it."""
+        if isinstance(target, _Pending):
+            if self._pending.pop(target.request_id, None) is not None:
+                target.finish(payload, error)
+            return
+        conn, request_id = target
+        if conn.closing:
+            return
+        if error is None:
+            reply: AnyMessage = Response(request_id, payload or b"")
+        elif isinstance(error, RemoteError):
+            text = f"device error {error.code}: {error.remote_message}"
+            reply = ErrorResponse(request_id, ERR_DEVICE_FAILED, _clip(text))
+        elif isinstance(error, TooManyPending):
+            reply = ErrorResponse(request_id, ERR_BUSY, _clip(str(error)))
+        else:
+            reply = ErrorResponse(request_id, ERR_NO_DEVICE, _clip(str(error)))
+        self._queue(conn, PeerProtocol.send(reply), now)
+
+    def _schedule_link_tick(self, port: Port, when: float) -> None:
+        self._push_timer(when, _LINK_TICK, port)
 
     def _on_closed(self, ev: _Closed, now: float) -> None:
         self._drop(ev.conn, ev.reason, now, error=ev.error, bye=ev.error is not None)
@@ -1328,6 +1579,14 @@ def _os_detail(exc: BaseException) -> str:
     """A short, lowercase account of a socket-level failure."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text[:1].lower() + text[1:]
+
+
+def _answer(request_id: int, status: int, payload: bytes | str) -> AnyMessage:
+    """The answer to a request: a response (status 0) or an error."""
+    if status == 0:
+        return Response(request_id, payload if isinstance(payload, bytes) else payload.encode())
+    text = payload if isinstance(payload, str) else payload.decode(errors="replace")
+    return ErrorResponse(request_id, status, _clip(text))
 
 
 def _clip(text: str, limit_bytes: int = 256) -> str:

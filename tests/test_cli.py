@@ -334,6 +334,35 @@ def test_run_rejects_keepalive_timeout_not_above_interval(tmp_path: Path, timeou
     assert result.stderr.count("\n") == 1
 
 
+def test_run_rejects_bad_serial_baud_rate(tmp_path: Path) -> None:
+    result = edgenode(tmp_path, "run", "--serial", "/dev/ttyUSB0:fast")
+    assert_one_error_line(
+        result,
+        2,
+        r"^error: serial port '/dev/ttyUSB0:fast': baud rate should be 50\.\.4000000, got 'fast'$",
+    )
+
+
+def test_run_rejects_short_serial_key(tmp_path: Path) -> None:
+    key = tmp_path / "uart.key"
+    key.write_bytes(b"too short")
+    key.chmod(0o600)
+    result = edgenode(tmp_path, "run", "--serial", "/dev/ttyUSB0", "--serial-psk-file", str(key))
+    assert_one_error_line(result, 2, r"^error: serial_psk: expected 16\.\.64 bytes, got 9 bytes$")
+
+
+def test_run_rejects_serial_key_readable_by_others(tmp_path: Path) -> None:
+    key = tmp_path / "uart.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o644)
+    result = edgenode(tmp_path, "run", "--serial", "/dev/ttyUSB0", "--serial-psk-file", str(key))
+    line = assert_one_error_line(
+        result, 2, r"^error: --serial-psk-file: .*uart\.key is readable by others \(mode 0644\)"
+    )
+    assert "k" * 32 not in result.stderr
+    assert "chmod 600" in line
+
+
 def test_run_rejects_key_file_readable_by_others(tmp_path: Path) -> None:
     state = tmp_path / "state"
     keygen(tmp_path, state)
@@ -488,14 +517,26 @@ def test_demo_runs_all_steps(tmp_path: Path) -> None:
     assert wall_s < 60
 
     positions = []
-    for step in range(1, 8):
-        marker = f"[{step}/7] "
+    for step in range(1, 9):
+        marker = f"[{step}/8] "
         assert marker in out, out
         positions.append(out.index(marker))
     assert positions == sorted(positions), out
 
-    step5, step6, step7 = (out.index(f"[{n}/7] ") for n in (5, 6, 7))
-    kill_part, restart_part, table_part = out[step5:step6], out[step6:step7], out[step7:]
+    step5, step6, step7, step8 = (out.index(f"[{n}/8] ") for n in (5, 6, 7, 8))
+    device_part = out[step5:step6]
+    kill_part, restart_part, table_part = out[step6:step7], out[step7:step8], out[step8:]
+    # A message travels from alpha through bravo to the microcontroller and back.
+    assert re.search(
+        r"console asked alpha to ask pico-sim, through bravo: 127\.0\.0\.3/pico-sim answered "
+        r"'pico-sim heard hello from alpha' in [\d.]+ ms",
+        device_part,
+    ), out
+    for node in ("alpha", "bravo", "charlie"):
+        assert re.search(
+            rf"{node} +\| INFO +message from 127\.0\.0\.3/pico-sim on demo/temp: '21\.5 C'",
+            device_part,
+        ), out
     assert re.search(r"killing charlie with SIGKILL", kill_part), out
     assert re.search(r"console saw charlie down after \d+ ms: ", kill_part), out
     for other in ("alpha", "bravo"):

@@ -710,7 +710,7 @@ def _only_protocol_errors(data: bytes) -> None:
         result = decode_message(data)
     except ProtocolError:
         return
-    assert 0 <= result.code <= 8
+    assert 0 <= result.code <= 12
     assert decode_message(encode_message(result)) == result
 
 
