@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_state(auth)
     auth.add_argument("node_id", metavar="NODE_ID")
 
+    bench = sub.add_parser("bench", help="measure this machine: serial framing and rate")
+    bench.add_argument("--runs", type=int, default=5, help="repeat each measurement (default 5)")
+    bench.add_argument("--messages", type=int, default=2000, help="messages per run")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     demo = sub.add_parser("demo", help="three nodes on 127.0.0.2-4: connect, fail, rejoin")
     demo.add_argument(
         "--duration",
@@ -264,6 +269,14 @@ async def _run_node(config: NodeConfig, identity: object, demo_app: bool) -> Non
                 break
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if args.runs < 1 or args.messages < 1:
+        raise ConfigError("--runs and --messages must be at least 1")
+    return run_bench(runs=args.runs, messages=args.messages, as_json=args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -276,6 +289,7 @@ COMMANDS = {
     "keygen": cmd_keygen,
     "authorise": cmd_authorise,
     "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 

@@ -1,0 +1,33 @@
+"""``edgenode bench``: it runs and reports its figures (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgenode.bench import framing_efficiency
+
+
+def test_framing_efficiency_meets_the_target_at_200_bytes() -> None:
+    figures = framing_efficiency()
+    assert {size: fig["wire_bytes"] for size, fig in figures.items()} == {16: 25, 64: 73, 200: 209}
+    assert figures[200]["efficiency"] >= 0.95
+
+
+@pytest.mark.timeout(120)
+def test_bench_reports_json() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgenode", "bench", "--runs", "2", "--messages", "50", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rate = report["serial_pty_rate"]
+    assert rate["runs"] == 2 and rate["messages"] == 50
+    assert 0 < rate["min_msgs_per_s"] <= rate["median_msgs_per_s"] <= rate["max_msgs_per_s"]
+    assert report["serial_framing_efficiency"]["200"]["efficiency"] >= 0.95
