@@ -358,6 +358,9 @@ class SerialBridge:
             link = port.link if port is not None else None
             up = port is not None and link is not None and link.is_up
             stats = link.stats if link is not None else None
+            arriving, answered, heard_ms = (
+                link.liveness(now_ms(now)) if up and link is not None else (False, False, None)
+            )
             rows.append(
                 PeerSnapshot(
                     ip=self.node.device_address(device_id),
@@ -368,9 +371,9 @@ class SerialBridge:
                     up_for_s=now - port.up_since if up and port and port.up_since else None,
                     down_reason=None if up else self.down.get(device_id),
                     rtt_s=link.rtt_ms / 1000 if up and link and link.rtt_ms is not None else None,
-                    our_pings_answered=up,
-                    their_frames_arriving=up,
-                    last_heard_s=None,
+                    our_pings_answered=answered,
+                    their_frames_arriving=arriving,
+                    last_heard_s=heard_ms / 1000 if heard_ms is not None else None,
                     bytes_in=stats.bytes_in if stats else 0,
                     bytes_out=stats.bytes_out if stats else 0,
                     drops=stats.dropped if stats else 0,

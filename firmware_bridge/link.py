@@ -772,6 +772,19 @@ class Link:
             self._emit(PING, struct.pack(">H", self._ping_nonce), now_ms)
         return events
 
+    def liveness(self, now_ms: int) -> "tuple[bool, bool, int]":
+        """(their frames arriving, our pings answered, ms since the last frame).
+
+        Each direction is alive when nothing has waited longer than the
+        keepalive timeout: the last frame from the peer, and the oldest ping
+        still unanswered.
+        """
+        timeout = self.keepalive_timeout_ms
+        heard_ms = now_ms - self._last_rx_ms
+        waiting = self._ping_sent_ms
+        answered = waiting is None or now_ms - waiting < timeout
+        return self.is_up and heard_ms < timeout, self.is_up and answered, heard_ms
+
     def next_deadline_ms(self) -> "int | None":
         """When ``tick`` next has work to do, in the ``now_ms`` scale (None before start)."""
         if not self._started:

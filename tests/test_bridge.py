@@ -60,6 +60,7 @@ async def rig(make_config: Any, tmp_path: Path) -> AsyncIterator[Rig]:
 
             device.handle("echo", echo)
             await wait_event(a_events, lambda e: isinstance(e, PeerUp) and e.peer == DEVICE)
+            await device.wait_up()
             pty.release_slave()
             # B learns that A bridges the device.
             await wait_until(lambda: any(p.devices == ("pico-1",) for p in b.peers()))
@@ -158,3 +159,54 @@ async def test_unplug_and_replug(rig: Rig) -> None:
     await wait_event(rig.a_events, lambda e: isinstance(e, PeerUp) and e.peer == DEVICE)
     new.release_slave()
     assert await rig.b.request(DEVICE, "echo", b"back", timeout=2, wait_s=2) == b"pico says back"
+
+
+async def test_device_row_reports_liveness_each_way(rig: Rig) -> None:
+    await wait_until(lambda: any(p.ip == DEVICE and p.rtt_s is not None for p in rig.a.peers()))
+    [row] = [p for p in rig.a.peers() if p.ip == DEVICE]
+    assert row.our_pings_answered and row.their_frames_arriving
+    assert row.last_heard_s is not None and row.last_heard_s < 0.4
+    assert row.bytes_in > 0 and row.bytes_out > 0
+
+
+async def test_node_restart_resyncs_the_device(make_config: Any, tmp_path: Path) -> None:
+    pty = PtyPair()
+    sim = SimulatedDevice("pico-1", pty, **FAST)
+    timing = dict(serial_keepalive_interval_s=0.1, serial_keepalive_timeout_s=0.4)
+    config = make_config("a", "127.0.0.2", serial_ports=[(pty.path, 115200)], **timing)
+    try:
+        async with Node(config) as first:
+            events = first.events()
+            device = await sim.start()
+            await wait_event(events, lambda e: isinstance(e, PeerUp) and e.peer == DEVICE)
+        # The node restarts (a new link epoch); the device keeps running.
+        async with Node(config) as second:
+            events = second.events()
+            await wait_event(events, lambda e: isinstance(e, PeerUp) and e.peer == DEVICE)
+            await device.wait_up()
+            with second.subscribe("temp") as temps:
+                await device.publish("temp", b"after restart")
+                with anyio.fail_after(2):
+                    assert (await temps.receive()).payload == b"after restart"
+    finally:
+        await sim.aclose()
+
+
+async def test_two_ports_bridge_two_devices(make_config: Any) -> None:
+    sims = [SimulatedDevice(name, **FAST) for name in ("pico-1", "esp32-1")]
+    ports = [(sim.pty.path, 115200) for sim in sims]
+    config = make_config("a", "127.0.0.2", serial_ports=ports, serial_keepalive_interval_s=0.1)
+    try:
+        async with Node(config) as a:
+            events = a.events()
+            for sim in sims:
+                await sim.start()
+            seen: set[str] = set()
+            while len(seen) < 2:
+                event = await wait_event(events, lambda e: isinstance(e, PeerUp))
+                seen.add(event.peer)
+            assert seen == {"127.0.0.2/pico-1", "127.0.0.2/esp32-1"}
+            assert [p.ip for p in a.peers()] == ["127.0.0.2/esp32-1", "127.0.0.2/pico-1"]
+    finally:
+        for sim in sims:
+            await sim.aclose()

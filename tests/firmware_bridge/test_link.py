@@ -1510,3 +1510,22 @@ def test_doc_names_every_frame_type() -> None:
     doc = (ROOT / "docs" / "serial-protocol.md").read_text()
     for code in (HELLO, PING, PONG, DATA, REQUEST, RESPONSE, SEND_TO, ACK):
         assert f"0x{code:02x}" in doc
+
+
+def test_liveness_reports_each_direction() -> None:
+    device = Link("device", "dev", 1, keepalive_interval_ms=100, keepalive_timeout_ms=300)
+    host = Link("host", "host", 2, keepalive_interval_ms=100, keepalive_timeout_ms=300)
+    device.start(0)
+    host.start(0)
+    for _ in range(4):
+        host.receive_bytes(device.bytes_to_send(), 0)
+        device.receive_bytes(host.bytes_to_send(), 0)
+    assert host.is_up
+    assert host.liveness(50) == (True, True, 50)
+    # The host pings after an interval of silence; no pong comes back.
+    host.tick(150)
+    host.bytes_to_send()
+    arriving, answered, heard_ms = host.liveness(299)
+    assert (arriving, answered, heard_ms) == (True, True, 299)
+    # Past the timeout both directions are dead, and the session ends.
+    assert host.liveness(460) == (False, False, 460)
