@@ -116,7 +116,12 @@ class SerialBridge:
         self.devices: dict[str, Port] = {}
         #: Devices seen before and down now, with the reason.
         self.down: dict[str, str] = {}
-        self.dropped_messages = 0
+        #: Senders waiting for room in a device's reliable send queue, and
+        #: messages sent through the inbox but not handled yet, per device.
+        self._room: dict[str, anyio.Event] = {}
+        self._reserved: dict[str, int] = {}
+        self._drop_logs: dict[tuple[str, str], int] = {}
+        self.dropped_messages = 0  # serial output that found the port's outbox full
 
     # -- sources: one task per port ---------------------------------------------------
 
@@ -236,7 +241,19 @@ class SerialBridge:
             elif isinstance(event, SessionDown):
                 self._session_down(port, f"device link down: {event.reason}", now)
             elif isinstance(event, Dropped):
-                log.info("%s: dropped a frame: %s", port.path, event.message)
+                # Log the 1st, 10th, 100th ... drop of each reason: a noisy line
+                # or a device with the wrong key must not flood the journal.
+                key = (port.path, event.reason)
+                count = self._drop_logs.get(key, 0) + 1
+                self._drop_logs[key] = count
+                if count == 10 ** (len(str(count)) - 1):
+                    log.info(
+                        "%s: dropped a frame (%s #%d): %s",
+                        port.path,
+                        event.reason,
+                        count,
+                        event.message,
+                    )
         self._flush(port, now)
 
     def _session_down(self, port: Port, reason: str, now: float) -> None:
@@ -248,6 +265,9 @@ class SerialBridge:
             return
         port.device_id = None
         port.up_since = None
+        room = self._room.pop(device_id, None)
+        if room is not None:
+            room.set()  # its senders find the device down
         if self.devices.get(device_id) is port:
             del self.devices[device_id]
             self.down[device_id] = reason
@@ -287,6 +307,9 @@ class SerialBridge:
         link = port.link
         if link is None:
             return
+        if port.device_id is not None and port.device_id in self._room:
+            if self.has_room(port.device_id):
+                self._room.pop(port.device_id).set()
         out = link.bytes_to_send()
         if out and port.outbox is not None:
             try:
@@ -305,20 +328,45 @@ class SerialBridge:
 
     # -- what the node asks of a device -------------------------------------------------
 
-    def send_data(self, device_id: str, topic: str, payload: bytes, now: float) -> bool:
-        """Queue data to a local device; False (counted) if it is not up or is full."""
+    def has_room(self, device_id: str) -> bool:
+        """Whether one more message to a local device would be taken (Link.room),
+        counting those already on their way through the inbox."""
         port = self.devices.get(device_id)
         if port is None or port.link is None:
-            self.dropped_messages += 1
-            return False
+            return True  # the send fails as "not connected", not by waiting
+        room = port.link.room()
+        return room is None or room > self._reserved.get(device_id, 0)
+
+    def reserve(self, device_id: str) -> None:
+        """A message to ``device_id`` is on its way through the inbox."""
+        self._reserved[device_id] = self._reserved.get(device_id, 0) + 1
+
+    async def wait_for_room(self, device_id: str) -> None:
+        """Wait until the device's link takes messages again, or the device goes down."""
+        event = self._room.get(device_id)
+        if event is None:
+            event = self._room[device_id] = anyio.Event()
+        await event.wait()
+
+    def send_data(
+        self, device_id: str, topic: str, payload: bytes, now: float, *, reserved: bool = False
+    ) -> str | None:
+        """Queue data to a local device; return why it could not be, or None."""
+        if reserved:
+            left = self._reserved.get(device_id, 0) - 1
+            if left > 0:
+                self._reserved[device_id] = left
+            else:
+                self._reserved.pop(device_id, None)
+        port = self.devices.get(device_id)
+        if port is None or port.link is None:
+            return "the device is not connected"
         try:
             port.link.send_data(topic, payload, now_ms(now))
         except LinkUsageError as exc:
-            self.dropped_messages += 1
-            log.warning("message to device %s dropped: %s", device_id, exc)
-            return False
+            return str(exc)
         self._flush(port, now)
-        return True
+        return None
 
     def request(self, device_id: str, topic: str, payload: bytes, target: Any, now: float) -> None:
         """Send a request to a local device; its answer goes to ``target``."""

@@ -554,6 +554,14 @@ class Node:
         if device is None:
             await self._post(_Send(ip, PeerProtocol.send(Data(topic, payload)), False))
         elif self._is_local(ip):
+            assert self.bridge is not None
+            # Reliable links take a few messages at a time: wait for room
+            # here, in the caller, rather than lose the message later.
+            while not self.bridge.has_room(device):
+                await self.bridge.wait_for_room(device)
+                if not self._is_up(ip, device):
+                    raise PeerUnavailable(f"device {device} went down while the send waited")
+            self.bridge.reserve(device)
             await self._post(_Send(ip, b"", False, local=(device, topic, payload)))
         else:
             await self._post(_Send(ip, PeerProtocol.send(ToDevice(device, topic, payload)), False))
@@ -1387,9 +1395,11 @@ class Node:
     def _on_send(self, ev: _Send, now: float) -> None:
         if ev.local is not None:
             device, topic, payload = ev.local
-            if self.bridge is None or not self.bridge.send_data(device, topic, payload, now):
+            assert self.bridge is not None
+            why = self.bridge.send_data(device, topic, payload, now, reserved=True)
+            if why is not None:
                 self.lost_sends += 1
-                log.warning("message to device %s lost: it went down first", device)
+                log.warning("message to device %s lost: %s", device, why)
             return
         if ev.ip is None:
             for entry in self.registry.up():
@@ -1411,16 +1421,15 @@ class Node:
             address = f"{conn.ip}/{msg.device_id}"  # type: ignore[union-attr]
             self._deliver(Incoming(address, conn.node_id, msg.topic, msg.payload))  # type: ignore[union-attr]
         elif code == TO_DEVICE:
-            if self.bridge is None or not self.bridge.send_data(
-                msg.device_id,
-                msg.topic,
-                msg.payload,
-                now,  # type: ignore[union-attr]
-            ):
+            to_device: ToDevice = msg  # type: ignore[assignment]
+            why = (
+                self.bridge.send_data(to_device.device_id, to_device.topic, to_device.payload, now)
+                if self.bridge is not None
+                else "no serial bridge on this node"
+            )
+            if why is not None:
                 self.lost_sends += 1
-                log.info(
-                    "%s: message for device %s dropped: not connected here", conn.ip, msg.device_id
-                )  # type: ignore[union-attr]
+                log.info("%s: message for device %s dropped: %s", conn.ip, to_device.device_id, why)
         elif code == DEVICE_REQUEST:
             target = (conn, msg.request_id)  # type: ignore[union-attr]
             if self.bridge is None:
@@ -1485,8 +1494,11 @@ class Node:
             log.warning("device %s: cannot route to %r: %s", device_id, dest, exc)
             return
         if device is not None and self._is_local(ip):
-            if self.bridge is None or not self.bridge.send_data(device, topic, payload, now):
+            assert self.bridge is not None
+            why = self.bridge.send_data(device, topic, payload, now)
+            if why is not None:
                 self.lost_sends += 1
+                log.warning("device %s: cannot route to %s: %s", device_id, dest, why)
             return
         entry = self.registry.get(ip)
         if entry is None or not isinstance(entry.conn, _Conn):

@@ -772,6 +772,19 @@ class Link:
             self._emit(PING, struct.pack(">H", self._ping_nonce), now_ms)
         return events
 
+    def room(self) -> "int | None":
+        """How many more messages a send would take now; None: no limit.
+
+        In reliable mode a send beyond the window waits in a small queue;
+        beyond that it raises :class:`SendQueueFull`. Callers that can wait
+        should wait for room (the peer's acknowledgements make it).
+        """
+        if not self.is_up:
+            return 0
+        if not self.reliable:
+            return None
+        return self.window - len(self._unacked) + self.send_queue - len(self._queue)
+
     def liveness(self, now_ms: int) -> "tuple[bool, bool, int]":
         """(their frames arriving, our pings answered, ms since the last frame).
 

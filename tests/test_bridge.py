@@ -210,3 +210,32 @@ async def test_two_ports_bridge_two_devices(make_config: Any) -> None:
     finally:
         for sim in sims:
             await sim.aclose()
+
+
+async def test_burst_to_a_reliable_device_waits_for_room_and_loses_nothing(
+    make_config: Any,
+) -> None:
+    sim = SimulatedDevice("pico-1", reliable=True, **FAST)
+    config = make_config(
+        "a",
+        "127.0.0.2",
+        serial_ports=[(sim.pty.path, 115200)],
+        serial_reliable=True,
+        serial_keepalive_interval_s=0.1,
+        serial_keepalive_timeout_s=0.4,
+    )
+    received: list[bytes] = []
+    try:
+        async with Node(config) as a:
+            events = a.events()
+            device = await sim.start()
+            device.on_message("burst", lambda topic, payload: received.append(payload))
+            await wait_event(events, lambda e: isinstance(e, PeerUp) and e.peer == DEVICE)
+            # Far more than the link's window (4) and queue (8) take at once.
+            for i in range(40):
+                await a.send(DEVICE, "burst", b"%02d" % i)
+            await wait_until(lambda: len(received) == 40)
+            assert received == [b"%02d" % i for i in range(40)]
+            assert a.stats()["lost_sends"] == 0
+    finally:
+        await sim.aclose()
