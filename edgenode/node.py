@@ -1126,8 +1126,21 @@ class Node:
         self._dialing.add(entry.ip)
         self._tg.start_soon(self._dial, entry.ip, entry.listen_port)
 
-    def _queue(self, conn: _Conn, frame: bytes, now: float, *, droppable: bool = False) -> bool:
-        """Queue a frame without waiting; apply the slow-peer policy if full."""
+    def _queue(
+        self,
+        conn: _Conn,
+        frame: bytes,
+        now: float,
+        *,
+        droppable: bool = False,
+        is_traffic: bool = True,
+    ) -> bool:
+        """Queue a frame without waiting; apply the slow-peer policy if full.
+
+        A frame that ``is_traffic`` postpones our next ping; a pong does not,
+        or the side that answers pings would never ping itself, and only one
+        direction would ever be proved alive (DESIGN failure 2).
+        """
         try:
             conn.outbox_send.send_nowait(frame)
         except WouldBlock:
@@ -1147,7 +1160,8 @@ class Node:
             return False
         except (ClosedResourceError, BrokenResourceError):
             return False
-        self.keepalive.sent(conn.ip, now)
+        if is_traffic:
+            self.keepalive.sent(conn.ip, now)
         return True
 
     def _drop(
@@ -1265,7 +1279,8 @@ class Node:
             if code == DATA:
                 self._deliver(Incoming(ip, conn.node_id, msg.topic, msg.payload))  # type: ignore[union-attr]
             elif code == MSG_PING:
-                self._queue(conn, PeerProtocol.send(Pong(msg.nonce)), now, droppable=True)  # type: ignore[union-attr]
+                pong = PeerProtocol.send(Pong(msg.nonce))  # type: ignore[union-attr]
+                self._queue(conn, pong, now, droppable=True, is_traffic=False)
             elif code == PONG:
                 self.keepalive.pong(ip, msg.nonce, now)  # type: ignore[union-attr]
             elif code == REQUEST:

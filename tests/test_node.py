@@ -402,3 +402,20 @@ async def test_dial_to_a_closed_port_says_connection_refused(make_config: Any) -
         refused = await wait_event(a.events(), lambda e: isinstance(e, Refused))
         assert str(refused.error) == f"127.0.0.6:{port}: cannot connect: connection refused"
         assert [(p.ip, p.state) for p in a.peers()] == [("127.0.0.6", "down")]
+
+
+async def test_answering_pings_does_not_stop_a_node_pinging_itself(make_config: Any) -> None:
+    # A pings more often than B; if B's pongs counted as traffic, B would
+    # never ping and never learn that its own direction works.
+    fast = dict(keepalive_interval_s=0.05, keepalive_timeout_s=1.0, keepalive_jitter=0.0)
+    slow = dict(keepalive_interval_s=0.15, keepalive_timeout_s=1.0, keepalive_jitter=0.0)
+    async with Node(make_config("a", "127.0.0.2", **fast)) as a:
+        config_b = make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)], **slow)
+        async with Node(config_b) as b:
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+
+            def pongs(node: Node, ip: str) -> int:
+                live = node.keepalive.liveness(ip, anyio.current_time())
+                return live.pongs_received if live else 0
+
+            await wait_until(lambda: pongs(b, "127.0.0.2") >= 3 and pongs(a, "127.0.0.3") >= 3)
