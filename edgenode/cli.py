@@ -18,19 +18,11 @@ from pathlib import Path
 from . import __version__
 from .config import DEFAULT_PORT, NodeConfig, parse_address
 from .errors import ConfigError, EdgeNodeError
+from .settings import default_state_dir
 
 log = logging.getLogger("edgenode")
 
 AUTHORISED_FILE = "authorised_nodes"
-
-
-def default_state_dir() -> Path:
-    """``$EDGENODE_STATE_DIR``, else ``$XDG_STATE_HOME/edgenode`` (``~/.local/state/edgenode``)."""
-    env = os.environ.get("EDGENODE_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
-    return Path(base) / "edgenode"
 
 
 def _positive_float(text: str) -> float:
@@ -62,39 +54,58 @@ def build_parser() -> argparse.ArgumentParser:
             "~/.local/state/edgenode)",
         )
 
-    run = sub.add_parser("run", help="run a node until SIGINT or SIGTERM")
+    run = sub.add_parser(
+        "run",
+        help="run a node until SIGINT or SIGTERM",
+        description="Run a node until SIGINT or SIGTERM. Each setting comes from the "
+        "defaults, then the board profile, then the config file, then these flags "
+        "(docs/configuration.md).",
+    )
     with_state(run)
     run.add_argument(
+        "--board",
+        metavar="NAME",
+        help="size the node for this board (profiles: edgenode boards)",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read settings from this TOML file; flags override it",
+    )
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every setting, its value and where it came from, and exit",
+    )
+    run.add_argument(
         "--listen",
-        default=f"0.0.0.0:{DEFAULT_PORT}",
         metavar="HOST:PORT",
         help=f"address to listen on (default 0.0.0.0:{DEFAULT_PORT})",
     )
     run.add_argument(
         "--peer",
         action="append",
-        default=[],
         metavar="HOST:PORT",
-        help="a peer to dial and keep connected (repeatable)",
+        help="a peer to dial and keep connected (repeatable; replaces the file's)",
     )
     run.add_argument(
         "--authorise",
         action="append",
-        default=[],
         metavar="NODE_ID",
-        help=f"also trust this node ID (repeatable; adds to {AUTHORISED_FILE} in the state dir)",
+        help=f"also trust this node ID (repeatable; besides {AUTHORISED_FILE} in the state dir)",
     )
     run.add_argument(
         "--keepalive-interval",
         type=_positive_float,
         metavar="S",
-        help="send a ping after this long without sending (default 5)",
+        help="send a ping after this long without sending (default 5, or the board's)",
     )
     run.add_argument(
         "--keepalive-timeout",
         type=_positive_float,
         metavar="S",
-        help="declare a peer dead after this long without a frame (default 15)",
+        help="declare a peer dead after this long without a frame (default 3 intervals)",
     )
     run.add_argument(
         "--handshake-timeout",
@@ -111,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--serial",
         action="append",
-        default=[],
         metavar="PORT[:BAUD]",
         help="bridge the microcontroller on this UART (repeatable; default 115200 baud)",
     )
@@ -124,10 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--serial-reliable",
         action="store_true",
+        default=None,
         help="ask devices for reliable delivery (acks and retransmission)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="one line of text per event, or one JSON object per line (default text)",
+    )
     run.add_argument("--demo-app", action="store_true", help=argparse.SUPPRESS)
+
+    sub.add_parser("boards", help="list the board profiles and what each allows")
 
     ident = sub.add_parser("id", help="print this node's ID")
     with_state(ident)
@@ -145,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--messages", type=int, default=2000, help="messages per run")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    def with_socket(p: argparse.ArgumentParser) -> None:
+        with_state(p)
+        p.add_argument(
+            "--socket",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="the running node's control socket (default: control.sock in the state dir)",
+        )
+
+    status = sub.add_parser("status", help="show the running node's peers and figures")
+    with_socket(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON response")
+
+    send = sub.add_parser("send", help="send a text message through the running node")
+    with_socket(send)
+    send.add_argument("peer", metavar="PEER", help="IP, node ID, or IP/DEVICE")
+    send.add_argument("topic", metavar="TOPIC")
+    send.add_argument("text", metavar="TEXT")
+
     demo = sub.add_parser("demo", help="three nodes on 127.0.0.2-4: connect, fail, rejoin")
     demo.add_argument(
         "--duration",
@@ -155,15 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo's state directory")
     return parser
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def cmd_id(args: argparse.Namespace) -> int:
@@ -199,54 +229,73 @@ def cmd_authorise(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import anyio
+def _run_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as ``run`` flags, keyed and converted as in a config file."""
+    from .identity import parse_node_id
+    from .settings import parse_serial_port, read_psk_file
 
-    from .identity import load_authorised, load_or_create_identity, parse_node_id
-    from .transports.serial import parse_serial_spec
-
-    _setup_logging(args.log_level)
-    state_dir = args.state_dir or default_state_dir()
-    host, port = parse_address(args.listen)
-    peers = [parse_address(p) for p in args.peer]
-    authorised = set(load_authorised(os.path.join(state_dir, AUTHORISED_FILE)))
-    authorised.update(parse_node_id(n) for n in args.authorise)
-    serial_psk = None
+    values: dict[str, object] = {}
+    if args.state_dir is not None:
+        values["node.state_dir"] = args.state_dir
+    if args.listen is not None:
+        values["node.listen"] = parse_address(args.listen)
+    if args.peer is not None:
+        values["peers.connect"] = [parse_address(p) for p in args.peer]
+    if args.authorise is not None:
+        values["peers.authorised"] = frozenset(parse_node_id(n) for n in args.authorise)
+    for key, value in (
+        ("keepalive.interval_s", args.keepalive_interval),
+        ("keepalive.timeout_s", args.keepalive_timeout),
+        ("peers.handshake_timeout_s", args.handshake_timeout),
+        ("backoff.cap_s", args.backoff_cap),
+        ("serial.reliable", args.serial_reliable),
+    ):
+        if value is not None:
+            values[key] = value
+    if args.serial is not None:
+        values["serial.ports"] = [parse_serial_port(spec) for spec in args.serial]
     if args.serial_psk_file is not None:
         try:
-            mode = args.serial_psk_file.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise ConfigError(
-                    f"--serial-psk-file: {args.serial_psk_file} is readable by others "
-                    f"(mode {mode:04o}); run: chmod 600 {args.serial_psk_file}"
-                )
-            serial_psk = args.serial_psk_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"--serial-psk-file: cannot read {args.serial_psk_file}: {exc.strerror}"
-            ) from None
-    config = NodeConfig(
-        state_dir=state_dir,
-        listen_host=host,
-        listen_port=port,
-        peers=peers,
-        authorised=frozenset(authorised),
-        serial_ports=[parse_serial_spec(spec) for spec in args.serial],
-        serial_psk=serial_psk,
-        serial_reliable=args.serial_reliable,
-    )
-    overrides = {
-        "keepalive_interval_s": args.keepalive_interval,
-        "keepalive_timeout_s": args.keepalive_timeout,
-        "handshake_timeout_s": args.handshake_timeout,
-        "backoff_cap_s": args.backoff_cap,
-    }
-    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.keepalive_interval and not args.keepalive_timeout:
-        config = config.replace(keepalive_timeout_s=3 * args.keepalive_interval)
-    config.validate()
-    identity = load_or_create_identity(state_dir)
+            key = read_psk_file(args.serial_psk_file)
+        except ConfigError as exc:
+            raise ConfigError(f"--serial-psk-file: {exc}") from None
+        values["serial.psk_file"] = (args.serial_psk_file, key)
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .settings import resolve
+
+    setup_logging(args.log_level, args.log_format)
+    resolved = resolve(board=args.board, config_file=args.config, command_line=_run_settings(args))
+    if args.print_config:
+        print(resolved.format_table())
+        return 0
+
+    import anyio
+
+    from .identity import load_authorised, load_or_create_identity
+
+    config = resolved.config
+    # The state directory's list is always trusted, besides peers.authorised.
+    authorised = load_authorised(os.path.join(config.state_dir, AUTHORISED_FILE))
+    config = config.replace(authorised=authorised | (config.authorised or frozenset()))
+    if config.control_socket is None:
+        from .control import default_control_path
+
+        config = config.replace(control_socket=default_control_path(config.state_dir))
+    if resolved.board is not None:
+        log.info("board %s: %s", resolved.board.name, resolved.board.description)
+    identity = load_or_create_identity(config.state_dir)
     anyio.run(_run_node, config, identity, args.demo_app)
+    return 0
+
+
+def cmd_boards(args: argparse.Namespace) -> int:
+    from .profiles import format_profiles, list_profiles
+
+    print(format_profiles(list_profiles()))
     return 0
 
 
@@ -277,6 +326,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(runs=args.runs, messages=args.messages, as_json=args.json)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import ControlError, control_request, default_control_path, format_status
+
+    path = args.socket or default_control_path(args.state_dir or default_state_dir())
+    response = control_request(path, {"op": "status"})
+    if not response["ok"]:
+        raise ControlError(str(response.get("error")))
+    print(json.dumps(response, indent=2) if args.json else format_status(response))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .control import ControlError, control_request, default_control_path
+
+    path = args.socket or default_control_path(args.state_dir or default_state_dir())
+    request = {"op": "send", "peer": args.peer, "topic": args.topic, "text": args.text}
+    response = control_request(path, request)
+    if not response["ok"]:
+        raise ControlError(str(response.get("error")))
+    print("sent")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -285,11 +359,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "boards": cmd_boards,
     "id": cmd_id,
     "keygen": cmd_keygen,
     "authorise": cmd_authorise,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "status": cmd_status,
+    "send": cmd_send,
 }
 
 

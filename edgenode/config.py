@@ -73,6 +73,15 @@ class NodeConfig:
     serial_max_frame: int = 256
     serial_keepalive_interval_s: float = 1.0
     serial_keepalive_timeout_s: float = 3.0
+    #: The control socket (``edgenode status``/``send``), or None for none.
+    control_socket: Path | None = None
+    #: Remember peers that were up (``known_peers.json``) and redial them after a restart.
+    remember_peers: bool = True
+    max_known_peers: int = 256
+    #: Baud rate of a serial port given without one (``--serial /dev/serial0``).
+    serial_baud: int = 115200
+    #: Memory (MB) the node is sized to stay within, from its board profile.
+    memory_budget_mb: int = 64
 
     def replace(self, **changes: object) -> NodeConfig:
         """Return a copy with ``changes`` applied."""
@@ -107,6 +116,7 @@ class NodeConfig:
             "max_pending_requests",
             "max_inflight_handlers",
             "max_handshakes_per_ip",
+            "max_known_peers",
         ):
             positive(name, 1, strict=False)
             if not isinstance(getattr(self, name), int):
@@ -142,6 +152,12 @@ class NodeConfig:
         if self.serial_psk is not None and not 16 <= len(self.serial_psk) <= 64:
             raise ConfigError(
                 f"serial_psk: expected 16..64 bytes, got {len(self.serial_psk)} bytes"
+            )
+        if not 50 <= self.serial_baud <= 4_000_000:
+            raise ConfigError(f"serial_baud: expected 50..4000000, got {self.serial_baud!r}")
+        if not 16 <= self.memory_budget_mb <= 1_048_576:
+            raise ConfigError(
+                f"memory_budget_mb: expected 16..1048576, got {self.memory_budget_mb!r}"
             )
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port: expected 0..65535, got {self.listen_port!r}")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import anyio
-from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock, to_thread
 from anyio.abc import ByteStream, TaskGroup
 
 from .config import NodeConfig
@@ -105,6 +105,7 @@ from .proto.messages import (
     PING as MSG_PING,
 )
 from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
+from .state import KNOWN_PEERS_FILENAME, KnownPeer, KnownPeers, save_known_peers
 from .transports.tcp import Link, accept_link, dial_link
 
 if TYPE_CHECKING:
@@ -411,6 +412,12 @@ class Node:
             self.authorised = frozenset(parse_node_id(i) for i in config.authorised)
         else:
             self.authorised = load_authorised(os.path.join(config.state_dir, "authorised_nodes"))
+        # Peers known from earlier runs (a small file, read before the loop runs).
+        self._known: KnownPeers | None = None
+        if config.remember_peers:
+            path = os.path.join(config.state_dir, KNOWN_PEERS_FILENAME)
+            self._known = KnownPeers.load(path, cap=config.max_known_peers)
+        self._known_lock: anyio.Lock | None = None
         #: A new random epoch per process: peers see a restart as a new session.
         self.epoch = random.getrandbits(62)
         self.listen_port = config.listen_port
@@ -477,9 +484,19 @@ class Node:
             )
         self._listener_scope = anyio.CancelScope()
         self._all_closed = anyio.Event()
+        self._known_lock = anyio.Lock()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        if self.config.control_socket is not None:
+            from .control import serve_control
+
+            try:
+                await tg.start(serve_control, self, self.config.control_socket)
+            except BaseException:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+                raise
         try:
             listener = await anyio.create_tcp_listener(
                 local_host=None if self._wildcard else self.config.listen_host,
@@ -504,6 +521,7 @@ class Node:
             ip = normalise_ip(host)
             self.registry.add_configured(ip, port, now)
             self.keepalive.schedule_dial(ip, now)
+        self._dial_known(now)
         self._push_timer(now + _HOUSEKEEPING_S, _HOUSEKEEPING, None)
         log.info(
             "node %s listening on %s:%d (%d peers configured, %d authorised)",
@@ -535,6 +553,10 @@ class Node:
                     await self._all_closed.wait()
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
+        final = self._known.take() if self._known is not None else None
+        if final is not None:
+            with anyio.CancelScope(shield=True):
+                await self._save_known_peers(final)
         log.info("node %s stopped", self.node_id)
 
     # -- application API -------------------------------------------------------------
@@ -1116,6 +1138,10 @@ class Node:
                 for entry in self.registry.prune(now):
                     self.keepalive.forget(entry.ip)
                     log.info("forgot peer %s: down since %s", entry.ip, entry.down_reason)
+                if self._known is not None and self._tg is not None:
+                    due = self._known.take_due(now)
+                    if due is not None:
+                        self._tg.start_soon(self._save_known_peers, due)
                 self._push_timer(now + _HOUSEKEEPING_S, _HOUSEKEEPING, None)
 
     def _start_dial(self, entry: PeerEntry | None) -> None:
@@ -1180,6 +1206,10 @@ class Node:
         self._conns.discard(conn)
         entry = self.registry.closed(conn, reason, now)
         if entry is not None:
+            if self._known is not None and entry.listen_port and entry.node_id:
+                self._known.seen(
+                    conn.ip, entry.listen_port, entry.node_id, wall_now=time.time(), now=now
+                )
             for device in self._remote_devices.pop(conn.ip, ()):
                 self._publish(PeerDown(f"{conn.ip}/{device}", entry.node_id, reason))
             redial = bool(entry.listen_port) and not self._closing
@@ -1203,6 +1233,36 @@ class Node:
             self._push_timer(now + self.config.shutdown_grace_s, _HARD_CLOSE, conn)
         elif conn.scope is not None:
             conn.scope.cancel()
+
+    def _dial_known(self, now: float) -> None:
+        """Dial the authorised peers remembered from earlier runs."""
+        if self._known is None:
+            return
+        for known in self._known.peers:
+            if known.node_id not in self.authorised or known.node_id == self.node_id:
+                continue
+            if known.ip in self.registry:
+                continue
+            try:
+                entry = self.registry.learn(known.ip, known.port, known.node_id, now)
+            except ConfigError as exc:
+                log.debug("ignored known peer %s: %s", known.ip, exc)
+                continue
+            if entry is not None:
+                self.keepalive.schedule_dial(known.ip, now)
+        self._forget_pruned()
+
+    async def _save_known_peers(self, peers: list[KnownPeer]) -> None:
+        # A write and two fsyncs can take 100 ms or more on an SD card: a
+        # worker thread, never the dispatcher.
+        assert self._known is not None and self._known_lock is not None
+        async with self._known_lock:  # saves land in the order they were taken
+            try:
+                await to_thread.run_sync(save_known_peers, self._known.path, peers)
+            except OSError as exc:
+                log.warning(
+                    "cannot save known peers to %s: %s", self._known.path, exc.strerror or exc
+                )
 
     def _forget_pruned(self) -> None:
         for entry in self.registry.take_pruned():
@@ -1244,6 +1304,12 @@ class Node:
             self._drop(replaced, admission.replaced_reason or "replaced", now)
         self._conns.add(conn)
         self.keepalive.link_up(conn.ip, now)
+        entry = admission.entry
+        if self._known is not None and entry is not None and entry.listen_port:
+            # The listen port, not the source port: that is where to redial.
+            self._known.seen(
+                conn.ip, entry.listen_port, conn.node_id, wall_now=time.time(), now=now
+            )
         restarted = old_epoch is not None and old_epoch != hello.epoch
         if replaced is None or restarted:
             log.info(

@@ -62,6 +62,9 @@ def make_config(identities: Identities) -> Callable[..., NodeConfig]:
             backoff_cap_s=0.5,
             handshake_timeout_s=2.0,
             shutdown_grace_s=1.0,
+            # Identities (and so state dirs) are shared across tests: only a
+            # test with its own state dir should remember peers.
+            remember_peers=False,
         )
         settings.update(overrides)
         return NodeConfig(**settings)

@@ -318,7 +318,8 @@ async def test_simultaneous_dial_ends_with_one_connection_both_sides_agree(
                 and b._open_conns == 1
                 and [p.state for p in a.peers()] == [UP]
                 and [p.state for p in b.peers()] == [UP]
-            )
+            ),
+            timeout=15,  # generous: losing links close with a grace period
         )
         conn_a = a.registry.get("127.0.0.3").conn
         conn_b = b.registry.get("127.0.0.2").conn
@@ -419,3 +420,22 @@ async def test_answering_pings_does_not_stop_a_node_pinging_itself(make_config: 
                 return live.pongs_received if live else 0
 
             await wait_until(lambda: pongs(b, "127.0.0.2") >= 3 and pongs(a, "127.0.0.3") >= 3)
+
+
+async def test_restarted_node_redials_the_peers_it_knew(make_config: Any, tmp_path: Any) -> None:
+    import shutil
+
+    # A state dir of its own (copied identity), so remembering peers is safe here.
+    state = tmp_path / "a"
+    shutil.copytree(make_config("a", "127.0.0.2").state_dir, state)
+    async with Node(make_config("b", "127.0.0.3")) as b:
+        config = make_config(
+            "a", "127.0.0.2", [("127.0.0.3", b.listen_port)], state_dir=state, remember_peers=True
+        )
+        async with Node(config) as a:
+            await wait_event(a.events(), lambda e: isinstance(e, PeerUp))
+        assert (state / "known_peers.json").exists()
+        # Restarted with no peer list: it dials the peer it knew.
+        async with Node(config.replace(peers=[])) as a:
+            up = await wait_event(a.events(), lambda e: isinstance(e, PeerUp))
+            assert (up.peer, up.direction) == ("127.0.0.3", OUTBOUND)

@@ -1,0 +1,632 @@
+"""The control socket: ``edgenode status`` and ``edgenode send`` talk to a running node.
+
+The node listens on a Unix domain socket, by default ``control.sock`` in its
+state directory. The socket is created owner-only (mode 0600): on Linux,
+connecting to it needs write permission on the file, so only the node's own
+user can ask it anything. A socket left behind by a node that died is
+replaced; a live one, or anything that is not a socket, is refused.
+
+Protocol: one JSON object per line each way. Requests:
+
+* ``{"op": "status"}`` -> ``{"ok": true, "node": {...}, "peers": [...]}``:
+  the node's figures (uptime, loop lag, RSS, peers by state and the rest of
+  :meth:`Node.stats`) and one object per :class:`PeerSnapshot` row.
+* ``{"op": "send", "peer": P, "topic": T, "text": S}`` -> ``{"ok": true}``:
+  ``await node.send(P, T, S.encode())``.
+
+A request may carry an ``"id"``; the response echoes it. A failure answers
+``{"ok": false, "error": "<type>: <message>"}`` and the connection stays
+usable, except after an oversize request (the rest of its line cannot be
+told from the next request) or a timeout, after which it is closed.
+
+Each client is served by a small task of its own, never by the node's
+dispatcher: a status reads snapshots the dispatcher keeps, and a send waits,
+like any API caller, for room in the node's inbox. Everything a client
+controls is bounded: request size, time to send a request, time to take
+the answer, and the number of clients at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from anyio import EndOfStream
+from anyio.abc import TaskStatus
+
+from . import __version__
+from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("edgenode.control")
+
+CONTROL_SOCKET_NAME = "control.sock"
+#: Longest request line a client may send, newline excluded.
+MAX_REQUEST_BYTES = 64 * 1024
+#: Longest response a client accepts (a status of a few hundred peers is ~200 KiB).
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: Time a client has to send each whole request line; an idle client is closed.
+REQUEST_TIMEOUT_S = 30.0
+#: Time a send may wait for room in the node's inbox.
+SEND_TIMEOUT_S = 10.0
+#: Time a client has to take its answer.
+WRITE_TIMEOUT_S = 10.0
+#: Clients served at once; more are answered with an error and closed.
+MAX_CLIENTS = 16
+#: Time a client waits for the node's answer.
+CLIENT_TIMEOUT_S = 15.0
+
+# sun_path is 108 bytes on Linux, with a terminating NUL.
+_MAX_SOCKET_PATH_BYTES = 107
+_READ_BYTES = 65536
+_ACCEPT_RETRY_S = 0.5
+_OPS = ("status", "send")
+
+
+class ControlError(EdgeNodeError):
+    """The control socket cannot be used, or the node answered with an error."""
+
+
+class NoNodeRunning(ControlError):
+    """No node is listening on the control socket."""
+
+
+class BadRequest(ControlError):
+    """A control request is not one JSON object per line with a known op."""
+
+
+class RequestTooLarge(BadRequest):
+    """A control request line exceeds :data:`MAX_REQUEST_BYTES`."""
+
+
+def default_control_path(state_dir: str | os.PathLike[str]) -> Path:
+    """The node's control socket in ``state_dir``."""
+    return Path(state_dir) / CONTROL_SOCKET_NAME
+
+
+# -- server -----------------------------------------------------------------------
+#
+# The server drives non-blocking sockets with anyio.wait_readable() and
+# wait_writable() rather than anyio's unix socket streams: on asyncio those
+# (anyio 4.12 to 4.16 at least) let a read callback fire on a receive or
+# accept cancelled in the same loop turn, and asyncio then logs
+# "Exception in callback Future.set_result" when the node stops or a client
+# times out. wait_readable() guards against exactly that.
+
+
+async def serve_control(
+    node: Node,
+    path: str | os.PathLike[str],
+    *,
+    task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer control requests for ``node`` on the Unix socket ``path`` until cancelled.
+
+    Run it in the node's task group with ``await tg.start(serve_control,
+    node, path)``: ``start`` returns once the socket accepts connections.
+    Creates the parent directory (mode 0700) if missing, replaces a socket
+    left by a dead node, and removes the socket on exit.
+
+    Raises :class:`ConfigError` before starting if the path is too long,
+    exists and is not a socket, belongs to a running node, or cannot be
+    created.
+    """
+    path = Path(path)
+    listener, created = _create_listener(path)
+    clients = _Clients()
+    try:
+        async with anyio.create_task_group() as tg:
+            log.info("control socket listening on %s", path)
+            task_status.started(path)
+            while True:
+                await anyio.wait_readable(listener)
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                except OSError as exc:  # out of file descriptors, say: let it pass
+                    log.warning("control socket %s: accept failed: %s", path, exc)
+                    await anyio.sleep(_ACCEPT_RETRY_S)
+                    continue
+                sock.setblocking(False)
+                tg.start_soon(_serve_client, node, sock, clients)
+    finally:
+        listener.close()
+        _remove_socket(path, created)
+
+
+def _create_listener(path: Path) -> tuple[socket.socket, os.stat_result]:
+    size = len(os.fsencode(path))
+    if size > _MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"control socket {path}: path of {size} bytes exceeds "
+            f"{_MAX_SOCKET_PATH_BYTES}-byte limit of unix sockets"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"control socket {path}: cannot create directory {path.parent}: {exc.strerror or exc}"
+        ) from None
+    _clear_stale(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask makes the socket owner-only from the moment bind creates
+        # it, whatever the parent directory's mode; the chmod makes sure.
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        listener.listen(MAX_CLIENTS)
+        listener.setblocking(False)
+        created = os.stat(path)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"control socket {path}: cannot listen: {exc.strerror or exc}") from None
+    return listener, created
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket left by a dead node; refuse anything else at ``path``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"control socket {path}: cannot check: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"control socket {path}: path exists and is not a socket "
+            f"({_file_kind(st.st_mode)}); remove it or choose another path"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a full backlog answers EAGAIN: someone listens
+        try:
+            probe.connect(os.fspath(path))
+        except ConnectionRefusedError:
+            pass  # nobody listens: a node died without removing it
+        except BlockingIOError:
+            raise ConfigError(
+                f"control socket {path}: another node is running and listening on it"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"control socket {path}: cannot check whether a node uses it: {exc.strerror or exc}"
+            ) from None
+        else:
+            raise ConfigError(f"control socket {path}: another node is running and listening on it")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(
+            f"control socket {path}: cannot remove stale socket: {exc.strerror or exc}"
+        ) from None
+    log.info("removed stale control socket %s", path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a fifo"),
+    ):
+        if test(mode):
+            return kind
+    return f"file mode {mode:o}"
+
+
+def _remove_socket(path: Path, created: os.stat_result) -> None:
+    """Remove our socket, unless something else has been put in its place since."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino, st.st_ctime_ns) == (
+            created.st_dev,
+            created.st_ino,
+            created.st_ctime_ns,
+        ):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Clients:
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+async def _serve_client(node: Node, sock: socket.socket, clients: _Clients) -> None:
+    clients.count += 1
+    try:
+        with sock:
+            if clients.count > MAX_CLIENTS:
+                error = TooManyPending(
+                    f"{MAX_CLIENTS} control clients already connected (limit {MAX_CLIENTS})"
+                )
+                await _reply(sock, _failure(error, None))
+                return
+            await _serve_requests(node, sock)
+    except (EndOfStream, OSError):
+        pass  # the client went away, or did not take its answer
+    except Exception:  # a bug: contain it, the node carries on
+        log.exception("control client failed")
+    finally:
+        clients.count -= 1
+
+
+async def _serve_requests(node: Node, sock: socket.socket) -> None:
+    buffer = bytearray()
+    while True:
+        line: bytes | None = None
+        with anyio.move_on_after(REQUEST_TIMEOUT_S):
+            try:
+                line = await _read_line(sock, buffer)
+            except RequestTooLarge as exc:
+                await _reply(sock, _failure(exc, None))
+                return
+            except EndOfStream:
+                # A last request without its newline still gets an answer.
+                if not buffer.strip():
+                    return
+                line, buffer[:] = bytes(buffer), b""
+        if line is None:
+            error = BadRequest(f"no complete request within {REQUEST_TIMEOUT_S} s")
+            await _reply(sock, _failure(error, None))
+            return
+        if line.strip():
+            await _reply(sock, await handle_request(node, line))
+
+
+async def _read_line(sock: socket.socket, buffer: bytearray) -> bytes:
+    """Take one line from ``buffer``, reading ``sock`` as needed.
+
+    Raises :class:`RequestTooLarge` past :data:`MAX_REQUEST_BYTES` and
+    ``EndOfStream`` when the client has sent all it will.
+    """
+    searched = 0
+    # Yield to the loop on every request, even when the data is already
+    # there: a client that pipelines requests must not starve the node.
+    await anyio.lowlevel.checkpoint()
+    while True:
+        end = buffer.find(b"\n", searched)
+        if end >= 0:
+            if end > MAX_REQUEST_BYTES:
+                break
+            line = bytes(buffer[:end])
+            buffer[: end + 1] = b""
+            return line
+        if len(buffer) > MAX_REQUEST_BYTES:
+            break
+        searched = len(buffer)
+        try:
+            data = sock.recv(_READ_BYTES)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not data:
+            raise EndOfStream
+        buffer += data
+    raise RequestTooLarge(
+        f"request of more than {MAX_REQUEST_BYTES} bytes exceeds "
+        f"{MAX_REQUEST_BYTES}-byte limit; closing the connection"
+    )
+
+
+async def _reply(sock: socket.socket, response: dict[str, Any]) -> None:
+    """Send one response line; raises OSError if the client does not take it in time."""
+    view = memoryview(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+    with anyio.move_on_after(WRITE_TIMEOUT_S):
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+        return
+    raise TimeoutError(f"client did not take its answer within {WRITE_TIMEOUT_S} s")
+
+
+def _failure(error: BaseException, request_id: Any) -> dict[str, Any]:
+    response: dict[str, Any] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    if request_id is not None:
+        response["id"] = request_id
+    return response
+
+
+async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
+    """Answer one request line; failures become ``{"ok": false, "error": ...}``."""
+    request_id = None
+    try:
+        request = _parse(line)
+        request_id = request.get("id")
+        op = request.get("op")
+        if op == "status":
+            response = node_status(node)
+        elif op == "send":
+            await _send(node, request)
+            response = {"ok": True}
+        else:
+            raise BadRequest(f"unknown op {op!r:.40}: expected one of {', '.join(_OPS)}")
+    except EdgeNodeError as exc:
+        return _failure(exc, request_id)
+    except TimeoutError:
+        error = f"TimeoutError: the node did not take the message within {SEND_TIMEOUT_S} s"
+        response = {"ok": False, "error": error}
+    except Exception as exc:  # a bug: answer it rather than drop the client
+        log.exception("control request failed: %s", hexdump(line, 64))
+        return _failure(exc, request_id)
+    if request_id is not None:
+        response["id"] = request_id
+    return response
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
+        raise BadRequest(f"expected one JSON object per line, got {hexdump(line, 24)}") from None
+    if not isinstance(request, dict):
+        raise BadRequest(f"expected a JSON object, got {type(request).__name__}")
+    return request
+
+
+async def _send(node: Node, request: dict[str, Any]) -> None:
+    fields = {}
+    for name in ("peer", "topic", "text"):
+        value = request.get(name)
+        if not isinstance(value, str):
+            raise BadRequest(f"send: {name!r} should be text, got {value!r:.40}")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate, from a \ud800 escape
+            raise BadRequest(f"send: {name!r} is not valid unicode: {value!r:.40}") from None
+        fields[name] = value
+    with anyio.fail_after(SEND_TIMEOUT_S):
+        await node.send(fields["peer"], fields["topic"], fields["text"].encode())
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    """The status response: node figures and one object per peer row."""
+    rows = node.peers()
+    figures = dict(node.stats())
+    figures.update(
+        version=__version__,
+        pid=os.getpid(),
+        listen_host=node.config.listen_host,
+        listen_port=node.listen_port,
+        rss_bytes=rss_bytes(),
+        peers_by_state=dict(Counter(row.state for row in rows)),
+    )
+    return {
+        "ok": True,
+        "node": figures,
+        "peers": [dataclasses.asdict(row) for row in rows],
+    }
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory: VmRSS, else the peak from getrusage."""
+    try:
+        with open("/proc/self/status", "rb") as status_file:
+            for line in status_file:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS
+    except (ImportError, OSError):
+        return None
+
+
+# -- client -----------------------------------------------------------------------
+
+
+def control_request(
+    path: str | os.PathLike[str], request: dict[str, Any], *, timeout_s: float = CLIENT_TIMEOUT_S
+) -> dict[str, Any]:
+    """Send one request to the node on ``path`` and return its response object.
+
+    Blocking; for the command line. A response with ``"ok": false`` is
+    returned, not raised. Raises :class:`NoNodeRunning` when nothing
+    listens on ``path``, and :class:`ControlError` when the socket cannot be
+    used or the answer is missing, late or malformed.
+    """
+    path = Path(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(os.fspath(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = _receive_line(sock, path)
+        except FileNotFoundError:
+            raise NoNodeRunning(f"no node is running (control socket {path} not found)") from None
+        except ConnectionRefusedError:
+            if _is_socket(path):
+                raise NoNodeRunning(
+                    f"no node is running (control socket {path} is left from a node that stopped)"
+                ) from None
+            raise ControlError(f"control socket {path} is not a socket") from None
+        except socket.timeout:
+            raise ControlError(
+                f"the node on control socket {path} did not answer within {timeout_s} s"
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise ControlError(
+                    f"cannot use control socket {path}: permission denied "
+                    "(run as the user that runs the node)"
+                ) from None
+            raise ControlError(f"cannot use control socket {path}: {exc.strerror or exc}") from None
+    try:
+        response = json.loads(data)
+    except ValueError:
+        response = None
+    if not isinstance(response, dict) or not isinstance(response.get("ok"), bool):
+        raise ControlError(
+            f"control socket {path}: expected a JSON response, got {hexdump(data, 24)}"
+        )
+    return response
+
+
+def _receive_line(sock: socket.socket, path: Path) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ControlError(f"control socket {path}: the node closed without answering")
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ControlError(
+                f"control socket {path}: response exceeds {MAX_RESPONSE_BYTES}-byte limit"
+            )
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# -- display ------------------------------------------------------------------------
+
+_COLUMNS = (
+    "PEER",
+    "NODE ID",
+    "DEVICES",
+    "DIRECTION",
+    "STATE",
+    "LIVE IN/OUT",
+    "RTT MS",
+    "HEARD",
+    "BYTES IN",
+    "BYTES OUT",
+    "DROPS",
+)
+
+
+def format_status(response: dict[str, Any]) -> str:
+    """Render a status response as text: node figures, then a table of peers."""
+    node = response.get("node", {})
+    peers = response.get("peers", [])
+    lines = [
+        f"node {node.get('node_id')}  (pid {node.get('pid')}, edgenode {node.get('version')})",
+        f"  listening  {node.get('listen_host')}:{node.get('listen_port')}",
+        f"  uptime     {_duration(node.get('uptime_s'))}",
+        f"  loop lag   last {_ms(node.get('loop_lag_last_ms'))}, "
+        f"avg {_ms(node.get('loop_lag_avg_ms'))}, max {_ms(node.get('loop_lag_max_ms'))}",
+        f"  rss        {_size(node.get('rss_bytes'))}",
+        f"  peers      {_by_state(node.get('peers_by_state') or {})}",
+        "",
+    ]
+    if not peers:
+        lines.append("no peers")
+        return "\n".join(lines)
+    rows = [_COLUMNS]
+    notes = []
+    for peer in peers:
+        up = peer.get("state") == "up"
+        rows.append(
+            (
+                str(peer.get("ip")),
+                _short_id(peer.get("node_id")),
+                ",".join(peer.get("devices") or ()) or "-",
+                peer.get("direction") or "-",
+                str(peer.get("state")),
+                _liveness(peer) if up else "-",
+                "-" if peer.get("rtt_s") is None else f"{peer['rtt_s'] * 1000:.1f}",
+                "-"
+                if peer.get("last_heard_s") is None
+                else _duration(peer["last_heard_s"]) + " ago",
+                _size(peer.get("bytes_in")),
+                _size(peer.get("bytes_out")),
+                str(peer.get("drops", 0)),
+            )
+        )
+        if not up and peer.get("down_reason"):
+            notes.append(f"{peer.get('ip')}: {peer['down_reason']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    return "\n".join(lines)
+
+
+def _liveness(peer: dict[str, Any]) -> str:
+    """``in/out``: their frames arriving / our pings answered."""
+    arriving = "ok" if peer.get("their_frames_arriving") else "no"
+    answered = "ok" if peer.get("our_pings_answered") else "no"
+    return f"{arriving}/{answered}"
+
+
+def _short_id(node_id: str | None) -> str:
+    if not node_id:
+        return "-"
+    groups = node_id.split("-")
+    return f"{groups[0]}..{groups[-1]}" if len(groups) > 2 else node_id
+
+
+def _by_state(counts: dict[str, int]) -> str:
+    if not counts:
+        return "none"
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover
