@@ -378,7 +378,41 @@ async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
     return response
 
 
+_MAX_DEPTH = 8
+_OPEN, _CLOSE, _QUOTE, _ESCAPE = frozenset(b"[{"), frozenset(b"]}"), ord('"'), ord("\\")
+
+
+def _nesting(line: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped).
+
+    Checked before parsing: the json module's limit is the interpreter's
+    recursion limit, which varies, so its verdict on deep input would too.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _ESCAPE:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif byte in _CLOSE:
+            depth -= 1
+    return deepest
+
+
 def _parse(line: bytes) -> dict[str, Any]:
+    depth = _nesting(line)
+    if depth > _MAX_DEPTH:
+        raise BadRequest(f"request nested {depth} levels deep; the limit is {_MAX_DEPTH}")
     try:
         request = json.loads(line)
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError

@@ -378,9 +378,16 @@ async def test_bad_requests_get_errors_and_connection_stays_usable(
                 ),
                 (
                     b"[" * 5000 + b"]" * 5000 + b"\n",
+                    "BadRequest: request nested 5000 levels deep; the limit is 8",
+                ),
+                (
+                    b'{"op": "send", "peer": "[[[[[[[[[[", "topic": "t", "text": "{{{{{{{{{{"}\n',
+                    "InvalidArgument: peer '[[[[[[[[[[' is neither an ip address nor a node id",
+                ),
+                (
+                    b"not json\n",
                     "BadRequest: expected one JSON object per line, got "
-                    + " ".join(["5b"] * 24)
-                    + " ... (10000 bytes)",
+                    "6e 6f 74 20 6a 73 6f 6e",
                 ),
                 (
                     b'{"op": "send", "peer": "127.0.0.9", "topic": "t", "text": "\\ud800"}\n',
