@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ask devices for reliable delivery (acks and retransmission)",
     )
+    run.add_argument(
+        "--discovery",
+        action="store_true",
+        default=None,
+        help="find authorised peers on the local subnet by UDP broadcast (docs/discovery.md)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -249,6 +255,7 @@ def _run_settings(args: argparse.Namespace) -> dict[str, object]:
         ("peers.handshake_timeout_s", args.handshake_timeout),
         ("backoff.cap_s", args.backoff_cap),
         ("serial.reliable", args.serial_reliable),
+        ("discovery.enabled", args.discovery),
     ):
         if value is not None:
             values[key] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,14 @@ class NodeConfig:
     serial_keepalive_timeout_s: float = 3.0
     #: The control socket (``edgenode status``/``send``), or None for none.
     control_socket: Path | None = None
+    #: Find authorised peers on the local subnet by UDP broadcast beacons.
+    discovery: bool = False
+    discovery_port: int = 7301
+    #: Where beacons go: the subnet's broadcast address is best (docs/discovery.md).
+    discovery_address: str = "255.255.255.255"
+    #: Where beacons are heard (tests on loopback use 127.255.255.255).
+    discovery_bind_host: str = "0.0.0.0"
+    discovery_interval_s: float = 10.0
     #: Remember peers that were up (``known_peers.json``) and redial them after a restart.
     remember_peers: bool = True
     max_known_peers: int = 256
@@ -140,6 +149,16 @@ class NodeConfig:
                 f"max_frame_bytes: expected 256..16777216, got {self.max_frame_bytes!r}"
             )
         positive("serial_keepalive_interval_s")
+        positive("discovery_interval_s")
+        if not 1 <= self.discovery_port <= 65535:
+            raise ConfigError(f"discovery_port: expected 1..65535, got {self.discovery_port!r}")
+        for name in ("discovery_address", "discovery_bind_host"):
+            try:
+                ipaddress.IPv4Address(getattr(self, name))
+            except ValueError:
+                raise ConfigError(
+                    f"{name}: expected an IPv4 address, got {getattr(self, name)!r}"
+                ) from None
         if self.serial_keepalive_timeout_s <= self.serial_keepalive_interval_s:
             raise ConfigError(
                 f"serial_keepalive_timeout_s: expected more than serial_keepalive_interval_s "

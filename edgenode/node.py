@@ -110,6 +110,7 @@ from .transports.tcp import Link, accept_link, dial_link
 
 if TYPE_CHECKING:
     from .bridge import DeviceAnswer, Port, SerialBridge
+    from .transports.discovery import DiscoveryWiring
 
 log = logging.getLogger("edgenode.node")
 
@@ -383,6 +384,13 @@ class _Answer(_Ev):
         self.conn, self.msg, self.t = conn, msg, monotonic()
 
 
+class _AddPeer(_Ev):
+    __slots__ = ("ip", "port")
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.ip, self.port, self.t = ip, port, monotonic()
+
+
 class _Shutdown(_Ev):
     __slots__ = ()
 
@@ -394,6 +402,7 @@ _HARD_CLOSE = 0
 _REQUEST_DEADLINE = 1
 _HOUSEKEEPING = 2
 _LINK_TICK = 3
+_BEACON = 4
 
 
 class Node:
@@ -457,6 +466,7 @@ class Node:
         self._up_waiters: dict[str, list[anyio.Event]] = {}
         #: The devices each peer bridges, from its devices messages.
         self._remote_devices: dict[str, tuple[str, ...]] = {}
+        self.discovery: DiscoveryWiring | None = None
         self.bridge: SerialBridge | None = None
         if config.serial_ports:
             from .bridge import SerialBridge  # pyserial and the link load only when needed
@@ -510,9 +520,19 @@ class Node:
                 f"{exc.strerror or exc}"
             ) from None
         self.listen_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        if self.config.discovery:
+            try:
+                self.discovery = self._start_discovery()
+            except ConfigError:
+                await listener.aclose()
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+                raise
         self._started = monotonic()
         tg.start_soon(self._serve, listener, tg)
         tg.start_soon(self._dispatch)
+        if self.discovery is not None:
+            tg.start_soon(self.discovery.run)
         if self.bridge is not None:
             for port in self.bridge.ports:
                 tg.start_soon(self.bridge.run_port, port)
@@ -523,6 +543,8 @@ class Node:
             self.keepalive.schedule_dial(ip, now)
         self._dial_known(now)
         self._push_timer(now + _HOUSEKEEPING_S, _HOUSEKEEPING, None)
+        if self.discovery is not None:
+            self._push_timer(self.discovery.first_due(now), _BEACON, None)
         log.info(
             "node %s listening on %s:%d (%d peers configured, %d authorised)",
             self.node_id,
@@ -553,6 +575,8 @@ class Node:
                     await self._all_closed.wait()
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
+        if self.discovery is not None:
+            await self.discovery.aclose()
         final = self._known.take() if self._known is not None else None
         if final is not None:
             with anyio.CancelScope(shield=True):
@@ -622,6 +646,14 @@ class Node:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    async def add_peer(self, host: str, port: int) -> None:
+        """Dial ``host:port`` now and keep it connected, as a configured peer."""
+        self._check_open()
+        ip = normalise_ip(host)
+        if not 0 < port <= 65535:
+            raise InvalidArgument(f"port: expected 1..65535, got {port!r}")
+        await self._post(_AddPeer(ip, port))
 
     def subscribe(self, topic: str) -> Stream:
         """Receive data messages on ``topic`` (``prefix/#`` or ``#`` for many).
@@ -1053,7 +1085,12 @@ class Node:
             _Ask: self._on_ask,
             _Answer: self._on_answer,
             _Shutdown: self._on_shutdown,
+            _AddPeer: self._on_add_peer,
         }
+        if self.discovery is not None:
+            from .transports.discovery import BeaconHeard
+
+            handlers[BeaconHeard] = self.discovery.on_beacon
         if self.bridge is not None:
             from .bridge import DeviceAnswer, SerialEvent
 
@@ -1118,7 +1155,12 @@ class Node:
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, kind, obj = heapq.heappop(timers)
-            if kind == _LINK_TICK:
+            if kind == _BEACON:
+                if self.discovery is not None:
+                    due = self.discovery.on_timer(now)
+                    if due is not None:
+                        self._push_timer(due, _BEACON, None)
+            elif kind == _LINK_TICK:
                 if obj.tick_at == when and self.bridge is not None:
                     self.bridge.on_tick(obj, now)
             elif kind == _HARD_CLOSE:
@@ -1233,6 +1275,25 @@ class Node:
             self._push_timer(now + self.config.shutdown_grace_s, _HARD_CLOSE, conn)
         elif conn.scope is not None:
             conn.scope.cancel()
+
+    def _start_discovery(self) -> DiscoveryWiring:
+        from .transports.discovery import Discovery, wire_discovery
+
+        config = self.config
+        return wire_discovery(
+            self,
+            Discovery(
+                self.node_id,
+                self.listen_port,
+                self.epoch,
+                port=config.discovery_port,
+                bind_host=config.discovery_bind_host,
+                broadcast_host=config.discovery_address,
+                source_host="0.0.0.0" if self._wildcard else config.listen_host,
+                interval_s=config.discovery_interval_s,
+                is_authorised=self.authorised.__contains__,
+            ),
+        )
 
     def _dial_known(self, now: float) -> None:
         """Dial the authorised peers remembered from earlier runs."""
@@ -1616,6 +1677,15 @@ class Node:
 
     def _schedule_link_tick(self, port: Port, when: float) -> None:
         self._push_timer(when, _LINK_TICK, port)
+
+    def _on_add_peer(self, ev: _AddPeer, now: float) -> None:
+        try:
+            self.registry.add_configured(ev.ip, ev.port, now)
+        except ConfigError as exc:
+            log.warning("cannot add peer %s:%d: %s", ev.ip, ev.port, exc)
+            return
+        self._forget_pruned()
+        self.keepalive.schedule_dial(ev.ip, now)
 
     def _on_closed(self, ev: _Closed, now: float) -> None:
         self._drop(ev.conn, ev.reason, now, error=ev.error, bye=ev.error is not None)

@@ -77,6 +77,7 @@ and keys are errors too, with a suggestion when one is close.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -247,6 +248,15 @@ def _psk_file(value: object, base: Path | None) -> tuple[Path, bytes]:
     return path, key
 
 
+def _ipv4(value: object, base: Path | None) -> str:
+    text = _text(value, "an IPv4 address")
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        raise _Expected("an IPv4 address") from None
+    return text
+
+
 def _board(value: object, base: Path | None) -> str:
     from .profiles import load_node_profile
 
@@ -343,6 +353,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serial.max_frame", "serial_max_frame", _integer(128, 4096), profile=True),
     Setting("serial.keepalive_interval_s", "serial_keepalive_interval_s", _positive, profile=True),
     Setting("serial.keepalive_timeout_s", "serial_keepalive_timeout_s", _positive, profile=True),
+    Setting("discovery.enabled", "discovery", _boolean, flag="--discovery"),
+    Setting("discovery.port", "discovery_port", _integer(1, 65535)),
+    Setting("discovery.address", "discovery_address", _ipv4),
+    Setting("discovery.bind", "discovery_bind_host", _ipv4),
+    Setting("discovery.interval_s", "discovery_interval_s", _positive),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

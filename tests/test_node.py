@@ -306,12 +306,10 @@ async def test_two_connections_from_one_ip_make_one_entry(
 async def test_simultaneous_dial_ends_with_one_connection_both_sides_agree(
     make_config: Any,
 ) -> None:
-    from .conftest import free_port
-
-    port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
-    config_a = make_config("a", "127.0.0.2", [("127.0.0.3", port_b)], listen_port=port_a)
-    config_b = make_config("b", "127.0.0.3", [("127.0.0.2", port_a)], listen_port=port_b)
-    async with Node(config_a) as a, Node(config_b) as b:
+    async with Node(make_config("a", "127.0.0.2")) as a, Node(make_config("b", "127.0.0.3")) as b:
+        async with anyio.create_task_group() as tg:  # both dial at the same moment
+            tg.start_soon(a.add_peer, "127.0.0.3", b.listen_port)
+            tg.start_soon(b.add_peer, "127.0.0.2", a.listen_port)
         await wait_until(
             lambda: (
                 a._open_conns == 1
@@ -323,10 +321,14 @@ async def test_simultaneous_dial_ends_with_one_connection_both_sides_agree(
         )
         conn_a = a.registry.get("127.0.0.3").conn
         conn_b = b.registry.get("127.0.0.2").conn
-        # The connection dialled by the higher IP (127.0.0.3) survives on both sides.
-        assert (conn_a.direction, conn_b.direction) == (INBOUND, OUTBOUND)
+        # Both sides hold the same TCP connection.
+        local_a = conn_a.stream.extra(anyio.abc.SocketAttribute.local_port)
         local_b = conn_b.stream.extra(anyio.abc.SocketAttribute.local_port)
-        assert conn_a.port == local_b
+        assert (conn_a.port, conn_b.port) == (local_b, local_a)
+        assert {conn_a.direction, conn_b.direction} == {INBOUND, OUTBOUND}
+        # Both dials got through (both were sent before either handshake
+        # ended), and both nodes kept the one dialled by the higher IP.
+        assert (conn_a.direction, conn_b.direction) == (INBOUND, OUTBOUND)
 
 
 async def test_restarted_peer_with_new_epoch_is_readmitted_at_once(

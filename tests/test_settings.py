@@ -281,14 +281,17 @@ BAD_VALUES = [
     (
         "[keepalives]\ninterval_s = 5",
         "[keepalives]: unknown section; did you mean [keepalive]? (sections: [node], [peers], "
-        "[keepalive], [backoff], [limits], [serial])",
+        "[keepalive], [backoff], [limits], [serial], [discovery])",
     ),
     ("[board]\nkind = 'node'", "[board]: unknown section; (sections: [node], "),
     (
         "keepalive_interval_s = 5",
         "keepalive_interval_s: unknown key; did you mean keepalive.interval_s?",
     ),
-    ("interval_s = 5", "interval_s: unknown key; did you mean keepalive.interval_s?"),
+    (
+        "interval_s = 5",
+        "interval_s: unknown key; did you mean keepalive.interval_s or discovery.interval_s?",
+    ),
     ("colour = 5", "colour: unknown key; keys belong in a section: [node], [peers], "),
     ("keepalive = 5", "keepalive: expected a table [keepalive], got 5"),
     # boards named in the file
