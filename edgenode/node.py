@@ -1260,10 +1260,23 @@ class Node:
                 del self._pending[pending.request_id]
                 pending.finish(None, PeerUnavailable(f"peer {conn.ip} went down: {reason}"))
             if self._closing:
-                log.info("closed link to %s (node %s): %s", conn.ip, entry.node_id, reason)
+                log.info(
+                    "closed link to %s (node %s): %s",
+                    conn.ip,
+                    entry.node_id,
+                    reason,
+                    extra={"peer": conn.ip, "node_id": entry.node_id, "reason": reason},
+                )
             else:
                 retry = f"; redial in {delay:.1f} s" if delay is not None else ""
-                log.warning("peer down %s (node %s): %s%s", conn.ip, entry.node_id, reason, retry)
+                log.warning(
+                    "peer down %s (node %s): %s%s",
+                    conn.ip,
+                    entry.node_id,
+                    reason,
+                    retry,
+                    extra={"peer": conn.ip, "node_id": entry.node_id, "reason": reason},
+                )
             self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
         if bye:
             try:
@@ -1356,7 +1369,13 @@ class Node:
         if not admission.accepted:
             reason = admission.reason or "refused"
             self.refused += 1
-            log.info("not admitting %s connection with %s: %s", conn.direction, conn.ip, reason)
+            log.info(
+                "not admitting %s connection with %s: %s",
+                conn.direction,
+                conn.ip,
+                reason,
+                extra={"peer": conn.ip, "node_id": conn.node_id, "reason": reason},
+            )
             self._publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
             self._drop(conn, reason, now)
             return
@@ -1379,6 +1398,7 @@ class Node:
                 conn.node_id,
                 conn.direction,
                 " after a restart" if restarted else "",
+                extra={"peer": conn.ip, "node_id": conn.node_id},
             )
             self._publish(PeerUp(conn.ip, conn.node_id, conn.direction, restarted))
         self._wake(conn.ip)
@@ -1699,9 +1719,20 @@ class Node:
             entry = self.registry.get(ip)
             if entry is not None and entry.state == DOWN and not self._closing:
                 delay = self.keepalive.dial_failed(ip, now)
-                log.info("dial %s failed: %s; retry in %.1f s", ip, error, delay)
+                log.info(
+                    "dial %s failed: %s; retry in %.1f s",
+                    ip,
+                    error,
+                    delay,
+                    extra={"peer": ip, "reason": str(error)},
+                )
         else:
-            log.warning("refused connection from %s: %s", ip, error)
+            log.warning(
+                "refused connection from %s: %s",
+                ip,
+                error,
+                extra={"peer": ip, "reason": str(error)},
+            )
 
     def _learn(self, msg: Peers, now: float) -> None:
         if not self.config.learn_peers:

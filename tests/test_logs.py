@@ -282,3 +282,64 @@ def test_journal_stream_ignores_a_malformed_variable(
 def test_journal_stream_is_false_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOURNAL_STREAM", "1:2")
     assert not stream_is_journal(io.StringIO())
+
+
+def test_node_peer_events_carry_fields_in_json_lines(tmp_path: Path) -> None:
+    """A real `edgenode run` pair: the peer-up line carries the peer and its node ID."""
+    import socket
+    import subprocess
+    import sys
+
+    from edgenode.identity import add_authorised, create_identity
+
+    ids = {n: create_identity(tmp_path / n).node_id for n in ("a", "b")}
+    for me, other in (("a", "b"), ("b", "a")):
+        add_authorised(tmp_path / me / "authorised_nodes", ids[other])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    common = ["--log-format", "json", "--keepalive-interval", "0.5"]
+    a = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgenode",
+            "run",
+            "--state-dir",
+            str(tmp_path / "a"),
+            "--listen",
+            f"127.0.0.2:{port}",
+            *common,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    b = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgenode",
+            "run",
+            "--state-dir",
+            str(tmp_path / "b"),
+            "--listen",
+            "127.0.0.3:0",
+            "--peer",
+            f"127.0.0.2:{port}",
+            *common,
+        ],
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert a.stderr is not None
+        for line in a.stderr:  # bounded by the test timeout
+            record = json.loads(line)
+            if record["msg"].startswith("peer up"):
+                assert record["peer"] == "127.0.0.3"
+                assert record["node_id"] == ids["b"]
+                break
+    finally:
+        for proc in (b, a):
+            proc.terminate()
+            proc.wait(timeout=10)
