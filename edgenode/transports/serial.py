@@ -86,11 +86,7 @@ class SerialPort:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                if exc.errno in _GONE:
-                    raise anyio.BrokenResourceError(
-                        f"{self.path}: {os.strerror(exc.errno)}"
-                    ) from None
-                raise
+                raise self._gone(exc) from None
             if not data:
                 raise anyio.BrokenResourceError(f"{self.path}: end of file (unplugged?)")
             return data
@@ -107,12 +103,15 @@ class SerialPort:
                 await anyio.wait_writable(self.fd)
                 continue
             except OSError as exc:
-                if exc.errno in _GONE:
-                    raise anyio.BrokenResourceError(
-                        f"{self.path}: {os.strerror(exc.errno)}"
-                    ) from None
-                raise
+                raise self._gone(exc) from None
             view = view[written:]
+
+    def _gone(self, exc: OSError) -> Exception:
+        """The error to raise for a failed read or write: a vanished port is
+        ``BrokenResourceError``; anything else stays what it was."""
+        if exc.errno in _GONE:
+            return anyio.BrokenResourceError(f"{self.path}: {os.strerror(exc.errno)}")
+        return exc
 
     def close(self) -> None:
         """Close the port; idempotent."""
