@@ -282,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from .identity import load_authorised, load_or_create_identity
+    from .identity import load_authorised
 
     config = resolved.config
     # The state directory's list is always trusted, besides peers.authorised.
@@ -294,9 +294,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.replace(control_socket=default_control_path(config.state_dir))
     if resolved.board is not None:
         log.info("board %s: %s", resolved.board.name, resolved.board.description)
-    identity = load_or_create_identity(config.state_dir)
+    identity = _identity_for_run(config.state_dir)
     anyio.run(_run_node, config, identity, args.demo_app)
     return 0
+
+
+def _identity_for_run(state_dir: Path) -> object:
+    """Load the node's identity, making one first if the state dir has none.
+
+    A key is made with ``cryptography``, which costs a running node about
+    11 MB of RSS for good (a module cannot be unloaded), so a first run makes
+    it in a child process, exactly as ``edgenode keygen`` would.
+    """
+    import subprocess
+
+    from .errors import IdentityError
+    from .identity import CERT_FILENAME, KEY_FILENAME, load_identity
+
+    state = Path(state_dir)
+    if not os.path.lexists(state / KEY_FILENAME) and not os.path.lexists(state / CERT_FILENAME):
+        made = subprocess.run(
+            [sys.executable, "-m", "edgenode", "keygen", "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if made.returncode != 0:
+            lines = made.stderr.strip().splitlines() or ["cannot make an identity"]
+            raise IdentityError(lines[-1].split("error: ", 1)[-1])
+        log.info("made a new identity in %s: node %s", state, made.stdout.strip())
+    return load_identity(state)
 
 
 def cmd_boards(args: argparse.Namespace) -> int:

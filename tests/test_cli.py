@@ -488,6 +488,10 @@ def test_run_creates_identity_on_first_start(tmp_path: Path, start_node: StartNo
     state = tmp_path / "fresh"
     node = start_node("--state-dir", str(state), "--listen", "127.0.0.5:0")
     line = node.wait_for(r"node \S+ listening on ")
+    # The key was made in a child process: the running node never loads
+    # cryptography (about 11 MB of RSS on a Pi).
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert "cryptography" not in maps
     assert node.stop(signal.SIGTERM) == 0, node.log()
     node_id = line.split("node ", 1)[1].split()[0]
     assert NODE_ID_RE.match(node_id)
