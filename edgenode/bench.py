@@ -1,6 +1,13 @@
 """``edgenode bench``: figures measured on this machine, not assumed.
 
-This part measures the serial bridge: the framing efficiency of the UART
+Node to node (``edgenode.bench_tls`` workers, one process per side, on
+127.0.0.2 and 127.0.0.3, mutual TLS 1.3 with identities made in a temporary
+directory): one-way throughput, request round trips, and ``edgenode run``'s
+start-up time and idle RSS. Each figure is the median of repeated runs with
+its spread, next to a reference measured in the same run (plain anyio TLS
+with the same framing, one write per message), and the ratio of the two.
+
+The serial part measures the serial bridge: the framing efficiency of the UART
 link (payload bytes / bytes on the wire, computed from real frames) and the
 message rate from a device (the real firmware_bridge driver) to a node
 over a real pseudo-terminal. Each rate is the median of repeated runs with
@@ -14,10 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -116,9 +127,248 @@ def pty_rate(runs: int, messages: int, payload_bytes: int) -> dict[str, Any]:
     }
 
 
-def run_bench(runs: int = 5, messages: int = 2000, as_json: bool = False) -> int:
-    """Run the serial benchmarks; print a table (or JSON). Returns the exit status."""
+# -- node to node over TLS -------------------------------------------------------------
+
+SERVER_HOST = "127.0.0.2"
+CLIENT_HOST = "127.0.0.3"
+STARTUP_HOST = "127.0.0.4"
+THROUGHPUT_SIZES = (64, 1024)
+RTT_PAYLOAD_BYTES = 64
+SEND_BATCH = 256  # messages per send_many call
+WORKER_TIMEOUT_S = 300.0
+TARGETS = {
+    # figure: (comparison, bound, what the bound is against)
+    "throughput_64": (">=", 1.0, "ratio"),
+    "throughput_1024": (">=", 1.0, "ratio"),
+    "rtt_p50": ("<=", 1.3, "ratio"),
+    "idle_rss_mb": ("<=", 26.0, "median"),
+    "startup_s": ("<=", 0.25, "median"),
+}
+
+
+def _worker(role: str, own: Path, peer: Path, host: str, port: int, plan: dict[str, Any]):
+    argv = [sys.executable, "-m", "edgenode.bench_tls", role, str(own), str(peer), host]
+    return subprocess.Popen(
+        [*argv, str(port), json.dumps(plan)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """Stop a worker we started; return its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err or ""
+
+
+def _pair(kind: str, a: Path, b: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run ``kind``-server in one process and ``kind``-client in another."""
+    server = _worker(f"{kind}-server", a, b, SERVER_HOST, 0, plan)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{kind} server did not start: {_stop(server)[-2000:]}")
+        port = json.loads(line)["port"]
+        client = _worker(f"{kind}-client", b, a, SERVER_HOST, port, plan)
+        try:
+            out, err = client.communicate(timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            raise RuntimeError(f"{kind} client timed out after {WORKER_TIMEOUT_S} s") from None
+        if client.returncode != 0:
+            raise RuntimeError(f"{kind} client failed: {err[-2000:]}")
+        return json.loads(out)
+    finally:
+        _stop(server)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _startup_once(argv: list[str], port: int, settle_s: float) -> tuple[float, float]:
+    """Spawn ``argv``; seconds until a TCP connect to ``port`` succeeds, and RSS after."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = started + 10
+        while True:
+            try:
+                with socket.create_connection((STARTUP_HOST, port), timeout=1):
+                    elapsed = time.perf_counter() - started
+                break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError(
+                        f"{argv[2:4]} did not listen: {_stop(proc)[-2000:]}"
+                    ) from None
+                time.sleep(0.002)
+        time.sleep(settle_s)  # idle: no peers, nothing to do
+        return elapsed, _rss_mb(proc.pid)
+    finally:
+        _stop(proc)
+
+
+def startup(runs: int, a: Path, b: Path, settle_s: float) -> dict[str, list[float]]:
+    """Start-up seconds and idle RSS (MB) of ``edgenode run`` and of the reference server."""
+    from .identity import load_identity
+
+    peer_id = load_identity(b).node_id
+    figures: dict[str, list[float]] = {"node_s": [], "node_mb": [], "ref_s": [], "ref_mb": []}
+    for _ in range(runs):
+        port = _free_port(STARTUP_HOST)
+        node = [sys.executable, "-m", "edgenode", "run", "--state-dir", str(a)]
+        node += [
+            "--listen",
+            f"{STARTUP_HOST}:{port}",
+            "--authorise",
+            peer_id,
+            "--log-level",
+            "warning",
+        ]
+        seconds, mb = _startup_once(node, port, settle_s)
+        figures["node_s"].append(seconds)
+        figures["node_mb"].append(mb)
+        port = _free_port(STARTUP_HOST)
+        ref = [sys.executable, "-m", "edgenode.bench_tls", "ref-server", str(a), str(b)]
+        seconds, mb = _startup_once([*ref, STARTUP_HOST, str(port)], port, settle_s)
+        figures["ref_s"].append(seconds)
+        figures["ref_mb"].append(mb)
+    return figures
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _figure(
+    name: str, unit: str, node: list[float], ref: list[float], note: str = ""
+) -> dict[str, Any]:
+    median, reference = statistics.median(node), statistics.median(ref)
+    fig: dict[str, Any] = {
+        "unit": unit,
+        "median": median,
+        "min": min(node),
+        "max": max(node),
+        "runs": len(node),
+        "reference": reference,
+        "reference_min": min(ref),
+        "reference_max": max(ref),
+        "ratio": median / reference,
+    }
+    if note:
+        fig["note"] = note
+    target = TARGETS.get(name)
+    if target is not None:
+        op, bound, against = target
+        value = fig[against]
+        fig["target"] = f"{against} {op} {bound:g}"
+        fig["target_met"] = value >= bound if op == ">=" else value <= bound
+    return fig
+
+
+def tls_figures(runs: int, quick: bool) -> dict[str, Any]:
+    """Every node-to-node figure, each with its same-run reference."""
+    from .identity import create_identity
+
+    plan = {
+        "runs": runs,
+        "messages": 2000 if quick else 20000,
+        "requests": 200 if quick else 2000,
+        "sizes": list(THROUGHPUT_SIZES),
+        "rtt_bytes": RTT_PAYLOAD_BYTES,
+        "local_host": CLIENT_HOST,
+        "batch": SEND_BATCH,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp, "a"), Path(tmp, "b")
+        create_identity(a)
+        create_identity(b)
+        ref = _pair("ref", a, b, plan)
+        node = _pair("node", a, b, plan)
+        boot = startup(runs, a, b, settle_s=0.3 if quick else 1.0)
+    figures: dict[str, Any] = {}
+    for size in THROUGHPUT_SIZES:
+        figures[f"throughput_{size}"] = _figure(
+            f"throughput_{size}",
+            "msg/s",
+            node["throughput"][str(size)],
+            ref["throughput"][str(size)],
+            f"{size}-byte payloads, {plan['messages']} messages per run, counted at the receiver",
+        )
+    for q in (0.5, 0.99):
+        name = f"rtt_p{int(q * 100)}"
+        figures[name] = _figure(
+            name,
+            "ms",
+            [_percentile(run, q) * 1000 for run in node["rtt"]],
+            [_percentile(run, q) * 1000 for run in ref["rtt"]],
+            f"{RTT_PAYLOAD_BYTES}-byte requests, {plan['requests']} sequential per run",
+        )
+    figures["startup_s"] = _figure(
+        "startup_s",
+        "s",
+        boot["node_s"],
+        boot["ref_s"],
+        "process spawn to first TCP connect; reference: the plain TLS server",
+    )
+    figures["idle_rss_mb"] = _figure(
+        "idle_rss_mb", "MB", boot["node_mb"], boot["ref_mb"], "VmRSS, no peers, after start-up"
+    )
+    return {"plan": plan, "figures": figures, "node_dropped": node["dropped"]}
+
+
+def _print_tls_table(tls: dict[str, Any]) -> None:
+    plan = tls["plan"]
+    print(
+        f"node to node, mutual TLS 1.3 on loopback, median of {plan['runs']} runs "
+        f"(spread min..max); reference: plain anyio TLS, same run"
+    )
+    print(f"  {'figure':<16} {'node':>10} {'spread':>21} {'reference':>10} {'ratio':>6}  target")
+    for name, fig in tls["figures"].items():
+        digits = 0 if fig["unit"] == "msg/s" else 3 if fig["unit"] in ("ms", "s") else 1
+        spread = f"{fig['min']:,.{digits}f}..{fig['max']:,.{digits}f}"
+        target = ""
+        if "target" in fig:
+            target = f"{fig['target']}: {'met' if fig['target_met'] else 'MISSED'}"
+        print(
+            f"  {name:<16} {fig['median']:>10,.{digits}f} {spread:>21} "
+            f"{fig['reference']:>10,.{digits}f} {fig['ratio']:>5.2f}x  {target}"
+        )
+    print("  units: throughput msg/s; rtt ms; startup s; idle_rss MB")
+
+
+def run_bench(
+    runs: int = 5, messages: int = 2000, as_json: bool = False, quick: bool = False
+) -> int:
+    """Run the serial and node-to-node benchmarks; print a table (or JSON).
+
+    ``quick`` is a smoke run: fewer runs, messages and requests. Returns
+    the exit status.
+    """
     logging.getLogger("edgenode").setLevel(logging.ERROR)  # the bench node needs no peers
+    if quick:
+        runs, messages = min(runs, 2), min(messages, 200)
+    tls = tls_figures(runs, quick)
     efficiency = framing_efficiency()
     rate = pty_rate(runs, messages, 64)
     wire_64 = efficiency[64]["wire_bytes"]
@@ -131,10 +381,14 @@ def run_bench(runs: int = 5, messages: int = 2000, as_json: bool = False) -> int
         "serial_framing_efficiency": efficiency,
         "serial_pty_rate": rate,
         "uart_115200_msgs_per_s_64b": 11520 / wire_64,
+        "quick": quick,
+        "tls": tls,
     }
     if as_json:
         print(json.dumps(result, indent=2))
         return 0
+    _print_tls_table(tls)
+    print()
     print("serial link framing (unreliable, unauthenticated, 1-byte topic)")
     print(f"  {'payload':>8} {'on the wire':>12} {'efficiency':>11}")
     for size, fig in efficiency.items():
@@ -157,3 +411,22 @@ def run_bench(runs: int = 5, messages: int = 2000, as_json: bool = False) -> int
         f"{result['uart_115200_msgs_per_s_64b']:,.0f} such frames/s"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgenode.bench [--runs N] [--messages N] [--json] [--quick]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="edgenode bench")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.messages < 1:
+        parser.error("--runs and --messages must be at least 1")
+    return run_bench(args.runs, args.messages, args.json, args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=5, help="repeat each measurement (default 5)")
     bench.add_argument("--messages", type=int, default=2000, help="messages per run")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--quick", action="store_true", help="a fast smoke run (few messages)")
 
     def with_socket(p: argparse.ArgumentParser) -> None:
         with_state(p)
@@ -357,7 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.messages < 1:
         raise ConfigError("--runs and --messages must be at least 1")
-    return run_bench(runs=args.runs, messages=args.messages, as_json=args.json)
+    return run_bench(runs=args.runs, messages=args.messages, as_json=args.json, quick=args.quick)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

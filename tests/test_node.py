@@ -441,3 +441,19 @@ async def test_restarted_node_redials_the_peers_it_knew(make_config: Any, tmp_pa
         async with Node(config.replace(peers=[])) as a:
             up = await wait_event(a.events(), lambda e: isinstance(e, PeerUp))
             assert (up.peer, up.direction) == ("127.0.0.3", OUTBOUND)
+
+
+async def test_send_many_delivers_in_order_and_checks_everything_first(make_config: Any) -> None:
+    async with Node(make_config("a", "127.0.0.2", subscription_buffer=1024)) as a:
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            with a.subscribe("bulk") as sub:
+                with pytest.raises(InvalidArgument, match="payload: expected bytes, got str"):
+                    await b.send_many("127.0.0.2", "bulk", [b"ok", "not bytes"])  # type: ignore[list-item]
+                with pytest.raises(InvalidArgument, match="send_many does not address devices"):
+                    await b.send_many("127.0.0.2/pico", "bulk", [b"x"])
+                payloads = [b"%04d" % i + bytes(200) for i in range(500)]
+                assert await b.send_many("127.0.0.2", "bulk", payloads) == 500
+                with anyio.fail_after(5):
+                    got = [(await sub.receive()).payload for _ in range(500)]
+                assert got == payloads  # nothing from the refused calls came through
