@@ -66,6 +66,7 @@ __all__ = [
     "peer_node_id",
     "public_key_from_cert_der",
     "server_context",
+    "write_atomic",
 ]
 
 KEY_FILENAME = "node.key"
@@ -356,7 +357,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode`` via a temp file and a rename.
 
     The temp file is created with O_EXCL and ``mode`` from the start, so a
@@ -423,8 +424,8 @@ def create_identity(state_dir: str | os.PathLike[str], *, overwrite: bool = Fals
     try:
         # Key first: if we die between the two renames, the TLS contexts
         # report a key/certificate mismatch rather than use a stale key.
-        _write_atomic(key_path, key_pem, 0o600)
-        _write_atomic(cert_path, cert_pem, 0o644)
+        write_atomic(key_path, key_pem, 0o600)
+        write_atomic(cert_path, cert_pem, 0o644)
     except OSError as exc:
         raise IdentityError(
             f"cannot write identity in {state}: {exc.strerror} ({exc.filename})"
@@ -644,7 +645,7 @@ def add_authorised(path: str | os.PathLike[str], node_id: str) -> bool:
     except OSError:
         mode = 0o644
     try:
-        _write_atomic(target, (text + canonical + "\n").encode("utf-8"), mode)
+        write_atomic(target, (text + canonical + "\n").encode("utf-8"), mode)
     except OSError as exc:
         raise ConfigError(f"cannot write authorised nodes file {target}: {exc.strerror}") from None
     return True

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .identity import _write_atomic, parse_node_id
+from .identity import parse_node_id, write_atomic
 from .registry import normalise_ip
 
 __all__ = [
@@ -290,7 +290,7 @@ def save_known_peers(path: str | os.PathLike[str], peers: Sequence[KnownPeer]) -
         ],
     }
     data = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
-    _write_atomic(Path(path), data, _FILE_MODE)
+    write_atomic(Path(path), data, _FILE_MODE)
 
 
 # -- the list of a running node ------------------------------------------------
