@@ -217,6 +217,10 @@ class Stream:
         """Wait for the next item. Raises ``anyio.EndOfStream`` once closed."""
         return await self._recv.receive()
 
+    def receive_nowait(self) -> Any:
+        """The next item if one is waiting; raises ``anyio.WouldBlock`` if not."""
+        return self._recv.receive_nowait()
+
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._recv.__aiter__()
 
@@ -262,7 +266,10 @@ class _Conn:
         "outbox_recv",
         "outbox_send",
         "port",
+        "progress_t",
         "proto",
+        "reserved",
+        "room",
         "scope",
         "stream",
     )
@@ -280,6 +287,12 @@ class _Conn:
         self.outbox_send, self.outbox_recv = anyio.create_memory_object_stream(outbox_frames)
         self.scope: anyio.CancelScope | None = None
         self.closing = False
+        # Backpressure for the application: places in the outbox promised to
+        # callers whose frames are still in the inbox, an event set when the
+        # writer takes frames out, and when it last did.
+        self.reserved = 0
+        self.room: anyio.Event | None = None
+        self.progress_t = monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
         self.drops = 0
@@ -357,7 +370,7 @@ class _Send(_Ev):
     """Queue ``frame`` to ``ip`` (None: every peer); or, with ``local``, data
     (device id, topic, payload) for a device on this node's serial ports."""
 
-    __slots__ = ("droppable", "frame", "ip", "local")
+    __slots__ = ("droppable", "frame", "ip", "local", "reserved")
 
     def __init__(
         self,
@@ -365,16 +378,20 @@ class _Send(_Ev):
         frame: bytes,
         droppable: bool,
         local: tuple[str, str, bytes] | None = None,
+        reserved: _Conn | None = None,
     ) -> None:
         self.ip, self.frame, self.droppable, self.t = ip, frame, droppable, monotonic()
         self.local = local
+        # The connection whose outbox the caller reserved a place in.
+        self.reserved = reserved
 
 
 class _Ask(_Ev):
-    __slots__ = ("payload", "pending")
+    __slots__ = ("payload", "pending", "reserved")
 
-    def __init__(self, pending: _Pending, payload: bytes) -> None:
+    def __init__(self, pending: _Pending, payload: bytes, reserved: _Conn | None = None) -> None:
         self.pending, self.payload, self.t = pending, payload, monotonic()
+        self.reserved = reserved
 
 
 class _Answer(_Ev):
@@ -593,12 +610,16 @@ class Node:
 
         Raises :class:`PeerUnavailable` at once if the peer is not connected,
         or, with ``wait_s``, after waiting that long for it to (re)connect.
-        Delivery is not confirmed; use :meth:`request` for that.
+        While the peer's outbox is full the call waits for room
+        (backpressure); a peer that takes nothing for a whole keepalive
+        timeout is closed as a slow peer. Delivery is not confirmed; use
+        :meth:`request` for that.
         """
         topic, payload = self._check_topic(topic), self._check_payload(payload)
         ip, device = await self._up_peer(peer, wait_s)
         if device is None:
-            await self._post(_Send(ip, PeerProtocol.send(Data(topic, payload)), False))
+            frame = PeerProtocol.send(Data(topic, payload))
+            await self._post(_Send(ip, frame, False, reserved=await self._reserve(ip)))
         elif self._is_local(ip):
             assert self.bridge is not None
             # Reliable links take a few messages at a time: wait for room
@@ -610,7 +631,8 @@ class Node:
             self.bridge.reserve(device)
             await self._post(_Send(ip, b"", False, local=(device, topic, payload)))
         else:
-            await self._post(_Send(ip, PeerProtocol.send(ToDevice(device, topic, payload)), False))
+            frame = PeerProtocol.send(ToDevice(device, topic, payload))
+            await self._post(_Send(ip, frame, False, reserved=await self._reserve(ip)))
 
     async def send_many(self, peer: str, topic: str, payloads: Iterable[bytes]) -> int:
         """Queue several messages on one topic to ``peer`` (an IP or node ID), in order.
@@ -632,10 +654,11 @@ class Node:
             chunk.append(frame)
             size += len(frame)
             if size >= _COALESCE_BYTES:
-                await self._post(_Send(ip, b"".join(chunk), False))
+                reserved = await self._reserve(ip)
+                await self._post(_Send(ip, b"".join(chunk), False, reserved=reserved))
                 chunk, size = [], 0
         if chunk:
-            await self._post(_Send(ip, b"".join(chunk), False))
+            await self._post(_Send(ip, b"".join(chunk), False, reserved=await self._reserve(ip)))
         return len(frames)
 
     async def broadcast(self, topic: str, payload: bytes) -> int:
@@ -666,7 +689,8 @@ class Node:
             raise InvalidArgument(f"timeout: expected a number > 0, got {timeout!r}")
         ip, device = await self._up_peer(peer, wait_s)
         pending = _Pending(ip, topic, timeout, device)
-        await self._post(_Ask(pending, bytes(payload)))
+        reserved = None if device is not None and self._is_local(ip) else await self._reserve(ip)
+        await self._post(_Ask(pending, bytes(payload), reserved))
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -881,6 +905,35 @@ class Node:
             f"peer {ip} is not connected{waited} ({entry.down_reason or 'not connected yet'})"
         )
 
+    async def _reserve(self, ip: str) -> _Conn | None:
+        """Wait for room in the outbox of the peer at ``ip`` and reserve a place.
+
+        Backpressure for the application: a caller that produces faster
+        than the peer takes waits here, instead of filling the outbox
+        until the slow-peer policy closes the link. The dispatcher never
+        waits; it releases the place when it queues the frame. If the
+        writer takes nothing for a whole keepalive timeout, returns
+        without a reservation: the frame then meets the full outbox and
+        the slow-peer policy (DESIGN: the peer is slow, not the node).
+        """
+        limit = self.config.outbox_frames
+        while True:
+            entry = self.registry.get(ip)
+            conn = entry.conn if entry is not None else None
+            if not isinstance(conn, _Conn) or conn.closing:
+                raise PeerUnavailable(f"peer {ip} went down while the send waited for room")
+            if conn.outbox_send.statistics().current_buffer_used + conn.reserved < limit:
+                conn.reserved += 1
+                return conn
+            stalled = monotonic() - conn.progress_t
+            left = self.config.keepalive_timeout_s - stalled
+            if left <= 0:
+                return None
+            if conn.room is None:
+                conn.room = anyio.Event()
+            with anyio.move_on_after(left):
+                await conn.room.wait()
+
     def _wake(self, key: str) -> None:
         for waiter in self._up_waiters.get(key, ()):
             waiter.set()
@@ -1073,6 +1126,10 @@ class Node:
         recv, stream = conn.outbox_recv, conn.stream
         try:
             async for frame in recv:
+                room = conn.room
+                if room is not None:
+                    conn.room = None
+                    room.set()
                 size = len(frame)
                 if size < _COALESCE_BYTES:
                     # Coalesce what is already queued into one TLS write.
@@ -1088,6 +1145,7 @@ class Node:
                         frame = b"".join(batch)
                 await stream.send(frame)
                 conn.bytes_out += size
+                conn.progress_t = monotonic()
         except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
             # EndOfStream: TLS needed to read while writing and the peer had gone.
             reason = f"connection lost while sending: {_os_detail(exc)}"
@@ -1271,6 +1329,9 @@ class Node:
         if conn.closing:
             return
         conn.closing = True
+        if conn.room is not None:
+            conn.room.set()  # callers waiting for room see the link close
+            conn.room = None
         self._conns.discard(conn)
         entry = self.registry.closed(conn, reason, now)
         if entry is not None:
@@ -1544,6 +1605,8 @@ class Node:
             self._queue(ev.conn, PeerProtocol.send(ev.msg), now)
 
     def _on_ask(self, ev: _Ask, now: float) -> None:
+        if ev.reserved is not None:
+            ev.reserved.reserved -= 1
         pending = ev.pending
         if len(self._pending) >= self.config.max_pending_requests:
             pending.finish(
@@ -1581,6 +1644,8 @@ class Node:
         self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
 
     def _on_send(self, ev: _Send, now: float) -> None:
+        if ev.reserved is not None:
+            ev.reserved.reserved -= 1
         if ev.local is not None:
             device, topic, payload = ev.local
             assert self.bridge is not None

@@ -148,9 +148,10 @@ async def test_message_is_delivered_promptly_while_a_handshake_hangs(make_config
 
 
 async def test_slow_peer_does_not_delay_other_peers(make_config: Any, identities: Any) -> None:
-    config = make_config(
-        "a", "127.0.0.2", outbox_frames=16, keepalive_timeout_s=30, keepalive_interval_s=10
-    )
+    # The keepalive timeout bounds how long a sender waits for a peer that
+    # takes nothing; the silent peer keeps pinging, so only the slow-peer
+    # policy can close it.
+    config = make_config("a", "127.0.0.2", outbox_frames=16, keepalive_timeout_s=1.5)
     async with Node(config) as a:
         async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
             events = a.events()
@@ -159,27 +160,71 @@ async def test_slow_peer_does_not_delay_other_peers(make_config: Any, identities
             slow = await RawPeer.connect(identities["raw"], "127.0.0.2", a.listen_port)
             await slow.hello(identities["raw"])
             await wait_event(events, lambda e: isinstance(e, PeerUp) and e.peer == "127.0.0.9")
-            with b.subscribe("t") as sub:
+            flooded = anyio.Event()
+            sent = 0
+
+            async def keep_pinging() -> None:
+                while True:
+                    await slow.send(PeerProtocol.send(Ping(1)))
+                    await anyio.sleep(0.2)  # a peer's own rhythm, not synchronisation
+
+            async def flood() -> None:
+                nonlocal sent
                 payload = bytes(16 * 1024)
-                down = None
-                sent = 0
-                while down is None:
-                    try:
+                with pytest.raises(PeerUnavailable):
+                    while True:
                         await a.send("127.0.0.9", "bulk", payload)
                         sent += 1
-                    except PeerUnavailable:
-                        down = await wait_event(
-                            events, lambda e: isinstance(e, PeerDown) and e.peer == "127.0.0.9"
-                        )
-                    # Messages to the healthy peer still go straight through.
-                    await a.send("127.0.0.3", "t", b"%d" % sent)
-                    with anyio.fail_after(0.5):
-                        assert (await sub.receive()).payload == b"%d" % sent
+                flooded.set()
+
+            with b.subscribe("t") as sub:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(keep_pinging)
+                    tg.start_soon(flood)
+                    # While the flood waits for room, messages to the healthy
+                    # peer still go straight through.
+                    i = 0
+                    while not flooded.is_set():
+                        i += 1
+                        await a.send("127.0.0.3", "t", b"%d" % i)
+                        with anyio.fail_after(0.5):
+                            assert (await sub.receive()).payload == b"%d" % i
+                    tg.cancel_scope.cancel()
+            down = await wait_event(
+                events, lambda e: isinstance(e, PeerDown) and e.peer == "127.0.0.9"
+            )
             assert sent > 16
             assert isinstance(down.error, SlowPeer)
             assert down.reason == "slow peer: outbox full (16 frames)"
             assert await b.request("127.0.0.2", "edgenode/peers", b"")
             await slow.aclose()
+
+
+async def test_fast_producer_waits_for_room_instead_of_losing_its_peer(make_config: Any) -> None:
+    # Regression: send() used to wait only for room in the inbox, so a
+    # producer faster than the link filled the peer's outbox and the node
+    # closed a healthy peer as slow. Now the caller waits for room.
+    config = make_config("a", "127.0.0.2", subscription_buffer=300)
+    async with Node(config) as a:
+        peers = [("127.0.0.2", a.listen_port)]
+        async with Node(make_config("b", "127.0.0.3", peers, outbox_frames=4)) as b:
+            await wait_event(b.events(), lambda e: isinstance(e, PeerUp))
+            events = b.events()
+            count, payload = 300, bytes(32 * 1024)
+            with a.subscribe("bulk") as sub:
+                for _ in range(count):
+                    await b.send("127.0.0.2", "bulk", payload)
+                for _ in range(count):
+                    with anyio.fail_after(5):
+                        assert (await sub.receive()).payload == payload
+                assert await b.send_many("127.0.0.2", "bulk", [payload] * count) == count
+                for _ in range(count):
+                    with anyio.fail_after(5):
+                        await sub.receive()
+            assert [p.state for p in b.peers()] == [UP]
+            with pytest.raises(anyio.WouldBlock):
+                events.receive_nowait()  # no PeerDown, no Refused
+            assert b.stats()["lost_sends"] == 0
 
 
 async def test_slow_subscriber_loses_messages_not_the_loop(make_config: Any) -> None:
