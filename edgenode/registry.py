@@ -56,6 +56,14 @@ redialled. Pruning happens when the node calls :meth:`Registry.prune`, and
 implicitly when a new entry needs room; implicitly pruned entries are kept
 for :meth:`Registry.take_pruned` so that the node can forget their timers.
 
+A verified connection (:meth:`admit`) or a configured peer that finds the
+table still full after pruning evicts the longest-waiting *unproven* entry:
+learned from a peer list or a beacon, not configured, DOWN, and never once
+connected. Such an entry is only a hint, and anyone who can forge a beacon
+with an authorised node ID from many source addresses could otherwise fill
+the table and keep real peers out until the prune delay. :meth:`learn`
+never evicts: a hint does not displace another.
+
 This module is pure: no clock, no sockets, no randomness. Time comes in as
 ``now`` (monotonic seconds). Connections are opaque objects owned by the
 node; the registry compares them by identity only.
@@ -265,7 +273,7 @@ class Registry:
             raise ConfigError(f"configured peer {ip} is our own address")
         entry = self._entries.get(ip)
         if entry is None:
-            if not self._make_room(now):
+            if not self._make_room(now, evict_unproven=True):
                 raise ConfigError(
                     f"peer table full ({self.max_peers} entries): cannot add configured peer {ip}"
                 )
@@ -331,7 +339,7 @@ class Registry:
         entry = self._entries.get(ip)
         # 2. A new IP needs room.
         if entry is None:
-            if not self._make_room(now):
+            if not self._make_room(now, evict_unproven=True):
                 return Admission(False, reason=f"peer table full ({self.max_peers} entries)")
             entry = self._new_entry(ip, now)
             return self._accept(entry, conn, node_id, epoch, direction, listen_port, now)
@@ -466,9 +474,20 @@ class Registry:
         pruned, self._pruned = self._pruned, []
         return pruned
 
-    def _make_room(self, now: float) -> bool:
+    def _make_room(self, now: float, *, evict_unproven: bool = False) -> bool:
         if len(self._entries) >= self.max_peers:
             self._pruned.extend(self.prune(now))
+        if len(self._entries) >= self.max_peers and evict_unproven:
+            unproven = [
+                entry
+                for entry in self._entries.values()
+                if entry.state == DOWN and not entry.configured and entry.times_up == 0
+            ]
+            if unproven:
+                oldest = min(unproven, key=lambda entry: entry.last_change)
+                del self._entries[oldest.ip]
+                self._unindex_node_id(oldest)
+                self._pruned.append(oldest)
         return len(self._entries) < self.max_peers
 
     # -- internals ----------------------------------------------------------

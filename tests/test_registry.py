@@ -228,6 +228,31 @@ def test_admit_prunes_full_table_first() -> None:
     assert registry.by_node_id("n1") is None
 
 
+def test_hints_cannot_keep_verified_peers_out() -> None:
+    # Regression: beacons forged from many source addresses (with an
+    # authorised node ID) filled the table with learned entries that were
+    # never connected, and real peers were refused until the prune delay.
+    registry = make_registry(max_peers=3, prune_after_s=3600.0)
+    proven = Conn()
+    admit(registry, proven, ip="10.0.0.1", node_id="n1", now=0.0)
+    registry.closed(proven, "eof", now=1.0)  # down, but it was connected once
+    assert registry.learn("10.0.9.1", 7000, "forged", now=2.0) is not None
+    assert registry.learn("10.0.9.2", 7000, "forged", now=3.0) is not None
+    assert registry.learn("10.0.9.3", 7000, "forged", now=4.0) is None  # hints never evict
+    admission = admit(registry, Conn(), ip="10.0.0.2", node_id="n2", now=5.0)
+    assert admission.accepted
+    assert [entry.ip for entry in registry.take_pruned()] == ["10.0.9.1"]  # the oldest hint
+    entry = registry.add_configured("10.0.0.3", 7000, now=6.0)
+    assert entry.configured
+    assert [entry.ip for entry in registry.take_pruned()] == ["10.0.9.2"]
+    assert sorted(entry.ip for entry in registry) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    # Nothing left to evict: proven and configured entries stay.
+    admission = admit(registry, Conn(), ip="10.0.0.4", node_id="n4", now=7.0)
+    assert not admission.accepted
+    assert admission.reason == "peer table full (3 entries)"
+    assert registry.by_node_id("forged") is None
+
+
 def test_admit_down_entry_accepts_and_records_new_node_id() -> None:
     registry = make_registry()
     first = Conn()
