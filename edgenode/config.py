@@ -103,6 +103,8 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name}: expected a number, got {value!r}")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             if value < minimum or (strict and value == minimum):
                 cmp = ">" if strict else ">="
                 raise ConfigError(f"{name}: expected a value {cmp} {minimum}, got {value!r}")

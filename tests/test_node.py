@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from edgenode.errors import (
+    ConfigError,
     InvalidArgument,
     NodeClosed,
     PeerUnavailable,
@@ -114,6 +115,15 @@ async def test_api_rejects_bad_arguments(make_config: Any) -> None:
             await a.send("127.0.0.3", "t", b"")
     with pytest.raises(NodeClosed, match="node is closed"):
         await a.send("127.0.0.3", "t", b"")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_config_from_python_rejects_non_finite_numbers(make_config: Any, value: float) -> None:
+    # Regression: files and flags refused NaN and infinity, NodeConfig from
+    # Python did not (NaN compares false to every bound).
+    with pytest.raises(ConfigError) as raised:
+        Node(make_config("a", "127.0.0.2", keepalive_timeout_s=value))
+    assert str(raised.value) == f"keepalive_timeout_s: expected a finite number, got {value!r}"
 
 
 # -- failure 1: a starved loop ---------------------------------------------------
