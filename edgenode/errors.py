@@ -28,6 +28,11 @@ class InvalidNodeId(ConfigError):
     """A node ID is not well-formed or its checksum does not match."""
 
 
+class ListenError(EdgeNodeError):
+    """The listen address is busy or not (yet) on this host: worth retrying,
+    unlike a :class:`ConfigError` (exit status 1, not 2)."""
+
+
 class IdentityError(EdgeNodeError):
     """The node's key or certificate is missing, unreadable or malformed."""
 

@@ -27,6 +27,7 @@ transport events, so "up" always means a live transport (failure 4).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import logging
@@ -48,6 +49,7 @@ from .errors import (
     EdgeNodeError,
     HandshakeError,
     InvalidArgument,
+    ListenError,
     NodeClosed,
     PeerUnavailable,
     ProtocolError,
@@ -117,6 +119,7 @@ log = logging.getLogger("edgenode.node")
 monotonic = time.monotonic
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _COALESCE_BYTES = 64 * 1024
+_RETRYABLE_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 _HOUSEKEEPING_S = 30.0
 _READ_BYTES = 65536
 
@@ -532,7 +535,10 @@ class Node:
         except OSError as exc:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
-            raise ConfigError(
+            # Busy, or the address is not up yet (at boot): a restart may
+            # succeed. Anything else (a privileged port, ...) is configuration.
+            error = ListenError if exc.errno in _RETRYABLE_LISTEN else ConfigError
+            raise error(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
                 f"{exc.strerror or exc}"
             ) from None

@@ -385,7 +385,21 @@ def test_run_rejects_listen_address_in_use(tmp_path: Path) -> None:
         result = edgenode(
             tmp_path, "run", "--state-dir", str(state), "--listen", f"127.0.0.5:{port}"
         )
-    assert_one_error_line(result, 2, rf"^error: cannot listen on 127\.0\.0\.5:{port}: ")
+    # Exit 1, not 2: a busy port is worth a restart (systemd retries), a
+    # configuration error is not.
+    assert_one_error_line(
+        result, 1, rf"^error: cannot listen on 127\.0\.0\.5:{port}: Address already in use$"
+    )
+
+
+def test_run_on_an_address_this_host_lacks_exits_1_to_be_retried(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    keygen(tmp_path, state)
+    # TEST-NET-1: not on any interface here, as a static address is not at boot.
+    result = edgenode(tmp_path, "run", "--state-dir", str(state), "--listen", "192.0.2.1:7300")
+    assert_one_error_line(
+        result, 1, r"^error: cannot listen on 192\.0\.2\.1:7300: Cannot assign requested address$"
+    )
 
 
 # -- run: two real nodes ----------------------------------------------------------------
