@@ -578,3 +578,23 @@ def test_demo_runs_all_steps(tmp_path: Path) -> None:
     }, out
     assert {row[4] for row in rows} == {"up"}, out
     assert re.search(r"^demo finished in [\d.]+ s$", out, re.M), out
+
+
+def test_output_to_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    # Regression: `edgenode status | head` printed a BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "edgenode", "boards"],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(tmp_path, None),
+            timeout=COMMAND_TIMEOUT_S,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 128 + signal.SIGPIPE
