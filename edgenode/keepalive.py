@@ -44,8 +44,14 @@ pushes the entry back at the real deadline. Each link and each pending dial
 has at most one live entry; an entry whose link went down, or whose dial was
 cancelled or rescheduled, is dropped when it surfaces. So the scheduler's
 work is one heap operation per link per ping interval, whether the link is
-idle (and pinged) or busy (and the entry merely moves), and not per frame:
-with N peers the dispatcher wakes about N times per interval.
+idle (and pinged) or busy (and the entry merely moves), and not per frame.
+
+Pings are also batched: with ``ping_slack_s``, a visit that is due anyway
+sends every ping that would fall due within the slack, early, instead of
+waking again for each. Deaths and dials never fire early. With N peers, an
+interval I and a slack S the dispatcher wakes for its own pings about
+``min(N, I / S)`` times per interval rather than N times, and the peers'
+pongs come back together too.
 
 This module is pure: no clock, no randomness, no I/O. Time comes in as
 ``now`` (monotonic seconds) and randomness from the ``rand`` callable given
@@ -203,6 +209,7 @@ class Keepalive:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         stable_after_s: float | None = None,
+        ping_slack_s: float = 0.0,
     ) -> None:
         """Create a scheduler with nothing scheduled.
 
@@ -210,7 +217,9 @@ class Keepalive:
         ``timeout_s``. Raises :class:`ConfigError` if ``interval_s`` is not
         positive, ``timeout_s`` is not greater than ``interval_s``,
         ``jitter`` is not in [0, 0.5), the backoff base is not positive or
-        the cap is below it, or ``stable_after_s`` is negative.
+        the cap is below it, ``stable_after_s`` is negative, or
+        ``ping_slack_s`` is negative or not below ``interval_s * (1 - jitter)``
+        (the shortest ping interval).
         """
         if not (interval_s > 0 and math.isfinite(interval_s)):
             raise ConfigError(
@@ -230,6 +239,12 @@ class Keepalive:
             raise ConfigError(
                 f"keepalive stable_after_s must be >= 0 seconds, got {stable_after_s!r}"
             )
+        if not 0 <= ping_slack_s < interval_s * (1 - jitter):
+            raise ConfigError(
+                f"keepalive ping slack must be >= 0 and below the shortest ping interval "
+                f"({interval_s * (1 - jitter)!r} s), got {ping_slack_s!r}"
+            )
+        self.ping_slack_s: float = ping_slack_s
         self.interval_s: float = interval_s
         self.timeout_s: float = timeout_s
         self.jitter: float = jitter
@@ -374,11 +389,20 @@ class Keepalive:
         """
         actions: list[tuple[str, Hashable, int]] = []
         again: list[tuple[Hashable, _Link]] = []
+        early: list[tuple[float, int, Hashable, _Link | None]] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, seq, key, link = heapq.heappop(heap)
+        # Entries up to the slack ahead are looked at for pings only.
+        ping_until = now + self.ping_slack_s
+        while heap and heap[0][0] <= ping_until:
+            entry = heapq.heappop(heap)
+            _, seq, key, link = entry
             self.heap_pops += 1
             if not self._is_current(seq, key, link):
+                continue
+            if entry[0] > now and (
+                link is None or ping_until < link.last_sent + link.ping_after_s
+            ):
+                early.append(entry)  # a death or dial that is not due yet: as it was
                 continue
             if link is None:
                 del self._dials[key]
@@ -388,7 +412,7 @@ class Keepalive:
                 link.alive = False
                 actions.append((DEAD, key, 0))
                 continue
-            if now >= link.last_sent + link.ping_after_s:
+            if ping_until >= link.last_sent + link.ping_after_s:
                 nonce = self._next_nonce()
                 if len(link.outstanding) >= MAX_OUTSTANDING_PINGS:
                     del link.outstanding[next(iter(link.outstanding))]
@@ -401,6 +425,8 @@ class Keepalive:
                 actions.append((PING, key, nonce))
             again.append((key, link))
         # Pushed after the loop: every re-pushed deadline is later than now.
+        for entry in early:
+            heapq.heappush(heap, entry)
         for key, link in again:
             self._push(self._deadline(link), key, link)
         return actions

@@ -107,6 +107,16 @@ def run_until(
             {"stable_after_s": -1.0},
             "keepalive stable_after_s must be >= 0 seconds, got -1.0",
         ),
+        (
+            {"ping_slack_s": -0.1},
+            "keepalive ping slack must be >= 0 and below the shortest ping interval "
+            "(4.5 s), got -0.1",
+        ),
+        (
+            {"ping_slack_s": 4.5},
+            "keepalive ping slack must be >= 0 and below the shortest ping interval "
+            "(4.5 s), got 4.5",
+        ),
     ],
 )
 def test_keepalive_rejects_bad_config(kwargs: dict[str, float], message: str) -> None:
@@ -662,6 +672,60 @@ def test_wakeups_for_idle_peers_scale_with_peers_over_interval() -> None:
     # The scheduler's own work is one heap operation per ping, plus a constant.
     assert keepalive.heap_pops <= pings + peers
     assert len(keepalive._heap) == peers
+
+
+def test_ping_slack_batches_pings_that_fall_due_together() -> None:
+    keepalive = make(interval_s=5.0, timeout_s=15.0, jitter=0.0, ping_slack_s=0.25)
+    for i, up_at in enumerate([0.0, 0.1, 0.2, 0.3]):
+        keepalive.link_up(f"p{i}", now=up_at)
+    assert keepalive.next_deadline() == 5.0
+    # p0 is due; p1 and p2 fall due within the slack and go early; p3 waits.
+    assert keepalive.due(5.0) == [(PING, "p0", 1), (PING, "p1", 2), (PING, "p2", 3)]
+    assert keepalive.next_deadline() == 5.3
+    assert keepalive.due(5.3) == [(PING, "p3", 4)]
+    assert keepalive.next_deadline() == 10.0
+
+
+def test_ping_slack_never_declares_death_or_dials_early() -> None:
+    keepalive = make(interval_s=5.0, timeout_s=6.0, jitter=0.0, ping_slack_s=0.5)
+    keepalive.link_up("quiet", now=0.0)
+    keepalive.schedule_dial("later", now=0.0, delay_s=5.3)
+    # The dial falls due within the slack of this visit: it waits.
+    assert keepalive.due(5.0) == [(PING, "quiet", 1)]
+    assert keepalive.next_deadline() == 5.3
+    assert keepalive.due(5.3) == [(DIAL, "later", 0)]
+    # The death (6.0) falls due within the slack of a visit at 5.6: it waits.
+    assert keepalive.due(5.6) == []
+    assert keepalive.next_deadline() == 6.0
+    assert keepalive.due(6.0) == [(DEAD, "quiet", 0)]
+
+
+def test_ping_slack_cuts_wakeups_for_many_idle_peers() -> None:
+    peers, interval_s, slack_s = 200, 5.0, 0.25
+    rng = random.Random(42)
+    keepalive = make(rng.random, interval_s=interval_s, ping_slack_s=slack_s)
+    for peer in range(peers):
+        keepalive.link_up(peer, now=rng.random() * interval_s)  # spread out
+    end, wakeups, pings, now = 100 * interval_s, 0, 0, 0.0
+    while True:
+        deadline = keepalive.next_deadline()
+        assert deadline is not None and deadline >= now
+        if deadline > end:
+            break
+        now = deadline
+        wakeups += 1
+        for kind, key, nonce in keepalive.due(now):
+            assert kind == PING
+            pings += 1
+            keepalive.received(key, now)
+            keepalive.pong(key, nonce, now)
+    # Without slack: one wake-up per ping (about 40 per second). With it, at
+    # most one per slack, and every peer is still pinged at least once per
+    # interval.
+    assert wakeups / end <= 1 / slack_s + 0.1
+    assert pings >= peers * 100
+    shortest = interval_s * (1 - keepalive.jitter) - slack_s
+    assert pings <= peers * end / shortest + peers
 
 
 def test_wakeups_with_data_flowing_stay_at_one_per_interval_per_link() -> None:
