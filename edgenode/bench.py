@@ -7,6 +7,11 @@ start-up time and idle RSS. Each figure is the median of repeated runs with
 its spread, next to a reference measured in the same run (plain anyio TLS
 with the same framing, one write per message), and the ratio of the two.
 
+Fleet figures (``edgenode.bench_fleet``): memory per connected peer up to
+200 peers, idle CPU and loop wake-ups with 200 peers at the default
+keepalive, and the time to notice a killed or a stopped peer, each against
+its target.
+
 The serial part measures the serial bridge: the framing efficiency of the UART
 link (payload bytes / bytes on the wire, computed from real frames) and the
 message rate from a device (the real firmware_bridge driver) to a node
@@ -34,6 +39,8 @@ from typing import Any
 import anyio
 
 from firmware_bridge.link import Link
+
+from .cli import BENCH_SECTIONS as SECTIONS
 
 PAYLOAD_SIZES = (16, 64, 200)
 EFFICIENCY_TARGET = 0.95  # at 200-byte payloads (issue: serial bridge)
@@ -357,38 +364,88 @@ def _print_tls_table(tls: dict[str, Any]) -> None:
     print("  units: throughput msg/s; rtt ms; startup s; idle_rss MB")
 
 
-def run_bench(
-    runs: int = 5, messages: int = 2000, as_json: bool = False, quick: bool = False
-) -> int:
-    """Run the serial and node-to-node benchmarks; print a table (or JSON).
+def _machine() -> dict[str, Any]:
+    import platform
 
-    ``quick`` is a smoke run: fewer runs, messages and requests. Returns
-    the exit status.
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_bench(
+    runs: int = 5,
+    messages: int = 2000,
+    as_json: bool = False,
+    quick: bool = False,
+    *,
+    peers: int | None = None,
+    window_s: float | None = None,
+    sections: tuple[str, ...] = SECTIONS,
+) -> int:
+    """Run the node-to-node, serial and fleet benchmarks; print a table (or JSON).
+
+    ``quick`` is a smoke run: fewer runs, messages, requests and peers, and
+    idle windows too short to be representative. ``peers`` and
+    ``window_s`` override the fleet's peer count and idle measuring time;
+    ``sections`` chooses among :data:`SECTIONS`. Returns the exit status.
     """
+    from .bench_fleet import fleet_figures, print_fleet_table
+
     logging.getLogger("edgenode").setLevel(logging.ERROR)  # the bench node needs no peers
     if quick:
         runs, messages = min(runs, 2), min(messages, 200)
-    tls = tls_figures(runs, quick)
-    efficiency = framing_efficiency()
-    rate = pty_rate(runs, messages, 64)
-    wire_64 = efficiency[64]["wire_bytes"]
-    result = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": sys.platform,
-            "cpus": os.cpu_count(),
-        },
-        "serial_framing_efficiency": efficiency,
-        "serial_pty_rate": rate,
-        "uart_115200_msgs_per_s_64b": 11520 / wire_64,
-        "quick": quick,
-        "tls": tls,
-    }
+    started = time.monotonic()
+    result: dict[str, Any] = {"machine": _machine(), "quick": quick}
+    if "tls" in sections:
+        result["tls"] = tls_figures(runs, quick)
+    if "serial" in sections:
+        efficiency = framing_efficiency()
+        result["serial_framing_efficiency"] = efficiency
+        result["serial_pty_rate"] = pty_rate(runs, messages, 64)
+        result["uart_115200_msgs_per_s_64b"] = 11520 / efficiency[64]["wire_bytes"]
+    if "fleet" in sections:
+        result["fleet"] = fleet_figures(runs, quick, peers, window_s)
+    result["machine"]["load_average_at_end"] = (
+        os.getloadavg() if hasattr(os, "getloadavg") else None
+    )
+    result["elapsed_s"] = time.monotonic() - started
     if as_json:
         print(json.dumps(result, indent=2))
         return 0
-    _print_tls_table(tls)
-    print()
+    if "tls" in sections:
+        _print_tls_table(result["tls"])
+        print()
+    if "serial" in sections:
+        _print_serial_tables(result)
+        print()
+    if "fleet" in sections:
+        print_fleet_table(result["fleet"])
+        print()
+    machine = result["machine"]
+    line = f"machine: {machine['cpu']}, {machine['cpus']} cpus, Python {machine['python']}"
+    start, end = machine["load_average_at_start"], machine["load_average_at_end"]
+    if start is not None and end is not None:
+        line += f"; 1-min load average {start[0]:.2f} at start, {end[0]:.2f} at end"
+    print(f"{line}; took {result['elapsed_s']:.0f} s")
+    return 0
+
+
+def _print_serial_tables(result: dict[str, Any]) -> None:
+    efficiency, rate = result["serial_framing_efficiency"], result["serial_pty_rate"]
     print("serial link framing (unreliable, unauthenticated, 1-byte topic)")
     print(f"  {'payload':>8} {'on the wire':>12} {'efficiency':>11}")
     for size, fig in efficiency.items():
@@ -410,22 +467,45 @@ def run_bench(
         f"  for scale: a 115200-baud UART carries at most "
         f"{result['uart_115200_msgs_per_s_64b']:,.0f} such frames/s"
     )
-    return 0
+
+
+def run_from_args(args: Any) -> int:
+    """Check the options (``cli.add_bench_arguments``) and run; raises :class:`ConfigError`."""
+    from .errors import ConfigError
+
+    if args.runs < 1 or args.messages < 1:
+        raise ConfigError("--runs and --messages must be at least 1")
+    if args.peers is not None and not 4 <= args.peers <= 5000:
+        raise ConfigError(f"--peers: expected 4..5000, got {args.peers}")
+    if args.window is not None and not 0 < args.window <= 3600:
+        raise ConfigError(f"--window: expected 0 < S <= 3600, got {args.window}")
+    sections = tuple(s for s in SECTIONS if s in args.only) if args.only else SECTIONS
+    return run_bench(
+        args.runs,
+        args.messages,
+        args.json,
+        args.quick,
+        peers=args.peers,
+        window_s=args.window,
+        sections=sections,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edgenode.bench [--runs N] [--messages N] [--json] [--quick]``."""
+    """``python -m edgenode.bench``: the same as ``edgenode bench``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="edgenode bench")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--quick", action="store_true")
+    from .cli import add_bench_arguments
+    from .errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m edgenode.bench")
+    add_bench_arguments(parser)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.messages < 1:
-        parser.error("--runs and --messages must be at least 1")
-    return run_bench(args.runs, args.messages, args.json, args.quick)
+    try:
+        return run_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # not reached: parser.error exits
 
 
 if __name__ == "__main__":

@@ -36,6 +36,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: The parts of ``edgenode bench``, in the order they run.
+BENCH_SECTIONS = ("tls", "serial", "fleet")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's options, for ``edgenode bench`` and ``python -m edgenode.bench``."""
+    parser.add_argument("--runs", type=int, default=5, help="repeat each measurement (default 5)")
+    parser.add_argument("--messages", type=int, default=2000, help="serial messages per run")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser.add_argument(
+        "--peers", type=int, default=None, help="fleet peers (default 200, --quick 20)"
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        metavar="S",
+        help="idle CPU / wake-up measuring time per peer behaviour (default 30, --quick 0.5)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=BENCH_SECTIONS,
+        help="run only this section (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgenode",
@@ -165,11 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_state(auth)
     auth.add_argument("node_id", metavar="NODE_ID")
 
-    bench = sub.add_parser("bench", help="measure this machine: serial framing and rate")
-    bench.add_argument("--runs", type=int, default=5, help="repeat each measurement (default 5)")
-    bench.add_argument("--messages", type=int, default=2000, help="messages per run")
-    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--quick", action="store_true", help="a fast smoke run (few messages)")
+    bench = sub.add_parser(
+        "bench", help="measure this machine: node-to-node TLS, serial, a fleet of peers"
+    )
+    add_bench_arguments(bench)
 
     def with_socket(p: argparse.ArgumentParser) -> None:
         with_state(p)
@@ -354,11 +381,9 @@ async def _run_node(config: NodeConfig, identity: object, demo_app: bool) -> Non
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import run_from_args
 
-    if args.runs < 1 or args.messages < 1:
-        raise ConfigError("--runs and --messages must be at least 1")
-    return run_bench(runs=args.runs, messages=args.messages, as_json=args.json, quick=args.quick)
+    return run_from_args(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ would be: TCP from its own loopback source address (``127.0.1.1``,
 identity, and the hello exchange. After that a peer only answers pings with
 pongs, which is all a node needs to keep it up (any frame proves liveness,
 and a node pings a peer it has sent nothing to for an interval).
+:meth:`LoadGen.ping_every` makes the peers ping the node too, every
+interval less a random jitter, as real nodes do (both ends ping; a pong
+does not postpone a node's own ping), for figures that should count the
+node's work of answering them (``edgenode bench``).
 
 Each peer has an identity of its own, not one shared by all. The registry
 would accept one node ID on many IPs, but a listener keeps one pinned TLS
@@ -43,7 +47,7 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from .errors import EdgeNodeError, HandshakeError
 from .identity import Identity, client_context, create_identity, load_identity
 from .proto.connection import PeerProtocol
-from .proto.messages import BYE, PING, Hello, Pong
+from .proto.messages import BYE, PING, PONG, Hello, Ping, Pong
 from .transports.tcp import dial_link
 
 #: Most simulated peers one generator holds: 127.0.1.1 .. 127.0.254.254.
@@ -99,8 +103,12 @@ class LoadPeer:
         "identity",
         "index",
         "local_ip",
+        "pinging",
         "pings",
+        "pings_sent",
+        "pongs",
         "proto",
+        "send_lock",
         "stream",
         "up",
     )
@@ -114,6 +122,10 @@ class LoadPeer:
         self.early: list[Any] = []
         self.up = False
         self.pings = 0
+        self.pinging = False
+        self.pings_sent = 0
+        self.pongs = 0
+        self.send_lock = anyio.Lock()  # pongs and our own pings share the stream
         self.error: str | None = None
 
 
@@ -208,6 +220,37 @@ class LoadGen:
         elif peer.stream is not None:
             await anyio.aclose_forcefully(peer.stream)
 
+    def ping_every(self, interval_s: float, *, jitter: float = 0.1) -> int:
+        """Make each peer that is up ping the node every ``interval_s``, as a node does.
+
+        Each wait is shortened by a random fraction of up to ``jitter``
+        (the node's own rule). Returns how many peers now ping. A peer that
+        already pings is left as it is.
+        """
+        if not (interval_s > 0 and 0 <= jitter < 1):
+            raise ValueError(f"ping_every: interval {interval_s!r} s, jitter {jitter!r}")
+        started = 0
+        for peer in self.peers:
+            if peer.up and not peer.pinging:
+                peer.pinging = True
+                self._tg.start_soon(self._ping, peer, interval_s, jitter)
+                started += 1
+        return started
+
+    async def _ping(self, peer: LoadPeer, interval_s: float, jitter: float) -> None:
+        nonce = 0
+        try:
+            while peer.up:
+                await anyio.sleep(interval_s * (1.0 - jitter * random.random()))
+                if not peer.up:
+                    break
+                nonce = (nonce + 1) & 0xFFFFFFFF
+                async with peer.send_lock:
+                    await peer.stream.send(PeerProtocol.send(Ping(nonce)))
+                peer.pings_sent += 1
+        except (BrokenResourceError, ClosedResourceError, OSError):
+            pass  # the answering task sees the connection end and records why
+
     async def _handshake(self, peer: LoadPeer) -> None:
         expected = self.node_id
         link = await dial_link(
@@ -235,7 +278,10 @@ class LoadGen:
                 for msg in messages:
                     if msg.code == PING:
                         peer.pings += 1
-                        await stream.send(PeerProtocol.send(Pong(msg.nonce)))
+                        async with peer.send_lock:
+                            await stream.send(PeerProtocol.send(Pong(msg.nonce)))
+                    elif msg.code == PONG:
+                        peer.pongs += 1
                     elif msg.code == BYE:
                         raise HandshakeError(f"node said bye: {msg.reason}")
                 messages = proto.receive_data(await stream.receive(_READ_BYTES))

@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from edgenode.bench import framing_efficiency
+from edgenode.bench_fleet import slope
+from edgenode.config import NodeConfig
+from edgenode.loadgen import LoadGen, load_identities
+from edgenode.node import Node
+
+from .conftest import Identities, wait_until
 
 
 def test_framing_efficiency_meets_the_target_at_200_bytes() -> None:
@@ -17,37 +26,26 @@ def test_framing_efficiency_meets_the_target_at_200_bytes() -> None:
     assert figures[200]["efficiency"] >= 0.95
 
 
-@pytest.mark.timeout(120)
-def test_bench_reports_json() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "edgenode", "bench", "--runs", "2", "--messages", "50", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    rate = report["serial_pty_rate"]
-    assert rate["runs"] == 2 and rate["messages"] == 50
-    assert 0 < rate["min_msgs_per_s"] <= rate["median_msgs_per_s"] <= rate["max_msgs_per_s"]
-    assert report["serial_framing_efficiency"]["200"]["efficiency"] >= 0.95
+def test_slope_is_the_least_squares_fit() -> None:
+    assert slope([0, 50, 100, 150, 200], [100, 150, 200, 250, 300]) == 1.0
+    assert slope([0, 1, 2], [0, 3, 0]) == 0.0
+    assert slope([0, 1, 2, 3], [0, 1, 1, 4]) == pytest.approx(1.2)
 
 
 TLS_FIGURES = ("throughput_64", "throughput_1024", "rtt_p50", "rtt_p99", "startup_s", "idle_rss_mb")
+FLEET_FIGURES = (
+    "rss_per_peer_kb",
+    "idle_cpu_pct_answering",
+    "wakeups_per_s_answering",
+    "idle_cpu_pct_pinging",
+    "wakeups_per_s_pinging",
+    "detect_kill_s",
+    "detect_stop_s",
+)
 
 
-@pytest.mark.timeout(180)
-def test_bench_quick_reports_every_node_figure_with_its_reference() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "edgenode.bench", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["quick"] is True
-    figures = report["tls"]["figures"]
+def _check_tls(tls: dict[str, Any]) -> None:
+    figures = tls["figures"]
     assert set(figures) == set(TLS_FIGURES)
     for name in TLS_FIGURES:
         fig = figures[name]
@@ -56,3 +54,91 @@ def test_bench_quick_reports_every_node_figure_with_its_reference() -> None:
         assert fig["reference"] > 0 and fig["ratio"] > 0, name
     for name in ("throughput_64", "throughput_1024", "rtt_p50", "startup_s", "idle_rss_mb"):
         assert isinstance(figures[name]["target_met"], bool), name
+
+
+def _check_fleet(fleet: dict[str, Any], peers: int) -> None:
+    figures = fleet["figures"]
+    assert set(figures) == set(FLEET_FIGURES)
+    for name in FLEET_FIGURES:
+        fig = figures[name]
+        assert {"median", "min", "max", "runs", "unit", "target", "over_by"} <= set(fig), name
+        assert fig["min"] <= fig["median"] <= fig["max"], name
+        assert len(fig["values"]) == fig["runs"] >= 1, name
+    # A quick run's idle windows are shorter than the 5 s keepalive interval:
+    # their figures are reported, not judged.
+    assert fleet["idle_representative"] is False
+    for name in ("rss_per_peer_kb", "detect_kill_s", "detect_stop_s"):
+        assert isinstance(figures[name]["target_met"], bool), name
+    for name in FLEET_FIGURES[1:5]:
+        assert figures[name]["target_met"] is None, name
+    assert fleet["keepalive"] == {"interval_s": 5.0, "timeout_s": 15.0, "jitter": 0.1}
+    for run in fleet["memory_runs"]:
+        assert [p for p, _ in run["points"]] == [round(peers * i / 4) for i in range(5)]
+        assert all(rss > 0 for _, rss in run["points"])
+    assert fleet["idle"]["loadgen"]["up"] == peers
+    # Seen by the observer's PeerDown event, not by a poll; a stopped peer
+    # can only be noticed by the keepalive.
+    assert figures["detect_kill_s"]["min"] > 0 and figures["detect_stop_s"]["min"] > 0
+    assert all("keepalive timeout" in r for r in fleet["detect_reasons"]["stop"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_reports_every_figure() -> None:
+    argv = ["edgenode", "bench", "--quick", "--runs", "2", "--messages", "50", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=110
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["quick"] is True
+    rate = report["serial_pty_rate"]
+    assert rate["runs"] == 2 and rate["messages"] == 50
+    assert 0 < rate["min_msgs_per_s"] <= rate["median_msgs_per_s"] <= rate["max_msgs_per_s"]
+    assert report["serial_framing_efficiency"]["200"]["efficiency"] >= 0.95
+    _check_tls(report["tls"])
+    _check_fleet(report["fleet"], peers=20)
+
+
+@pytest.mark.timeout(60)
+def test_bench_runs_only_the_sections_asked_for() -> None:
+    argv = ["edgenode.bench", "--only", "serial", "--runs", "1", "--messages", "20", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["serial_pty_rate"]["runs"] == 1
+    assert "tls" not in report and "fleet" not in report
+    result = subprocess.run(
+        [sys.executable, "-m", "edgenode.bench", "--only", "fleet", "--peers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 2 and "--peers: expected 4..5000" in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_loadgen_peers_ping_the_node_and_get_its_pongs(
+    identities: Identities, tmp_path: Path
+) -> None:
+    peers = load_identities(tmp_path / "ids", 3)
+
+    async def main() -> None:
+        config = NodeConfig(
+            state_dir=identities["a"].state_dir,
+            listen_host="127.0.0.2",
+            listen_port=0,
+            authorised=frozenset(p.node_id for p in peers),
+            remember_peers=False,
+        )
+        async with Node(config) as node:
+            async with LoadGen(peers, "127.0.0.2", node.listen_port, node_id=node.node_id) as gen:
+                assert await gen.connect(3) == 3
+                assert gen.ping_every(0.05, jitter=0.1) == 3
+                assert gen.ping_every(0.05) == 0  # already pinging
+                await wait_until(lambda: all(p.pongs >= 2 for p in gen.peers), timeout=10)
+                assert gen.up == 3 and node.stats()["peers_up"] == 3
+                assert all(p.pings_sent >= p.pongs for p in gen.peers)
+
+    anyio.run(main)
