@@ -62,7 +62,12 @@ class NodeConfig:
     subscription_buffer: int = 256
     max_pending_requests: int = 256
     max_inflight_handlers: int = 32
+    #: Handshakes in progress from one IP; more connections are refused at once.
     max_handshakes_per_ip: int = 4
+    #: Handshakes in progress from all IPs together.
+    max_handshakes: int = 64
+    #: New handshakes a second from one IP, on average (bursts of 2 x max_handshakes_per_ip).
+    max_handshake_rate_per_ip: float = 4.0
     #: Dial authorised peers that other peers tell us about.
     learn_peers: bool = True
     #: Serial ports bridging microcontrollers, as (device path, baud rate).
@@ -116,6 +121,7 @@ class NodeConfig:
             "backoff_cap_s",
             "handshake_timeout_s",
             "prune_after_s",
+            "max_handshake_rate_per_ip",
         ):
             positive(name)
         positive("shutdown_grace_s", strict=False)
@@ -127,6 +133,7 @@ class NodeConfig:
             "max_pending_requests",
             "max_inflight_handlers",
             "max_handshakes_per_ip",
+            "max_handshakes",
             "max_known_peers",
         ):
             positive(name, 1, strict=False)

@@ -384,6 +384,30 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     _fsync_dir(path.parent)
 
 
+def _check_state_dir(state: Path) -> None:
+    """Refuse a state directory that others can write in.
+
+    Whoever can write in it can replace the node's key, certificate or
+    authorised nodes, and so decide who the node is and whom it trusts.
+    Reading is another matter: the key file itself must be owner-only
+    (:func:`_check_key_file`), and the rest (certificate, node IDs, known
+    peers) is not secret, so a 0755 directory is accepted, as ssh accepts
+    a readable ``~/.ssh``; 0700 is what the node creates and recommends.
+    Raises :class:`InsecureKeyFile`, or :class:`IdentityError` if the
+    directory cannot be examined.
+    """
+    try:
+        st = os.stat(state)
+    except OSError as exc:
+        raise IdentityError(f"cannot read state directory {state}: {exc.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise InsecureKeyFile(
+            f"state directory {state} is writable by others (mode {mode:04o}): they could "
+            f"replace this node's key or authorised nodes; run: chmod 700 {shlex.quote(str(state))}"
+        )
+
+
 def _existing_identity_error(state_dir: Path, key_path: Path, cert_path: Path) -> IdentityError:
     try:
         node_id = _read_cert(cert_path)[1]
@@ -404,7 +428,8 @@ def create_identity(state_dir: str | os.PathLike[str], *, overwrite: bool = Fals
     (unencrypted PKCS#8 PEM, mode 0600) and ``node.crt`` (PEM, mode 0644),
     each atomically. Imports ``cryptography``. Raises
     :class:`IdentityError` if an identity is already there and
-    ``overwrite`` is false, or if the files cannot be written.
+    ``overwrite`` is false, or if the files cannot be written, and
+    :class:`InsecureKeyFile` if the directory exists and others can write in it.
     """
     state = Path(state_dir)
     key_path = state / KEY_FILENAME
@@ -417,6 +442,7 @@ def create_identity(state_dir: str | os.PathLike[str], *, overwrite: bool = Fals
             raise IdentityError(f"state directory {state} is not a directory")
     except OSError as exc:
         raise IdentityError(f"cannot create state directory {state}: {exc.strerror}") from None
+    _check_state_dir(state)
     if not overwrite and (os.path.lexists(key_path) or os.path.lexists(cert_path)):
         raise _existing_identity_error(state, key_path, cert_path)
 
@@ -542,10 +568,11 @@ def _check_key_file(key_path: Path) -> None:
 def load_identity(state_dir: str | os.PathLike[str]) -> Identity:
     """Load the identity in ``state_dir`` without importing cryptography.
 
-    Raises :class:`InsecureKeyFile` if the key file has any group or other
-    permission bits, and :class:`IdentityError` if a file is missing,
-    unreadable or malformed. The key is not parsed here; TLS contexts check
-    that it matches the certificate.
+    Raises :class:`InsecureKeyFile` if others can write in the state
+    directory or the key file has any group or other permission bits, and
+    :class:`IdentityError` if a file is missing, unreadable or malformed.
+    The key is not parsed here; TLS contexts check that it matches the
+    certificate.
     """
     state = Path(state_dir)
     key_path = state / KEY_FILENAME
@@ -566,6 +593,7 @@ def load_identity(state_dir: str | os.PathLike[str]) -> Identity:
             f"certificate file {cert_path} not found (the key is there); restore it, "
             f"or make a new identity (a new node id) with: {_keygen_hint(state, force=True)}"
         )
+    _check_state_dir(state)
     _check_key_file(key_path)
     der, node_id = _read_cert(cert_path)
     return Identity(node_id, state, cert_path, key_path, der)
@@ -593,11 +621,19 @@ def authorised_path(state_dir: str | os.PathLike[str]) -> Path:
 
 def _read_authorised(path: Path) -> tuple[str, frozenset[str]]:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            # The mode of the file read, not of whatever the path names later.
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            raw = f.read()
     except FileNotFoundError:
         return "", frozenset()
     except OSError as exc:
         raise ConfigError(f"cannot read authorised nodes file {path}: {exc.strerror}") from None
+    if mode & 0o022:
+        raise ConfigError(
+            f"authorised nodes file {path} is writable by others (mode {mode:04o}): they "
+            f"could make this node trust anyone; run: chmod go-w {shlex.quote(str(path))}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -620,7 +656,7 @@ def load_authorised(path: str | os.PathLike[str]) -> frozenset[str]:
 
     One node ID per line; ``#`` starts a comment; blank lines are ignored. A
     missing file is an empty list. Raises :class:`ConfigError` naming the
-    file and line of a bad entry.
+    file and line of a bad entry, or for a file others can write.
     """
     return _read_authorised(Path(path))[1]
 

@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ from .proto.messages import (
 )
 from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
 from .state import KNOWN_PEERS_FILENAME, KnownPeer, KnownPeers, save_known_peers
-from .transports.tcp import Link, accept_link, dial_link
+from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
 
 if TYPE_CHECKING:
     from .bridge import DeviceAnswer, Port, SerialBridge
@@ -120,6 +121,7 @@ monotonic = time.monotonic
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _COALESCE_BYTES = 64 * 1024
 _RETRYABLE_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+_PING_SLACK = 0.05
 _HOUSEKEEPING_S = 30.0
 _READ_BYTES = 65536
 
@@ -462,6 +464,9 @@ class Node:
             jitter=config.keepalive_jitter,
             backoff_base_s=config.backoff_base_s,
             backoff_cap_s=config.backoff_cap_s,
+            # Pings due within 5 % of an interval go out together: one
+            # wake-up for many idle peers.
+            ping_slack_s=config.keepalive_interval_s * _PING_SLACK,
         )
         self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
         self._server_contexts = PinnedContexts(self.identity, max_entries=config.max_peers)
@@ -473,7 +478,6 @@ class Node:
         self._open_conns = 0
         self._all_closed: anyio.Event | None = None
         self._dialing: set[str] = set()
-        self._handshaking: dict[str, int] = {}
         self._timers: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         self._request_ids = itertools.count(1)
@@ -968,44 +972,92 @@ class Node:
     # -- sources: listener, handshakes, dials, connections ------------------------------
 
     async def _serve(self, listener: anyio.abc.Listener[Any], tg: TaskGroup) -> None:
-        # Only the accept loop lives in the listener's scope; connections run
+        # Only the accept loops live in the listener's scope; connections run
         # in the node's task group, so stopping the listener at shutdown
         # leaves them open long enough to say bye.
+        #
+        # The node accepts from the listening sockets itself rather than with
+        # listener.serve(): a connection over a handshake limit is reset
+        # before anyio wraps it or a task starts for it, so a flood costs the
+        # loop little; and accept() failing for want of descriptors or memory
+        # is waited out, where it used to end the listener and the node.
         assert self._listener_scope is not None
+        config = self.config
+        admission = HandshakeAdmission(
+            max_per_ip=config.max_handshakes_per_ip,
+            max_total=config.max_handshakes,
+            rate_per_ip=config.max_handshake_rate_per_ip,
+        )
+        accept_batch = 8  # connections taken per wake-up; other tasks run in between
+        backoff_s = 0.1  # after running out of descriptors, as trio does
+        out_of_resources = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+        failures = 0
+
+        async def accept_from(sock: socket.socket) -> None:
+            nonlocal failures
+            while True:
+                due = admission.next_report_at()
+                with anyio.move_on_after(None if due is None else max(0.0, due - monotonic())):
+                    await anyio.wait_readable(sock)
+                now = monotonic()
+                for ip, message in admission.due_reports(now):
+                    await self._post(_Failed(ip, HandshakeError(message), False))
+                for _ in range(accept_batch):
+                    try:
+                        client, address = sock.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno not in out_of_resources:
+                            continue  # that one connection failed (reset while queued)
+                        failures += 1
+                        if failures in (1, 10, 100) or failures % 1000 == 0:
+                            log.error(
+                                "cannot accept connections: %s (failure #%d); retrying every %g s",
+                                _os_detail(exc),
+                                failures,
+                                backoff_s,
+                            )
+                        await anyio.sleep(backoff_s)
+                        break
+                    ip = normalise_ip(address[0])
+                    refusal = admission.admit(ip, now)
+                    if refusal is None:
+                        tg.start_soon(self._accept, client, ip, admission)
+                        continue
+                    refuse_socket(client)
+                    message = admission.refused(ip, refusal, now)
+                    if message is not None:
+                        await self._post(_Failed(ip, HandshakeError(message), False))
+
+        sockets = [
+            one.extra(anyio.abc.SocketAttribute.raw_socket)
+            for one in getattr(listener, "listeners", [listener])
+        ]
         with self._listener_scope:
             async with listener:
-                await listener.serve(self._accept, task_group=tg)
+                async with anyio.create_task_group() as accepting:
+                    for sock in sockets:
+                        accepting.start_soon(accept_from, sock)
 
-    async def _accept(self, stream: ByteStream) -> None:
+    async def _accept(self, sock: socket.socket, ip: str, admission: HandshakeAdmission) -> None:
+        # The accept loop counted this handshake in; count it out however it ends.
         try:
-            peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
-            ip = normalise_ip(peer[0])
-        except Exception:  # a socket that died before we looked at it
-            await _close_stream(stream)
-            return
-        count = self._handshaking.get(ip, 0)
-        if count >= self.config.max_handshakes_per_ip:
-            await _close_stream(stream)
-            await self._post(
-                _Failed(
-                    ip,
-                    HandshakeError(
-                        f"{ip}: {count} handshakes already in progress "
-                        f"(limit {self.config.max_handshakes_per_ip})"
-                    ),
-                    False,
-                )
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream: ByteStream = await anyio.abc.SocketStream.from_socket(sock)
+            except (OSError, ValueError):  # reset before we could wrap it
+                sock.close()
+                return
+            log.debug(
+                "handshake with %s started (%d in progress from it, %d in all)",
+                ip,
+                admission.in_progress_from(ip),
+                admission.in_progress,
             )
-            return
-        self._handshaking[ip] = count + 1
-        try:
             conn = await self._handshake(ip, stream, None)
         finally:
-            left = self._handshaking[ip] - 1
-            if left:
-                self._handshaking[ip] = left
-            else:
-                del self._handshaking[ip]
+            admission.finished(ip)
         if conn is not None:
             await self._run_connection(conn)
 
@@ -1032,6 +1084,7 @@ class Node:
                         stream,
                         contexts=self._server_contexts,
                         is_authorised=self.authorised.__contains__,
+                        name=ip,
                     )
                 else:
                     assert port is not None
@@ -1051,7 +1104,10 @@ class Node:
             error = HandshakeError(f"{ip}: {what} not finished within {timeout} s")
         except EdgeNodeError as exc:
             error = exc
-        except (OSError, BrokenResourceError, EndOfStream) as exc:
+        except EndOfStream:
+            # A port scanner, or a peer that gave up: it said nothing wrong.
+            error = HandshakeError(f"{ip}: connection closed by the peer during the handshake")
+        except (OSError, BrokenResourceError) as exc:
             error = HandshakeError(f"{ip}: connection failed during handshake: {_os_detail(exc)}")
         except Exception as exc:  # a bug: contain it, the listener serves everyone
             log.exception("handshake with %s failed", ip)

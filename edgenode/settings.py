@@ -33,6 +33,8 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     prune_after_s = 3600.0
     handshake_timeout_s = 5.0
     max_handshakes_per_ip = 4
+    max_handshakes = 64
+    max_handshake_rate_per_ip = 4.0
     remember = true                   # redial peers that were up before a restart
     max_known = 256                   # peers remembered
 
@@ -321,6 +323,8 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--handshake-timeout",
     ),
     Setting("peers.max_handshakes_per_ip", "max_handshakes_per_ip", _ANY),
+    Setting("peers.max_handshakes", "max_handshakes", _ANY),
+    Setting("peers.max_handshake_rate_per_ip", "max_handshake_rate_per_ip", _positive),
     Setting("peers.remember", "remember_peers", _boolean),
     Setting("peers.max_known", "max_known_peers", _ANY, profile=True),
     Setting(

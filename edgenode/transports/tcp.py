@@ -10,7 +10,10 @@ timeouts; nothing here waits without a bound set by the caller.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import struct
+from collections import OrderedDict
 from collections.abc import Callable
 
 import anyio
@@ -38,18 +41,186 @@ class Link:
         self.peer_node_id = peer_node_id
 
 
-def addresses(stream: ByteStream) -> tuple[str, int, str]:
-    """Return (peer ip, peer port, local ip) of a socket stream, normalised."""
-    peer = stream.extra(SocketAttribute.remote_address)
-    local = stream.extra(SocketAttribute.local_address)
+def addresses(stream: ByteStream, name: str = "peer") -> tuple[str, int, str]:
+    """Return (peer ip, peer port, local ip) of a socket stream, normalised.
+
+    Raises :class:`HandshakeError` naming ``name`` if the connection was
+    reset before its addresses could be read.
+    """
+    # One lookup of the attribute table: building it is most of the cost.
+    attributes = stream.extra_attributes
+    try:
+        peer = attributes[SocketAttribute.remote_address]()
+        local = attributes[SocketAttribute.local_address]()
+    except (KeyError, OSError):
+        # getpeername() fails once the peer has reset the connection.
+        raise HandshakeError(f"{name}: connection reset before it could be used") from None
     return normalise_ip(peer[0]), int(peer[1]), normalise_ip(local[0])
 
 
-async def _receive_exactly(stream: ByteStream, n: int, buf: bytearray) -> None:
-    # receive(max_bytes) never returns more than asked, so nothing meant for
-    # the TLS layer is consumed here.
-    while len(buf) < n:
-        buf += await stream.receive(n - len(buf))
+class HandshakeAdmission:
+    """Which accepted connections may start a handshake. Pure: time comes in.
+
+    A handshake costs the listener a socket, a task and, once a preamble
+    names an authorised node (certificates are public), a TLS session, all
+    before anything is proved about the peer. So each accepted connection
+    meets three limits, checked before anything is spent on it:
+
+    - at most ``max_per_ip`` handshakes in progress from one IP;
+    - at most ``max_total`` in progress in all, for many IPs each under
+      its cap (one left half done in TLS holds a descriptor and ~60 KB);
+    - on average at most ``rate_per_ip`` new handshakes a second from one
+      IP, in bursts of up to ``2 * max_per_ip``. A connection that closes
+      at once frees its slot at once, so the caps alone would let one IP
+      keep the node running handshakes as fast as it can connect.
+
+    A connection over a limit is reset at once. Refusals are reported at
+    most once per ``report_interval_s`` per IP, with their number, so a
+    flood cannot make the node queue an event or log a line per connection.
+    """
+
+    __slots__ = (
+        "_by_ip",
+        "_next_report",
+        "_refusals",
+        "_tokens",
+        "burst",
+        "in_progress",
+        "max_per_ip",
+        "max_total",
+        "max_tracked_ips",
+        "rate_per_ip",
+        "report_interval_s",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_per_ip: int,
+        max_total: int,
+        rate_per_ip: float,
+        report_interval_s: float = 1.0,
+        max_tracked_ips: int = 1024,
+    ) -> None:
+        self.max_per_ip = max_per_ip
+        self.max_total = max_total
+        self.rate_per_ip = rate_per_ip
+        self.burst = 2 * max_per_ip
+        self.report_interval_s = report_interval_s
+        self.max_tracked_ips = max_tracked_ips
+        #: Handshakes in progress, in all and per IP.
+        self.in_progress = 0
+        self._by_ip: dict[str, int] = {}
+        # ip -> [tokens, when counted]; least recently used first.
+        self._tokens: OrderedDict[str, list[float]] = OrderedDict()
+        # ip -> [refusals not yet reported, when last reported, the last reason]
+        self._refusals: dict[str, list] = {}
+        self._next_report: float | None = None
+
+    def in_progress_from(self, ip: str) -> int:
+        """Handshakes in progress from ``ip``."""
+        return self._by_ip.get(ip, 0)
+
+    def admit(self, ip: str, now: float) -> str | None:
+        """Count a handshake from ``ip`` in and return None, or return why not."""
+        count = self._by_ip.get(ip, 0)
+        if count >= self.max_per_ip:
+            return f"{count} handshakes already in progress (limit {self.max_per_ip})"
+        if self.in_progress >= self.max_total:
+            return (
+                f"{self.in_progress} handshakes in progress from all addresses "
+                f"(limit {self.max_total})"
+            )
+        bucket = self._tokens.pop(ip, None)
+        if bucket is None:
+            bucket = [float(self.burst), now]
+        else:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_ip)
+            bucket[1] = now
+        self._tokens[ip] = bucket
+        if len(self._tokens) > self.max_tracked_ips:
+            self._tokens.popitem(last=False)
+        if bucket[0] < 1.0:
+            return (
+                f"handshakes arriving faster than {self.rate_per_ip:g} a second "
+                f"(bursts of up to {self.burst})"
+            )
+        bucket[0] -= 1.0
+        self._by_ip[ip] = count + 1
+        self.in_progress += 1
+        return None
+
+    def finished(self, ip: str) -> None:
+        """Count out a handshake :meth:`admit` counted in (it ended either way)."""
+        left = self._by_ip[ip] - 1
+        if left:
+            self._by_ip[ip] = left
+        else:
+            del self._by_ip[ip]
+        self.in_progress -= 1
+
+    def refused(self, ip: str, reason: str, now: float) -> str | None:
+        """Record a connection from ``ip`` refused for ``reason``.
+
+        Returns the message to report now (the first refusal after a quiet
+        interval), or None: later ones are counted for :meth:`due_reports`.
+        """
+        entry = self._refusals.get(ip)
+        if entry is not None:
+            entry[0] += 1
+            entry[2] = reason
+            return None
+        if len(self._refusals) < self.max_tracked_ips:
+            self._refusals[ip] = [0, now, reason]
+            due = now + self.report_interval_s
+            if self._next_report is None or due < self._next_report:
+                self._next_report = due
+        return f"{ip}: {reason}"
+
+    def next_report_at(self) -> float | None:
+        """When :meth:`due_reports` next has something to say, or None."""
+        return self._next_report
+
+    def due_reports(self, now: float) -> list[tuple[str, str]]:
+        """(ip, message) for each IP whose counted refusals are due to be reported."""
+        if self._next_report is None or now < self._next_report:
+            return []
+        reports = []
+        next_report = None
+        for ip, entry in list(self._refusals.items()):
+            count, reported_at, reason = entry
+            if now - reported_at < self.report_interval_s:
+                due = reported_at + self.report_interval_s
+            elif count:
+                reports.append(
+                    (
+                        ip,
+                        f"{ip}: {count} more connections refused in "
+                        f"{now - reported_at:.1f} s, the last: {reason}",
+                    )
+                )
+                entry[0], entry[1] = 0, now
+                due = now + self.report_interval_s
+            else:
+                # A quiet interval: the next refusal is reported at once.
+                del self._refusals[ip]
+                continue
+            if next_report is None or due < next_report:
+                next_report = due
+        self._next_report = next_report
+        return reports
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def refuse_socket(sock: socket.socket) -> None:
+    """Close an accepted socket with a reset: no FIN handshake, no TIME_WAIT kept."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _cert_node_id(der: bytes, peer_ip: str) -> str:
@@ -71,22 +242,29 @@ async def accept_link(
     *,
     contexts: PinnedContexts,
     is_authorised: Callable[[str], bool],
+    name: str = "peer",
 ) -> Link:
     """Run the listener's side of a handshake on an accepted socket.
 
     Reads the preamble, refuses an unauthorised node ID before any TLS
     work, and completes TLS 1.3 with a context that trusts exactly the
     certificate the preamble carried. Raises
-    :class:`BadPreamble`, :class:`NotAuthorised` or :class:`HandshakeError`.
+    :class:`BadPreamble`, :class:`NotAuthorised` or :class:`HandshakeError`
+    (``name``, the peer's address, heads a message when no other is known).
     The caller bounds it with a timeout.
     """
-    peer_ip, peer_port, local_ip = addresses(stream)
+    peer_ip, peer_port, local_ip = addresses(stream, name)
     buf = bytearray()
-    await _receive_exactly(stream, HEAD_BYTES, buf)
-    parsed = parse_preamble(buf)
+    parsed = None
     while parsed is None:
-        need = HEAD_BYTES + int.from_bytes(buf[5:7], "big")
-        await _receive_exactly(stream, need, buf)
+        # Parse after every read, so that a wrong byte is refused when it
+        # arrives, not after the peer has sent (or stalled before) the rest.
+        # receive(max_bytes) never returns more than asked, so nothing meant
+        # for the TLS layer is consumed here.
+        need = HEAD_BYTES
+        if len(buf) >= HEAD_BYTES:
+            need += int.from_bytes(buf[5:7], "big")
+        buf += await stream.receive(need - len(buf))
         parsed = parse_preamble(buf)
     cert_der, _ = parsed
     node_id = _cert_node_id(cert_der, peer_ip)
@@ -126,7 +304,7 @@ async def dial_link(
         detail = (os.strerror(cause.errno) if cause.errno else str(cause)).lower()
         raise HandshakeError(f"{ip}:{port}: cannot connect: {detail}") from None
     try:
-        peer_ip, peer_port, local_ip = addresses(stream)
+        peer_ip, peer_port, local_ip = addresses(stream, f"{ip}:{port}")
         await stream.send(encode_preamble(cert_der))
         tls = await _wrap(stream, context, server_side=False, peer_ip=peer_ip)
         node_id = await _peer_id(tls, peer_ip)
@@ -146,8 +324,9 @@ async def _wrap(stream: ByteStream, context: ssl.SSLContext, *, server_side: boo
     except EdgeNodeError:
         raise
     except ssl.SSLError as exc:
-        reason = exc.reason or str(exc)
-        raise HandshakeError(f"{peer_ip}: tls handshake failed: {reason.lower()}") from None
+        # OpenSSL's reason is a constant (CERTIFICATE_VERIFY_FAILED): show it as words.
+        reason = (exc.reason or str(exc)).lower().replace("_", " ")
+        raise HandshakeError(f"{peer_ip}: tls handshake failed: {reason}") from None
     except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
         raise HandshakeError(
             f"{peer_ip}: connection closed during tls handshake ({type(exc).__name__})"
