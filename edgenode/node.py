@@ -308,6 +308,7 @@ class _Conn:
 
 class _Pending:
     __slots__ = (
+        "conn",
         "deadline",
         "device",
         "done",
@@ -326,6 +327,8 @@ class _Pending:
         self.timeout_s = timeout_s
         self.request_id = 0
         self.deadline = 0.0
+        #: The connection the request was sent on.
+        self.conn: _Conn | None = None
         self.done = anyio.Event()
         self.result: bytes | None = None
         self.error: EdgeNodeError | None = None
@@ -455,7 +458,12 @@ class Node:
         self._wildcard = config.listen_host in _WILDCARD_HOSTS
         our_ip = "0.0.0.0" if self._wildcard else normalise_ip(config.listen_host)
         self.registry = Registry(
-            our_ip, max_peers=config.max_peers, prune_after_s=config.prune_after_s
+            our_ip,
+            max_peers=config.max_peers,
+            prune_after_s=config.prune_after_s,
+            # Each side's handshake ends within its timeout: two of them bound
+            # how far apart the two halves of a simultaneous open can be.
+            simultaneous_window_s=2 * config.handshake_timeout_s,
         )
         self.keepalive = Keepalive(
             interval_s=config.keepalive_interval_s,
@@ -1427,6 +1435,18 @@ class Node:
                     extra={"peer": conn.ip, "node_id": entry.node_id, "reason": reason},
                 )
             self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
+        else:
+            # Replaced (or refused): its peer is still up on another connection,
+            # but requests sent on this one can no longer be answered.
+            for pending in [p for p in self._pending.values() if p.conn is conn]:
+                del self._pending[pending.request_id]
+                pending.finish(
+                    None,
+                    PeerUnavailable(
+                        f"peer {conn.ip}: connection replaced before the response arrived "
+                        f"({reason})"
+                    ),
+                )
         if bye:
             try:
                 conn.outbox_send.send_nowait(PeerProtocol.send(Bye(_clip(reason))))
@@ -1702,6 +1722,7 @@ class Node:
                 None, PeerUnavailable(f"peer {pending.ip} is too slow to take the request")
             )
             return
+        pending.conn = entry.conn
         self._pending[pending.request_id] = pending
         self._push_timer(pending.deadline, _REQUEST_DEADLINE, pending)
 
@@ -1924,6 +1945,14 @@ class Node:
 
 def _os_detail(exc: BaseException) -> str:
     """A short, lowercase account of a socket-level failure."""
+    # anyio's own exceptions carry no text: say what they mean, or what the OS
+    # error behind them says (older anyio versions drop that error).
+    if isinstance(exc, EndOfStream):
+        return "connection closed by peer"
+    if isinstance(exc, BrokenResourceError) and not str(exc):
+        if exc.__cause__ is None:
+            return "connection broken"
+        exc = exc.__cause__
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text[:1].lower() + text[1:]
 

@@ -44,6 +44,12 @@ ID. Admission is decided in that one method, in this order:
       dialled an INBOUND one). Each node computes the same answer from the
       same two addresses, so both keep the same TCP connection and close the
       other, whichever order the two connections arrive in.
+   e. Except when X was made longer ago than ``simultaneous_window_s``
+      (when set; the node sets two handshake timeouts): no simultaneous open
+      lasts that long, so the peer dialled because it lost X, which is
+      half-open here. The new connection wins, as in c; without this, the
+      higher address would refuse every redial of the lower until its
+      keepalive gave X up.
 
 A replaced connection leaves the registry's index at once. The node must
 close it, sending ``Admission.replaced_reason`` in its bye; when its
@@ -236,7 +242,14 @@ class Admission:
 class Registry:
     """The IP-keyed peer table; see the module docstring for its rules."""
 
-    def __init__(self, our_ip: str, *, max_peers: int, prune_after_s: float) -> None:
+    def __init__(
+        self,
+        our_ip: str,
+        *,
+        max_peers: int,
+        prune_after_s: float,
+        simultaneous_window_s: float | None = None,
+    ) -> None:
         """Create an empty table for the node at ``our_ip``.
 
         Raises :class:`ConfigError` for an invalid address, a ``max_peers``
@@ -249,6 +262,8 @@ class Registry:
         self.our_ip: str = normalise_ip(our_ip)
         self.max_peers: int = max_peers
         self.prune_after_s: float = prune_after_s
+        #: A connection older than this cannot be half of a simultaneous open.
+        self.simultaneous_window_s: float | None = simultaneous_window_s
         self._entries: dict[str, PeerEntry] = {}
         # id(conn) -> entry, for current connections only. The entry holds a
         # reference to conn, so the id cannot be reused while it is indexed.
@@ -368,6 +383,15 @@ class Registry:
             return self._accept(
                 entry, conn, node_id, epoch, direction, listen_port, now, current, reason
             )
+        # 4e. The peer dialled long after the current connection was made: no
+        # simultaneous open lasts that long, so it has lost that connection
+        # (half-open at our end) and the newer one wins, as in 4c.
+        window = self.simultaneous_window_s
+        if window is not None and entry.up_since is not None and now - entry.up_since > window:
+            reason = "superseded by a newer connection: the peer had lost this one"
+            return self._accept(
+                entry, conn, node_id, epoch, direction, listen_port, now, current, reason
+            )
         # 4d. Simultaneous open: keep the connection dialled by the higher IP.
         we_are_higher = ip_sort_key(self.our_ip) > ip_sort_key(ip)
         higher_ip = self.our_ip if we_are_higher else ip
@@ -399,7 +423,9 @@ class Registry:
         entry.state = UP
         entry.direction = direction
         entry.epoch = epoch
-        if listen_port is not None:
+        # A configured peer is dialled where the configuration says (a port
+        # forward, a proxy); others where they say they listen.
+        if listen_port is not None and not entry.configured:
             entry.listen_port = listen_port
         entry.up_since = now
         entry.last_change = now

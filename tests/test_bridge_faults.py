@@ -2,8 +2,9 @@
 
 Everything runs over real pseudo-terminals. The node (127.0.0.2) opens a
 pty slave with pyserial; the real ``firmware_bridge`` driver runs on a pty
-master as device "pico-1". For the noisy line a relay sits between two
-ptys and corrupts bytes at a set rate with a seeded generator.
+master as device "pico-1". For the noisy line the fault kit's
+:class:`~edgenode.testing.ptyrelay.PtyRelay` sits between two ptys and
+corrupts, drops and inserts bytes at a set rate with a seeded generator.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 import re
 import struct
 from binascii import crc32
@@ -24,6 +24,7 @@ import pytest
 
 from edgenode.node import Node, PeerDown, PeerUp
 from edgenode.simdevice import PtyPair, SimulatedDevice
+from edgenode.testing.ptyrelay import PtyRelay
 from firmware_bridge import cbor, cobs
 from firmware_bridge.driver import Device
 from firmware_bridge.link import DATA, HELLO, PING, Link, LinkDown
@@ -87,68 +88,8 @@ def start_device_app(device: Device, inbox: list[tuple[str, bytes]]) -> None:
 # -- a noisy line -----------------------------------------------------------------------
 
 
-class NoisyRelay:
-    """Copies bytes between two pseudo-terminals, flipping, dropping and inserting bytes.
-
-    Each of the three faults hits a byte with probability ``rate`` while
-    ``noisy`` is set. The first clean chunk after noise starts with a 0x00,
-    so that the receiver drops any half frame the noise left it holding.
-    """
-
-    def __init__(self, rate: float, seed: int) -> None:
-        self.rate = rate
-        self.seed = seed
-        self.noisy = False
-        self.counts = {"flipped": 0, "dropped": 0, "inserted": 0, "bytes": 0}
-
-    def garble(self, data: bytes, rng: random.Random) -> bytes:
-        rate = self.rate
-        out = bytearray()
-        for byte in data:
-            if rng.random() < rate:
-                out.append(rng.randrange(256))
-                self.counts["inserted"] += 1
-            roll = rng.random()
-            if roll < rate:
-                self.counts["dropped"] += 1
-                continue
-            if roll < 2 * rate:
-                byte ^= 1 << rng.randrange(8)
-                self.counts["flipped"] += 1
-            out.append(byte)
-        return bytes(out)
-
-    async def pump(self, src: int, dst: int, stream_seed: int) -> None:
-        """Copy ``src`` to ``dst`` until ``src`` ends (EIO when its other side closes)."""
-        rng = random.Random(self.seed * 2 + stream_seed)
-        garbled = False
-        while True:
-            await anyio.wait_readable(src)
-            try:
-                data = os.read(src, 4096)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            self.counts["bytes"] += len(data)
-            if self.noisy:
-                data = self.garble(data, rng)
-                garbled = True
-            elif garbled:
-                data = cobs.DELIMITER + data
-                garbled = False
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[os.write(dst, view) :]
-                except BlockingIOError:
-                    await anyio.wait_writable(dst)
-
-
 class NoisyRig:
-    def __init__(self, node: Node, sim: SimulatedDevice, relay: NoisyRelay, events: Any) -> None:
+    def __init__(self, node: Node, sim: SimulatedDevice, relay: PtyRelay, events: Any) -> None:
         self.node, self.sim, self.relay, self.events = node, sim, relay, events
         self.at_device: list[tuple[str, bytes]] = []
         self.at_node: list[tuple[str, bytes]] = []
@@ -164,15 +105,12 @@ class NoisyRig:
 async def noisy_line(
     make_config: Any, *, reliable: bool, rate: float, seed: int
 ) -> AsyncIterator[NoisyRig]:
-    """A node and a device joined through a :class:`NoisyRelay`, up and (still) quiet."""
-    node_pty, device_pty = PtyPair(), PtyPair()
-    os.set_blocking(node_pty.master, False)
-    device_end = os.open(device_pty.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    device_pty.release_slave()
-    relay = NoisyRelay(rate, seed)
+    """A node and a device joined through a noisy :class:`PtyRelay`, up and (still) quiet."""
+    # Each byte is hit by each fault with probability ``rate`` while noisy.
+    relay = PtyRelay(seed=seed, corrupt=rate, drop=rate, insert=rate, resync=cobs.DELIMITER)
     sim = SimulatedDevice(
         "pico-1",
-        device_pty,
+        relay.far,
         reliable=reliable,
         keepalive_interval_ms=100,
         keepalive_timeout_ms=1000,
@@ -180,16 +118,14 @@ async def noisy_line(
     config = make_config(
         "a",
         "127.0.0.2",
-        serial_ports=[(node_pty.path, 115200)],
+        serial_ports=[(relay.near.path, 115200)],
         serial_keepalive_interval_s=0.1,
         serial_keepalive_timeout_s=1.0,
         serial_reliable=reliable,
         subscription_buffer=1024,
     )
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(relay.pump, node_pty.master, device_end, 0)
-            tg.start_soon(relay.pump, device_end, node_pty.master, 1)
+        with relay:
             async with Node(config) as node:
                 rig = NoisyRig(node, sim, relay, node.events())
                 device = await sim.start()
@@ -197,7 +133,7 @@ async def noisy_line(
                 await wait_event(rig.events, is_device_up)
                 with anyio.fail_after(5):
                     await device.wait_up()  # the two ends come up one after the other
-                node_pty.release_slave()
+                relay.near.release_slave()
                 with node.subscribe("#") as sub:
 
                     async def collect() -> None:
@@ -218,11 +154,9 @@ async def noisy_line(
                             watchers.cancel_scope.cancel()
                     assert sub.dropped == 0
                 await sim.stop()
-            tg.cancel_scope.cancel()
     finally:
         await sim.aclose()
-        os.close(device_end)
-        node_pty.close()
+        relay.close()
 
 
 async def exchange(rig: NoisyRig, count: int, *, confirm: bool) -> None:

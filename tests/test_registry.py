@@ -384,6 +384,30 @@ def test_simultaneous_open_both_sides_keep_the_same_connection(
     assert on_high.by_conn(dialled_by_low) is None
 
 
+def test_redial_long_after_the_connection_was_made_is_not_a_simultaneous_open() -> None:
+    # Rule 4e: at the higher address, X (dialled by us) is half-open: the
+    # lower peer lost it and dials again. Within the window that would be a
+    # simultaneous open and refused; later, the newer connection wins.
+    registry = Registry("127.0.0.3", max_peers=8, prune_after_s=60.0, simultaneous_window_s=4.0)
+    x = Conn("x")
+    assert admit(registry, x, ip="127.0.0.2", direction=OUTBOUND, now=0.0).accepted
+    early = admit(registry, Conn("early"), ip="127.0.0.2", direction=INBOUND, now=4.0)
+    assert not early.accepted
+    assert early.reason == "simultaneous open: keeping the connection dialled by 127.0.0.3"
+    y = Conn("y")
+    later = admit(registry, y, ip="127.0.0.2", direction=INBOUND, now=4.5)
+    assert later.accepted
+    assert later.replaced is x
+    assert later.replaced_reason == "superseded by a newer connection: the peer had lost this one"
+    entry = registry.get("127.0.0.2")
+    assert entry is not None and entry.conn is y and entry.direction == INBOUND
+    assert registry.by_conn(x) is None
+    # Without a window (the pure default) rule 4d holds however old X is.
+    plain = make_registry("127.0.0.3")
+    admit(plain, Conn(), ip="127.0.0.2", direction=OUTBOUND, now=0.0)
+    assert not admit(plain, Conn(), ip="127.0.0.2", direction=INBOUND, now=1e6).accepted
+
+
 def test_simultaneous_open_compares_addresses_numerically() -> None:
     # Lexically "127.0.0.10" < "127.0.0.9"; numerically it is higher.
     registry = make_registry("127.0.0.9")
@@ -414,7 +438,7 @@ def test_admit_keeps_known_listen_port_when_hello_has_none() -> None:
     registry.closed(conn, "eof", now=1.0)
     entry = admit(registry, Conn(), listen_port=7200, direction=INBOUND, now=2.0).entry
     assert entry is not None
-    assert entry.listen_port == 7200
+    assert entry.listen_port == 7100  # configured: kept
 
 
 def test_admit_rejects_misuse() -> None:
