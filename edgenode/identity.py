@@ -225,6 +225,8 @@ def _read_tlv(der: bytes, pos: int, end: int, tag: int, what: str) -> tuple[int,
 
 def _describe_algorithm(content: bytes) -> str:
     """Describe an AlgorithmIdentifier's content for an error message."""
+    if not content:
+        return "an empty algorithm identifier"
     if len(content) >= 2 and content[0] == _TAG_OID and content[1] < 0x80:
         oid_bytes = content[2 : 2 + content[1]]
         if len(oid_bytes) == content[1] and oid_bytes and oid_bytes[-1] < 0x80:

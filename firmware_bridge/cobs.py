@@ -180,7 +180,9 @@ class FrameSplitter:
             if self._skipped >= 0:
                 self._skipped += stop - pos
             elif len(buf) + stop - pos > cap:
-                self._head = bytes(buf[:_HEX_LIMIT]) + data[pos : pos + _HEX_LIMIT]
+                # At most the first 16 bytes of this frame, for the message.
+                head = bytes(buf[:_HEX_LIMIT])
+                self._head = head + data[pos : min(stop, pos + _HEX_LIMIT - len(head))]
                 self._skipped = len(buf) + stop - pos
                 buf[:] = b""
             else:

@@ -985,9 +985,9 @@ class Link:
         raw = cobs.decode(encoded)
         n = len(raw)
         if n < 1 + CRC_BYTES:
+            shown = ": " + hex_preview(raw) if n else ""
             raise BadFrame(
-                f"bad frame: {n} bytes is shorter than the {1 + CRC_BYTES}-byte minimum: "
-                f"{hex_preview(raw)}"
+                f"bad frame: {n} bytes is shorter than the {1 + CRC_BYTES}-byte minimum{shown}"
             )
         if n - CRC_BYTES > self.max_frame:
             raise FrameTooLarge(

@@ -113,7 +113,11 @@ def _with(offset: int, value: bytes, data: bytes = VECTOR) -> bytes:
     ("data", "error", "message"),
     [
         (VECTOR + bytes(79), MalformedMessage, "beacon of 129 bytes exceeds 128-byte limit: 45 44"),
-        (b"", MalformedMessage, r"expected beacon magic 45 44 47 42 \('EDGB'\), got $"),
+        (
+            b"",
+            MalformedMessage,
+            r"expected beacon magic 45 44 47 42 \('EDGB'\), got an empty datagram$",
+        ),
         (
             b"EDGN\x01\x00\x00",
             MalformedMessage,

@@ -114,7 +114,8 @@ def decode_beacon(data: bytes) -> Beacon:
     got = bytes(data[:4])
     if got != MAGIC:
         raise MalformedMessage(
-            f"expected beacon magic {MAGIC.hex(' ')} ('EDGB'), got {hexdump(data)}"
+            f"expected beacon magic {MAGIC.hex(' ')} ('EDGB'), "
+            f"got {hexdump(data) if data else 'an empty datagram'}"
         )
     if size < 5:
         raise MalformedMessage(f"beacon of {size} bytes ends before its version: {hexdump(data)}")

@@ -116,8 +116,8 @@ class PeerProtocol:
             elif code == BYE:
                 self.state = CLOSED
             messages.append(msg)
-        if self.state == CLOSED and self._decoder.buffered:
-            # Part of a frame after the bye: as wrong as a whole one.
+        if self.state == CLOSED and self._decoder.mid_frame:
+            # Part of a frame after the bye, if only a header: as wrong as a whole one.
             raise self._fail(UnexpectedMessage(f"{self.name}: bytes after bye"))
         return messages
 

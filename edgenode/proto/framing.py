@@ -44,6 +44,11 @@ class FrameDecoder:
         """Bytes held waiting for the rest of a frame."""
         return len(self._buf)
 
+    @property
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has arrived, if only its header (then ``buffered`` is 0)."""
+        return bool(self._need or self._buf)
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the frame bodies it completes, in order.
 

@@ -352,9 +352,17 @@ def encode_message(msg: AnyMessage) -> bytes:
 _ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2, 4, 4, 5, 2)
 
 
+def _shown(value: object, limit: int) -> str:
+    """``repr(value)`` for a message: at most ``limit`` characters, "..." marking a cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _uint(value: object, what: str, limit: int = _U64) -> int:
     if type(value) is not int or not 0 <= value <= limit:
-        raise MalformedMessage(f"{what} should be an integer in 0..{limit}, got {value!r:.40}")
+        raise MalformedMessage(
+            f"{what} should be an integer in 0..{limit}, got {_shown(value, 40)}"
+        )
     return value
 
 
@@ -470,7 +478,7 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
     for entry in entries:
         if type(entry) is not list or len(entry) != 3:
             raise MalformedMessage(
-                f"peer list entry should be [ip, port, node_id], got {entry!r:.60}"
+                f"peer list entry should be [ip, port, node_id], got {_shown(entry, 60)}"
             )
         node_id = entry[2]
         if node_id is not None:
