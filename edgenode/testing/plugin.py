@@ -7,7 +7,11 @@ Installing edgenode registers it; ``-p no:edgenode`` turns it off. Fixtures:
 * ``pty_relay``: a running, quiet :class:`~edgenode.testing.ptyrelay.PtyRelay`.
 * ``netns_pair``: a :class:`~edgenode.testing.netns.NetnsPair`, created;
   the test is skipped, with the reason, when that needs root or ``ip``.
-* ``fault_seed``: the seed the two above use. It is derived from the test's
+* ``node_processes``: a factory of :class:`~edgenode.testing.procs.NodeProcess`
+  (``node_processes(state_dir, "127.0.0.2", peers=..., authorised=...)``):
+  real ``edgenode run`` processes to kill, stop and continue; every one is
+  killed and reaped after the test.
+* ``fault_seed``: the seed the proxy and the relay use. It is derived from the test's
   name, or set for every test with ``--fault-seed N``; a failing test that
   used it shows it in its report, to rerun with the same faults.
 
@@ -18,13 +22,14 @@ modules load inside the fixtures that use them.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
     from edgenode.testing.netns import NetnsPair
+    from edgenode.testing.procs import NodeProcess
     from edgenode.testing.proxy import TcpProxy
     from edgenode.testing.ptyrelay import PtyRelay
 
@@ -89,3 +94,22 @@ def netns_pair() -> Iterator[NetnsPair]:
         pytest.skip(reason)
     with NetnsPair() as pair:
         yield pair
+
+
+@pytest.fixture
+def node_processes() -> Iterator[Callable[..., NodeProcess]]:
+    """Make (not start) node processes; all are killed and reaped after the test."""
+    from edgenode.testing.procs import NodeProcess
+
+    made: list[NodeProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> NodeProcess:
+        proc = NodeProcess(*args, **kwargs)
+        made.append(proc)
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in made:
+            proc.close()
