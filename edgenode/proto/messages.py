@@ -31,18 +31,18 @@ receiver's devices (answered by a response or error with its id), and
 
 Decoding uses the strict CBOR subset decoder of ``firmware_bridge.cbor``
 (no tags, floats, maps or indefinite lengths; every count and length
-checked before anything is allocated). Encoding uses cbor2, which writes
-the same shortest-form bytes and is faster on CPython.
+checked before anything is allocated). Encoding uses its encoder too (the
+same shortest-form bytes as cbor2, which the tests cross-check), so a
+running node does not load cbor2's 1 MB extension.
 """
 
 from __future__ import annotations
 
 from typing import Any, Union
 
-from cbor2 import dumps as _cbor_dumps
-
 from firmware_bridge.cbor import CBORError
 from firmware_bridge.cbor import decode as _cbor_decode
+from firmware_bridge.cbor import encode as _cbor_dumps
 
 from ..errors import MalformedMessage, UnknownMessageType, VersionMismatch, hexdump
 
