@@ -87,7 +87,9 @@ def test_importing_pure_layers_loads_no_io_modules() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_running_node_does_not_import_cryptography(tmp_path: Path) -> None:
+def test_running_node_imports_neither_cryptography_nor_cbor2(tmp_path: Path) -> None:
+    # cryptography is ~11 MB of RSS, cbor2's extension ~1 MB: a node makes
+    # keys in a child process and codes frames with firmware_bridge.cbor.
     from edgenode.identity import create_identity
 
     create_identity(tmp_path / "n")
@@ -101,9 +103,9 @@ def test_running_node_does_not_import_cryptography(tmp_path: Path) -> None:
         "    async with Node(config):\n"
         "        pass\n"
         "anyio.run(main)\n"
-        "print('cryptography' in sys.modules)\n"
+        "print('cryptography' in sys.modules, 'cbor2' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
