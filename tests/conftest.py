@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +151,36 @@ class RawPeer:
 
     async def aclose(self) -> None:
         await anyio.aclose_forcefully(self.stream)
+
+
+async def echo(request: Any) -> bytes:
+    """A request handler that answers with the request's payload."""
+    return bytes(request.payload)
+
+
+class Pair:
+    """Two connected nodes, A on 127.0.0.2 and B on 127.0.0.3, answering "echo"."""
+
+    def __init__(self, a: Any, b: Any, events: Any) -> None:
+        self.a, self.b, self.events = a, b, events
+
+    async def still_working(self) -> None:
+        """The bad input cost nothing: A and B still talk both ways, B is up at A."""
+        assert await self.b.request("127.0.0.2", "echo", b"b->a", timeout=5) == b"b->a"
+        assert await self.a.request("127.0.0.3", "echo", b"a->b", timeout=5) == b"a->b"
+        assert [p.state for p in self.a.peers() if p.ip == "127.0.0.3"] == ["up"]
+
+
+@pytest.fixture
+async def pair(make_config: Callable[..., NodeConfig]) -> AsyncIterator[Pair]:
+    from edgenode.node import Node, PeerUp
+
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        events = a.events()
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            a.handle("echo", echo)
+            b.handle("echo", echo)
+            b_events = b.events()
+            await wait_event(events, lambda e: isinstance(e, PeerUp))
+            await wait_event(b_events, lambda e: isinstance(e, PeerUp))
+            yield Pair(a, b, events)

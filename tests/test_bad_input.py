@@ -8,7 +8,6 @@ and then checks that A and B still exchange requests.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -27,43 +26,17 @@ from edgenode.errors import (
     VersionMismatch,
 )
 from edgenode.identity import client_context
-from edgenode.node import Incoming, Node, PeerDown, PeerUp, Refused
+from edgenode.node import PeerDown, PeerUp, Refused
 from edgenode.proto.connection import PeerProtocol
 from edgenode.proto.framing import encode_frame
 from edgenode.proto.messages import Bye, Data, Hello
 from edgenode.proto.preamble import encode_preamble
 
-from .conftest import RawPeer, wait_event
+from .conftest import Pair, RawPeer, wait_event
 
 pytestmark = pytest.mark.anyio
 
 
-class Pair:
-    def __init__(self, a: Node, b: Node, events: Any) -> None:
-        self.a, self.b, self.events = a, b, events
-
-    async def still_working(self) -> None:
-        """The bad input cost nothing: A and B still talk both ways."""
-        assert await self.b.request("127.0.0.2", "echo", b"b->a", timeout=2) == b"b->a"
-        assert await self.a.request("127.0.0.3", "echo", b"a->b", timeout=2) == b"a->b"
-        assert [p.state for p in self.a.peers() if p.ip == "127.0.0.3"] == ["up"]
-
-
-async def _echo(request: Incoming) -> bytes:
-    return request.payload
-
-
-@pytest.fixture
-async def pair(make_config: Any) -> AsyncIterator[Pair]:
-    async with Node(make_config("a", "127.0.0.2")) as a:
-        events = a.events()
-        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
-            a.handle("echo", _echo)
-            b.handle("echo", _echo)
-            b_events = b.events()
-            await wait_event(events, lambda e: isinstance(e, PeerUp))
-            await wait_event(b_events, lambda e: isinstance(e, PeerUp))
-            yield Pair(a, b, events)
 
 
 async def _established(pair: Pair, identities: Any) -> RawPeer:

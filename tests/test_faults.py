@@ -804,28 +804,6 @@ def test_plugin_imports_nothing_heavy() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_running_node_does_not_import_the_kit(tmp_path: Path) -> None:
-    from edgenode.identity import create_identity
-
-    create_identity(tmp_path / "n")
-    code = (
-        "import sys, anyio\n"
-        "from edgenode.config import NodeConfig\n"
-        "from edgenode.node import Node\n"
-        "async def main():\n"
-        f"    config = NodeConfig(state_dir={str(tmp_path / 'n')!r}, listen_host='127.0.0.2',\n"
-        "                        listen_port=0, authorised=frozenset())\n"
-        "    async with Node(config):\n"
-        "        pass\n"
-        "anyio.run(main)\n"
-        "print(sorted(m for m in sys.modules if m.startswith('edgenode.testing')))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
-    )
-    assert out.stdout.strip() == "[]"
-
-
 def test_plugin_is_registered_with_pytest() -> None:
     from importlib.metadata import entry_points
 

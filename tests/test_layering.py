@@ -87,9 +87,12 @@ def test_importing_pure_layers_loads_no_io_modules() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_running_node_imports_neither_cryptography_nor_cbor2(tmp_path: Path) -> None:
+def test_running_node_imports_neither_cryptography_nor_cbor2_nor_the_test_kit(
+    tmp_path: Path,
+) -> None:
     # cryptography is ~11 MB of RSS, cbor2's extension ~1 MB: a node makes
     # keys in a child process and codes frames with firmware_bridge.cbor.
+    # edgenode.testing is installed with it, for tests only.
     from edgenode.identity import create_identity
 
     create_identity(tmp_path / "n")
@@ -103,9 +106,10 @@ def test_running_node_imports_neither_cryptography_nor_cbor2(tmp_path: Path) -> 
         "    async with Node(config):\n"
         "        pass\n"
         "anyio.run(main)\n"
-        "print('cryptography' in sys.modules, 'cbor2' in sys.modules)\n"
+        "print('cryptography' in sys.modules, 'cbor2' in sys.modules,\n"
+        "      any(m.startswith('edgenode.testing') for m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
-    assert out.stdout.strip() == "False False"
+    assert out.stdout.strip() == "False False False"

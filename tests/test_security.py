@@ -61,43 +61,15 @@ from edgenode.identity import (
     load_authorised,
     load_identity,
 )
-from edgenode.node import Incoming, Node, PeerUp, Refused
+from edgenode.node import Node, PeerUp, Refused
 from edgenode.proto.preamble import encode_preamble
 from edgenode.simdevice import PtyPair, SimulatedDevice
 from firmware_bridge import cobs
 from firmware_bridge.link import DATA, FLAG_AUTH
 
-from .conftest import RawPeer, wait_event, wait_until
+from .conftest import Pair, RawPeer, echo, wait_event, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
-
-
-async def _echo(request: Incoming) -> bytes:
-    return request.payload
-
-
-class Pair:
-    def __init__(self, a: Node, b: Node, events: Any) -> None:
-        self.a, self.b, self.events = a, b, events
-
-    async def still_working(self) -> None:
-        """A and B still exchange requests both ways, and B is up at A."""
-        assert await self.b.request("127.0.0.2", "echo", b"b->a", timeout=5) == b"b->a"
-        assert await self.a.request("127.0.0.3", "echo", b"a->b", timeout=5) == b"a->b"
-        assert [p.state for p in self.a.peers() if p.ip == "127.0.0.3"] == ["up"]
-
-
-@pytest.fixture
-async def pair(make_config: Any) -> AsyncIterator[Pair]:
-    async with Node(make_config("a", "127.0.0.2")) as a:
-        events = a.events()
-        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
-            a.handle("echo", _echo)
-            b.handle("echo", _echo)
-            b_events = b.events()
-            await wait_event(events, lambda e: isinstance(e, PeerUp))
-            await wait_event(b_events, lambda e: isinstance(e, PeerUp))
-            yield Pair(a, b, events)
 
 
 def _refused_from(ip: str) -> Any:
@@ -250,7 +222,7 @@ async def test_node_refuses_to_start_from_an_unsafe_state_directory_until_fixed(
     os.chmod(own_state, 0o700)
     node_id = load_identity(own_state).node_id
     async with Node(config) as a:
-        a.handle("echo", _echo)
+        a.handle("echo", echo)
         b_config = make_config(
             "b", "127.0.0.3", [("127.0.0.2", a.listen_port)], authorised=frozenset([node_id])
         )
