@@ -692,8 +692,10 @@ def add_authorised(path: str | os.PathLike[str], node_id: str) -> bool:
 # -- TLS --------------------------------------------------------------------
 
 
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    """Describe an ``ssl`` error for a message, without its C source line."""
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """Describe an ``ssl`` error for a message: OpenSSL's reason as words
+    (``CERTIFICATE_VERIFY_FAILED`` -> ``certificate verify failed``), or its
+    text without the C source line."""
     if exc.reason:
         return exc.reason.lower().replace("_", " ")
     text = str(exc)
@@ -712,7 +714,7 @@ def _tls13_context(protocol: int, identity: Identity) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         raise IdentityError(
             f"cannot use key file {identity.key_path} with certificate "
-            f"{identity.cert_path}: {_ssl_reason(exc)}"
+            f"{identity.cert_path}: {ssl_reason(exc)}"
         ) from None
     except OSError as exc:
         raise IdentityError(
@@ -807,7 +809,7 @@ class PinnedContexts:
             ctx.load_verify_locations(cadata=der)
         except ssl.SSLError as exc:
             raise IdentityError(
-                f"cannot pin the certificate of node {node_id}: {_ssl_reason(exc)}"
+                f"cannot pin the certificate of node {node_id}: {ssl_reason(exc)}"
             ) from None
         self._contexts[digest] = ctx
         if len(self._contexts) > self._max_entries:

@@ -1413,9 +1413,6 @@ class Node:
                 self._publish(PeerDown(f"{conn.ip}/{device}", entry.node_id, reason))
             redial = bool(entry.listen_port) and not self._closing
             delay = self.keepalive.link_down(conn.ip, now, redial=redial)
-            for pending in [p for p in self._pending.values() if p.ip == conn.ip]:
-                del self._pending[pending.request_id]
-                pending.finish(None, PeerUnavailable(f"peer {conn.ip} went down: {reason}"))
             if self._closing:
                 log.info(
                     "closed link to %s (node %s): %s",
@@ -1435,18 +1432,18 @@ class Node:
                     extra={"peer": conn.ip, "node_id": entry.node_id, "reason": reason},
                 )
             self._publish(PeerDown(conn.ip, entry.node_id, reason, error))
-        else:
-            # Replaced (or refused): its peer is still up on another connection,
-            # but requests sent on this one can no longer be answered.
-            for pending in [p for p in self._pending.values() if p.conn is conn]:
+        # Requests sent on this connection can no longer be answered: the
+        # peer went down, or (replaced) it is up on another connection.
+        lost = [p for p in self._pending.values() if p.conn is conn]
+        if lost:
+            why = (
+                f"peer {conn.ip} went down: {reason}"
+                if entry is not None
+                else f"peer {conn.ip}: connection replaced before the response arrived ({reason})"
+            )
+            for pending in lost:
                 del self._pending[pending.request_id]
-                pending.finish(
-                    None,
-                    PeerUnavailable(
-                        f"peer {conn.ip}: connection replaced before the response arrived "
-                        f"({reason})"
-                    ),
-                )
+                pending.finish(None, PeerUnavailable(why))
         if bye:
             try:
                 conn.outbox_send.send_nowait(PeerProtocol.send(Bye(_clip(reason))))

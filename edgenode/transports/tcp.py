@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised
-from ..identity import PinnedContexts, node_id_from_cert_der
+from ..identity import PinnedContexts, node_id_from_cert_der, ssl_reason
 from ..proto.preamble import HEAD_BYTES, encode_preamble, parse_preamble
 from ..registry import normalise_ip
 
@@ -324,9 +324,7 @@ async def _wrap(stream: ByteStream, context: ssl.SSLContext, *, server_side: boo
     except EdgeNodeError:
         raise
     except ssl.SSLError as exc:
-        # OpenSSL's reason is a constant (CERTIFICATE_VERIFY_FAILED): show it as words.
-        reason = (exc.reason or str(exc)).lower().replace("_", " ")
-        raise HandshakeError(f"{peer_ip}: tls handshake failed: {reason}") from None
+        raise HandshakeError(f"{peer_ip}: tls handshake failed: {ssl_reason(exc)}") from None
     except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
         raise HandshakeError(
             f"{peer_ip}: connection closed during tls handshake ({type(exc).__name__})"
