@@ -41,6 +41,7 @@ import anyio
 from firmware_bridge.link import Link
 
 from .cli import BENCH_SECTIONS as SECTIONS
+from .testing.procs import free_port, read_rss_bytes
 
 PAYLOAD_SIZES = (16, 64, 200)
 EFFICIENCY_TARGET = 0.95  # at 200-byte payloads (issue: serial bridge)
@@ -197,18 +198,8 @@ def _pair(kind: str, a: Path, b: Path, plan: dict[str, Any]) -> dict[str, Any]:
         _stop(server)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return read_rss_bytes(pid) / 2**20
 
 
 def _startup_once(argv: list[str], port: int, settle_s: float) -> tuple[float, float]:
@@ -241,7 +232,7 @@ def startup(runs: int, a: Path, b: Path, settle_s: float) -> dict[str, list[floa
     peer_id = load_identity(b).node_id
     figures: dict[str, list[float]] = {"node_s": [], "node_mb": [], "ref_s": [], "ref_mb": []}
     for _ in range(runs):
-        port = _free_port(STARTUP_HOST)
+        port = free_port(STARTUP_HOST)
         node = [sys.executable, "-m", "edgenode", "run", "--state-dir", str(a)]
         node += [
             "--listen",
@@ -254,7 +245,7 @@ def startup(runs: int, a: Path, b: Path, settle_s: float) -> dict[str, list[floa
         seconds, mb = _startup_once(node, port, settle_s)
         figures["node_s"].append(seconds)
         figures["node_mb"].append(mb)
-        port = _free_port(STARTUP_HOST)
+        port = free_port(STARTUP_HOST)
         ref = [sys.executable, "-m", "edgenode.bench_tls", "ref-server", str(a), str(b)]
         seconds, mb = _startup_once([*ref, STARTUP_HOST, str(port)], port, settle_s)
         figures["ref_s"].append(seconds)

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .testing.procs import read_cpu_seconds, read_rss_bytes
+
 FLEET_HOST = "127.0.0.2"
 OBSERVER_HOST = "127.0.0.5"
 DETECT_PEER_HOST = "127.0.0.6"
@@ -185,21 +187,7 @@ def _fleet_worker(role: str, *args: str) -> list[str]:
 
 def rss_kb(pid: int) -> int:
     """VmRSS of ``pid`` in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_s(pid: int) -> tuple[float, float]:
-    """utime and stime of ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS  # fields 14 and 15 of proc(5)
+    return read_rss_bytes(pid) // 1024
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -351,11 +339,11 @@ def idle_windows(fleet: FleetNode, windows: int, window_s: float) -> list[dict[s
     """
     pid = fleet.node.pid
     before = fleet.wait_up(fleet.peers)
-    cpu0, t0 = cpu_s(pid), time.monotonic()
+    cpu0, t0 = read_cpu_seconds(pid), time.monotonic()
     figures = []
     for _ in range(windows):
         time.sleep(window_s)
-        cpu1, t1 = cpu_s(pid), time.monotonic()
+        cpu1, t1 = read_cpu_seconds(pid), time.monotonic()
         after = fleet.wait_up(fleet.peers)  # every peer still up
         uptime = after["node"]["uptime_s"] - before["node"]["uptime_s"]
         user, system = (100 * (b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1))
@@ -370,7 +358,7 @@ def idle_windows(fleet: FleetNode, windows: int, window_s: float) -> list[dict[s
             }
         )
         before = after
-        cpu0, t0 = cpu_s(pid), time.monotonic()
+        cpu0, t0 = read_cpu_seconds(pid), time.monotonic()
     return figures
 
 

@@ -102,7 +102,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 
 
 @pytest.mark.timeout(60)
-def test_plugin_node_processes_fixture_cleans_up_what_it_made(
+def test_plugin_node_processes_fixture_makes_processes_to_stop_and_continue(
     tmp_path: Path, node_processes: Any
 ) -> None:
     create_identity(tmp_path / "solo")
@@ -112,7 +112,7 @@ def test_plugin_node_processes_fixture_cleans_up_what_it_made(
     assert node.stopped
     node.cont()
     assert node.running and not node.stopped
-    # The fixture kills and reaps it after the test; nothing else to do here.
+    # The fixture kills and reaps it after the test (NodeProcess.close).
 
 
 # -- NodeProcess ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import ipaddress
 import json
 import os
@@ -55,6 +56,7 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from ..errors import EdgeNodeError
 from ..proto.preamble import HEAD_BYTES, MAGIC, PREAMBLE_VERSION, encode_preamble
+from .procs import NodeProcessError, read_cpu_seconds
 
 #: Each kind of flood, in the order the tool runs them.
 KINDS = (
@@ -429,14 +431,11 @@ def process_figures(pid: int) -> dict[str, Any]:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) process ``pid`` has used, in seconds (Linux /proc)."""
+    """CPU time (user + system) process ``pid`` has used, in seconds; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # Fields after the command name (which may hold spaces) start at 3.
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
+        return sum(read_cpu_seconds(pid))
+    except NodeProcessError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _CpuMeter:
@@ -743,7 +742,8 @@ async def _tool(args: argparse.Namespace) -> dict[str, Any]:
             quiet_cpu.stop()
             flood_cpu = _CpuMeter(target_pid)
             await peer.ask({"cmd": "start"})
-            result = await run_flood(
+            flood = functools.partial(
+                run_flood,
                 kind,
                 target[0],
                 target[1],
@@ -755,6 +755,7 @@ async def _tool(args: argparse.Namespace) -> dict[str, Any]:
                 identity=attacker,
                 limit_s=args.limit,
             )
+            result = await flood()
             during = await peer.ask({"cmd": "stop"})
             flood_cpu.stop()
             row = result.as_dict()
@@ -771,18 +772,7 @@ async def _tool(args: argparse.Namespace) -> dict[str, Any]:
                 # The same flood again with the peer idle: the node's CPU time
                 # is then the flood's alone (to the 10 ms tick).
                 cpu_start = cpu_seconds(target_pid)
-                await run_flood(
-                    kind,
-                    target[0],
-                    target[1],
-                    source_ips=sources,
-                    count=count,
-                    concurrency=concurrency,
-                    hold_s=args.hold,
-                    cert_der=peer_cert,
-                    identity=attacker,
-                    limit_s=args.limit,
-                )
+                await flood()
                 cpu_end = cpu_seconds(target_pid)
                 if cpu_start is not None and cpu_end is not None:
                     row["node_cpu_ms_per_1000"] = round((cpu_end - cpu_start) * 1e6 / count)

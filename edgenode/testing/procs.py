@@ -105,6 +105,21 @@ def read_rss_bytes(pid: int) -> int:
     raise NodeProcessError(f"process {pid}: no VmRSS in /proc/{pid}/status (a zombie?)")
 
 
+def read_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time process ``pid`` has used (all its threads), in seconds.
+
+    Raises :class:`NodeProcessError` if the process is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            # The command name, in parentheses, may hold spaces: split after it.
+            fields = stat_file.read().rpartition(")")[2].split()
+    except OSError as exc:
+        raise NodeProcessError(f"process {pid}: cannot read its CPU time: {exc.strerror}") from None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks  # fields 14 and 15 of proc(5)
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
