@@ -191,6 +191,16 @@ async def exchange(rig: NoisyRig, count: int, *, confirm: bool) -> None:
         await wait_until(
             lambda: len(rig.at_device) >= count and len(rig.at_node) >= count, timeout=10
         )
+    # The relay garbles what it reads while noisy, and its threads may lag
+    # behind the writers on a busy machine: quiet the line only once it has
+    # read every byte either end had queued, or the last messages would
+    # cross it clean.
+    node_link = port_link(rig.node)
+    await wait_until(
+        lambda: rig.relay.to_far.bytes >= node_link.stats.bytes_out
+        and rig.relay.to_near.bytes >= rig.device.stats["bytes_out"],
+        timeout=10,
+    )
     # Everything sent before the end markers, in each direction, has been
     # dealt with by the receiver once its marker arrives.
     rig.relay.noisy = False

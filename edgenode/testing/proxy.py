@@ -157,6 +157,8 @@ class Lane:
         self.bytes_forwarded = 0
         #: Bytes read and thrown away (black hole, cut or half-open).
         self.bytes_dropped = 0
+        #: Closes (FIN or reset) thrown away by a black hole.
+        self.closes_dropped = 0
         self._rng = rng
         self._resumed = anyio.Event()
         self._resumed.set()
@@ -570,6 +572,7 @@ class TcpProxy:
                 lane.name: {
                     "bytes_forwarded": lane.bytes_forwarded,
                     "bytes_dropped": lane.bytes_dropped,
+                    "closes_dropped": lane.closes_dropped,
                 }
                 for lane in self.lanes()
             },
@@ -670,6 +673,8 @@ class TcpProxy:
                     # A close is black-holed too: the far end is left to notice.
                     if item:
                         lane.bytes_dropped += len(item)
+                    else:
+                        lane.closes_dropped += 1
                     continue
                 if item is _RESET:
                     dst.reset()
