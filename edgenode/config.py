@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -96,6 +97,9 @@ class NodeConfig:
     serial_baud: int = 115200
     #: Memory (MB) the node is sized to stay within, from its board profile.
     memory_budget_mb: int = 64
+    #: The MQTT uplink (``edgenode.uplink.UplinkConfig``), or None for none.
+    #: Its module, and the MQTT client library, load only when this is set.
+    uplink: Any = None
 
     def replace(self, **changes: object) -> NodeConfig:
         """Return a copy with ``changes`` applied."""
@@ -189,4 +193,6 @@ class NodeConfig:
             )
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port: expected 0..65535, got {self.listen_port!r}")
+        if self.uplink is not None:
+            self.uplink.validate()
         return self

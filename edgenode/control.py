@@ -449,11 +449,14 @@ def node_status(node: Node) -> dict[str, Any]:
         rss_bytes=rss_bytes(),
         peers_by_state=dict(Counter(row.state for row in rows)),
     )
-    return {
+    status = {
         "ok": True,
         "node": figures,
         "peers": [dataclasses.asdict(row) for row in rows],
     }
+    if node.uplink is not None:
+        status["uplink"] = node.uplink.status()
+    return status
 
 
 def rss_bytes() -> int | None:

@@ -500,6 +500,8 @@ class Node:
         self._remote_devices: dict[str, tuple[str, ...]] = {}
         self.discovery: DiscoveryWiring | None = None
         self.bridge: SerialBridge | None = None
+        #: The MQTT uplink when configured (edgenode.uplink; loaded only then).
+        self.uplink: Any = None
         if config.serial_ports:
             from .bridge import SerialBridge  # pyserial and the link load only when needed
 
@@ -571,6 +573,11 @@ class Node:
         if self.bridge is not None:
             for port in self.bridge.ports:
                 tg.start_soon(self.bridge.run_port, port)
+        if self.config.uplink is not None:
+            from .uplink import Uplink  # the MQTT client library loads only here
+
+            self.uplink = Uplink(self, self.config.uplink)
+            tg.start_soon(self.uplink.run)
         now = monotonic()
         for host, port in self.config.peers:
             ip = normalise_ip(host)
@@ -604,6 +611,9 @@ class Node:
             self._closing = True
             assert self._listener_scope is not None and self._all_closed is not None
             self._listener_scope.cancel()
+            if self.uplink is not None:
+                with anyio.move_on_after(self.config.shutdown_grace_s):
+                    await self.uplink.aclose()
             with anyio.move_on_after(self.config.shutdown_grace_s):
                 await self._inbox_send.send(_Shutdown())
                 if self._open_conns:
@@ -714,6 +724,18 @@ class Node:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    async def publish_local(self, topic: str, payload: bytes, *, source: str = "local") -> int:
+        """Deliver a message to this node's own subscribers, as if it had
+        arrived from ``source`` (for example ``"mqtt"`` for the uplink).
+
+        Returns how many subscriptions it reached. Raises
+        :class:`InvalidArgument` for a bad topic or payload and
+        :class:`NodeClosed` once the node is closing.
+        """
+        topic, payload = self._check_topic(topic), self._check_payload(payload)
+        self._check_open()
+        return self._deliver(Incoming(source, self.node_id, topic, payload))
 
     async def add_peer(self, host: str, port: int) -> None:
         """Dial ``host:port`` now and keep it connected, as a configured peer."""
@@ -1616,20 +1638,21 @@ class Node:
             elif code >= TO_DEVICE:
                 self._on_device_message(conn, msg, now)
 
-    def _deliver(self, incoming: Incoming) -> None:
+    def _deliver(self, incoming: Incoming) -> int:
         topic = incoming.topic
         subs = self._subs.get(topic)
-        delivered = False
+        delivered = 0
         for sub in subs or ():
             sub._offer(incoming)
-            delivered = True
+            delivered += 1
         for sub in self._wild_subs:
             if topic.startswith(sub.key[:-1]):
                 sub._offer(incoming)
-                delivered = True
+                delivered += 1
         if not delivered:
             self.unrouted += 1
             log.debug("%s: no subscriber for topic %r", incoming.peer, topic)
+        return delivered
 
     def _on_request(self, conn: _Conn, msg: Request, now: float) -> None:
         request_id = msg.request_id
