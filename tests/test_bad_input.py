@@ -104,10 +104,11 @@ async def test_node_rejects_unknown_message_type(pair: Pair, identities: Any) ->
 
 async def test_node_rejects_wrong_protocol_version(pair: Pair, identities: Any) -> None:
     raw = await RawPeer.connect(identities["raw"], "127.0.0.2", pair.a.listen_port)
-    await raw.send(encode_frame(cbor2.dumps([0, 2, identities["raw"].node_id, 0, 1])))
+    # Version 1 lacked the ready message (docs/protocol.md): not compatible.
+    await raw.send(encode_frame(cbor2.dumps([0, 1, identities["raw"].node_id, 0, 1])))
     refused = await _refused(pair)
     assert isinstance(refused.error, VersionMismatch)
-    assert str(refused.error) == "peer speaks protocol version 2; this node speaks 1"
+    assert str(refused.error) == "peer speaks protocol version 1; this node speaks 2"
     assert "127.0.0.9" not in [p.ip for p in pair.a.peers()]
     await raw.aclose()
     await pair.still_working()

@@ -34,8 +34,12 @@ from edgenode.proto.framing import (
     encode_frame,
 )
 from edgenode.proto.messages import (
+    DATA,
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
+    READY,
+    REQUEST,
+    RESPONSE,
     Bye,
     Data,
     DeviceRequest,
@@ -48,6 +52,7 @@ from edgenode.proto.messages import (
     Peers,
     Ping,
     Pong,
+    Ready,
     Request,
     Response,
     ToDevice,
@@ -254,6 +259,7 @@ EVERY_MESSAGE = [
     Peers([]),
     Peers([PeerInfo("10.0.0.2", 7300, NODE_A), PeerInfo("10.0.0.3", 7300, None)]),
     Peers([PeerInfo("fe80::1", 1, NODE_B)] * 64),
+    Ready(),
     ToDevice("pico-1", "led", b"on"),
     FromDevice("d" * 32, "temp", b"21.5"),
     DeviceRequest(5, "esp32", "read", b""),
@@ -271,10 +277,10 @@ def test_message_round_trip(msg) -> None:
 
 
 def test_every_message_type_has_a_round_trip_case() -> None:
-    assert {m.code for m in EVERY_MESSAGE} == set(range(13))
-    assert [message_name(c) for c in range(14)] == [
+    assert {m.code for m in EVERY_MESSAGE} == set(range(14))
+    assert [message_name(c) for c in range(15)] == [
         "hello", "ping", "pong", "data", "request", "response", "error", "bye", "peers",
-        "to-dev", "from-dev", "dev-req", "devices", "type 13",
+        "to-dev", "from-dev", "dev-req", "devices", "ready", "type 14",
     ]  # fmt: skip
 
 
@@ -283,7 +289,7 @@ HELLO_FRAME = hx(
     "00 00 00 33"  # frame length 51
     " 85"  # array(5)
     " 00"  # 0: hello
-    " 01"  # version 1
+    " 02"  # version 2
     " 78 22"  # text(34)
     " 6d 6d 67 34 2d 32 6b 6c 67 2d 79 71 7a 77 2d 6e 65 69 73"
     " 2d 6b 72 65 6c 2d 78 6d 73 33 2d 71 6a 70 67"  # "mmg4-2klg-yqzw-neis-krel-xms3-qjpg"
@@ -481,7 +487,7 @@ def test_message_decoder_rejects_not_an_array_with_a_type_code(case: str, hex_bo
 @pytest.mark.parametrize(
     ("hex_body", "code"),
     [
-        ("81 0d", 13),
+        ("81 0e", 14),
         ("82 18 ff 01", 255),
         ("81 20", -1),
         ("81 1b ff ff ff ff ff ff ff ff", U64_MAX),
@@ -497,8 +503,8 @@ def test_message_decoder_rejects_unknown_type_code(hex_body: str, code: int) -> 
 
 
 WRONG_ARITY = [
-    ([0, 1, NODE_A, 7300], "hello should have 4 fields, got 3"),
-    ([0, 1, NODE_A, 7300, 5, 6], "hello should have 4 fields, got 5"),
+    ([0, 2, NODE_A, 7300], "hello should have 4 fields, got 3"),
+    ([0, 2, NODE_A, 7300, 5, 6], "hello should have 4 fields, got 5"),
     ([0], "hello should have 4 fields, got 0"),
     ([1], "ping should have 1 fields, got 0"),
     ([1, 1, 2], "ping should have 1 fields, got 2"),
@@ -527,15 +533,15 @@ WRONG_FIELDS = [
     ([0, True, NODE_A, 7300, 1], f"hello version {_UINT} True"),
     ([0, "1", NODE_A, 7300, 1], f"hello version {_UINT} '1'"),
     ([0, None, NODE_A, 7300, 1], f"hello version {_UINT} None"),
-    ([0, 1, 5, 7300, 1], "hello node id should be text, got int"),
-    ([0, 1, NODE_A.encode(), 7300, 1], "hello node id should be text, got bytes"),
-    ([0, 1, "", 7300, 1], "hello node id should not be empty"),
-    ([0, 1, "n" * 65, 7300, 1], "hello node id of 65 bytes exceeds 64-byte limit"),
-    ([0, 1, NODE_A, 65536, 1], "hello listen port should be an integer in 0..65535, got 65536"),
-    ([0, 1, NODE_A, -1, 1], "hello listen port should be an integer in 0..65535, got -1"),
-    ([0, 1, NODE_A, "7300", 1], "hello listen port should be an integer in 0..65535, got '7300'"),
-    ([0, 1, NODE_A, 7300, -5], f"hello epoch {_UINT} -5"),
-    ([0, 1, NODE_A, 7300, False], f"hello epoch {_UINT} False"),
+    ([0, 2, 5, 7300, 1], "hello node id should be text, got int"),
+    ([0, 2, NODE_A.encode(), 7300, 1], "hello node id should be text, got bytes"),
+    ([0, 2, "", 7300, 1], "hello node id should not be empty"),
+    ([0, 2, "n" * 65, 7300, 1], "hello node id of 65 bytes exceeds 64-byte limit"),
+    ([0, 2, NODE_A, 65536, 1], "hello listen port should be an integer in 0..65535, got 65536"),
+    ([0, 2, NODE_A, -1, 1], "hello listen port should be an integer in 0..65535, got -1"),
+    ([0, 2, NODE_A, "7300", 1], "hello listen port should be an integer in 0..65535, got '7300'"),
+    ([0, 2, NODE_A, 7300, -5], f"hello epoch {_UINT} -5"),
+    ([0, 2, NODE_A, 7300, False], f"hello epoch {_UINT} False"),
     # ping, pong
     ([1, -1], f"ping nonce {_UINT} -1"),
     ([1, "x"], f"ping nonce {_UINT} 'x'"),
@@ -587,22 +593,23 @@ def test_message_decoder_accepts_fields_at_their_limits() -> None:
     assert decode_message(body(6, U64_MAX, 65535, "m" * 512)) == ErrorResponse(
         U64_MAX, 65535, "m" * 512
     )
-    assert decode_message(body(0, 1, "n" * 64, 65535, U64_MAX)) == Hello("n" * 64, 65535, U64_MAX)
+    assert decode_message(body(0, 2, "n" * 64, 65535, U64_MAX)) == Hello("n" * 64, 65535, U64_MAX)
 
 
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        ([0, 2, NODE_A, 7300, 1], "peer speaks protocol version 2; this node speaks 1"),
-        ([0, 0, NODE_A, 7300, 1], "peer speaks protocol version 0; this node speaks 1"),
+        ([0, 3, NODE_A, 7300, 1], "peer speaks protocol version 3; this node speaks 2"),
+        ([0, 1, NODE_A, 7300, 1], "peer speaks protocol version 1; this node speaks 2"),
+        ([0, 0, NODE_A, 7300, 1], "peer speaks protocol version 0; this node speaks 2"),
         # Checked before the arity: a later version may have another shape.
-        ([0, 2], "peer speaks protocol version 2; this node speaks 1"),
-        ([0, 2, {"new": "shape"}], "peer speaks protocol version 2; this node speaks 1"),
+        ([0, 3], "peer speaks protocol version 3; this node speaks 2"),
+        ([0, 3, {"new": "shape"}], "peer speaks protocol version 3; this node speaks 2"),
     ],
 )
 def test_message_decoder_rejects_hello_of_another_version(item: list, message: str) -> None:
     raises(VersionMismatch, message, decode_message, body(*item))
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
 
 
 PEER_LIST_ERRORS = [
@@ -710,7 +717,7 @@ def _only_protocol_errors(data: bytes) -> None:
         result = decode_message(data)
     except ProtocolError:
         return
-    assert 0 <= result.code <= 12
+    assert 0 <= result.code <= READY
     assert decode_message(encode_message(result)) == result
 
 
@@ -1005,9 +1012,9 @@ def test_connection_rejects_hello_of_another_version() -> None:
     proto = PeerProtocol()
     raises(
         VersionMismatch,
-        "peer speaks protocol version 2; this node speaks 1",
+        "peer speaks protocol version 1; this node speaks 2",
         proto.receive_data,
-        encode_frame(body(0, 2, NODE_A, 7300, 1)),
+        encode_frame(body(0, 1, NODE_A, 7300, 1)),
     )
 
 
@@ -1066,8 +1073,8 @@ def test_connection_rejects_bytes_after_bye(after: bytes) -> None:
 def test_connection_error_state_is_sticky() -> None:
     a, b = open_pair()
     error = raises(
-        UnknownMessageType, "unknown message type 13 in frame 81 0d", a.receive_data,
-        encode_frame(hx("81 0d")),
+        UnknownMessageType, "unknown message type 14 in frame 81 0e", a.receive_data,
+        encode_frame(hx("81 0e")),
     )  # fmt: skip
     assert a.state == connection.ERROR
     for call in (
@@ -1175,3 +1182,67 @@ def test_connection_outcome_does_not_depend_on_how_reads_cut_the_stream(
 def test_message_decoder_rejects_bad_device_messages(item: list, message: str) -> None:
     with pytest.raises(MalformedMessage, match=re.escape(message)):
         decode_message(cbor2.dumps(item))
+
+
+# -- the fast path agrees with the strict decoder ------------------------------------
+
+_flat_value = st.one_of(
+    st.integers(0, U64_MAX),
+    st.binary(max_size=300),
+    st.text(max_size=80),
+)
+
+
+def _heads_of_any_width(item: list[object], widths: list[int]) -> bytes:
+    """``item`` as CBOR, each head written in the width asked for (non-shortest too)."""
+    out = bytearray([0x80 | len(item)])
+    for value, width in zip(item, widths):
+        if isinstance(value, int):
+            major, arg, raw = 0x00, value, b""
+        elif isinstance(value, bytes):
+            major, arg, raw = 0x40, len(value), value
+        else:
+            raw = value.encode()  # type: ignore[union-attr]
+            major, arg = 0x60, len(raw)
+        need = (arg.bit_length() + 7) // 8
+        if width == 0 and arg < 24:
+            out.append(major | arg)
+        else:
+            size = max(1 << max(0, width - 1), need)
+            size = next(s for s in (1, 2, 4, 8) if s >= size)
+            out.append(major | {1: 24, 2: 25, 4: 26, 8: 27}[size])
+            out += arg.to_bytes(size, "big")
+        out += raw
+    return bytes(out)
+
+
+@given(
+    st.lists(_flat_value, min_size=1, max_size=5),
+    st.lists(st.integers(0, 4), min_size=5, max_size=5),
+)
+def test_fast_path_gives_the_strict_decoders_items(item: list[object], widths: list[int]) -> None:
+    from edgenode.proto.messages import _flat_items
+
+    encoded = _heads_of_any_width(item, widths)
+    assert _flat_items(encoded) == cbor.decode(encoded) == item
+
+
+@given(st.binary(max_size=64))
+def test_fast_path_accepts_nothing_the_strict_decoder_refuses(data: bytes) -> None:
+    from edgenode.proto.messages import _flat_items
+
+    fast = _flat_items(data)
+    if fast is not None:
+        assert cbor.decode(data) == fast
+
+
+@given(st.integers(0, U64_MAX), st.text(max_size=200), st.binary(max_size=70000))
+def test_fast_encoders_write_the_generic_encoders_bytes(
+    rid: int, topic: str, payload: bytes
+) -> None:
+    from edgenode.proto.messages import encode_data, encode_request, encode_response
+
+    assert encode_data(topic, payload) == cbor.encode([DATA, topic, payload])
+    assert encode_request(rid, topic, payload) == cbor.encode([REQUEST, rid, topic, payload])
+    assert encode_response(rid, payload) == cbor.encode([RESPONSE, rid, payload])
+    assert encode_data(topic, payload) == cbor2.dumps([DATA, topic, payload])

@@ -30,24 +30,28 @@ class FrameDecoder:
     so a caller cannot accidentally carry on with a desynchronised stream.
     """
 
-    __slots__ = ("_buf", "_error", "_need", "max_frame_bytes", "name")
+    __slots__ = ("_buf", "_error", "max_frame_bytes", "name")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, name: str = "peer") -> None:
         self.max_frame_bytes = max_frame_bytes
         self.name = name
-        self._buf = bytearray()
-        self._need = 0  # length of the frame being collected, 0 while reading a header
+        # What has arrived of the frame being collected, header included. It
+        # is short or empty after most reads, so joining it to the next read
+        # copies little, and frames are sliced straight out of the bytes.
+        self._buf = b""
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes held waiting for the rest of a frame."""
-        return len(self._buf)
+        """Bytes held waiting for the rest of a frame: of its body once its
+        header is complete, else of its header."""
+        held = len(self._buf)
+        return held - HEADER_BYTES if held >= HEADER_BYTES else held
 
     @property
     def mid_frame(self) -> bool:
-        """Whether part of a frame has arrived, if only its header (then ``buffered`` is 0)."""
-        return bool(self._need or self._buf)
+        """Whether part of a frame has arrived, if only some of its header."""
+        return bool(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the frame bodies it completes, in order.
@@ -57,34 +61,26 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        buf = self._buf
-        buf += data
-        frames: list[bytes] = []
-        pos = 0
+        buf = self._buf + data if self._buf else bytes(data)
         end = len(buf)
-        while True:
-            if self._need == 0:
-                if end - pos < HEADER_BYTES:
-                    break
-                length = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
-                if length > self.max_frame_bytes:
-                    self._error = FrameTooLarge(
-                        f"{self.name}: frame length {length} exceeds "
-                        f"{self.max_frame_bytes}-byte limit"
-                    )
-                    raise self._error
-                pos += HEADER_BYTES
-                self._need = length
-                if length == 0:
-                    frames.append(b"")
-                    continue
-            if end - pos < self._need:
+        limit = self.max_frame_bytes
+        frames: list[bytes] = []
+        append = frames.append
+        pos = 0
+        while end - pos >= HEADER_BYTES:
+            length = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+            if length > limit:
+                self._buf = b""
+                self._error = FrameTooLarge(
+                    f"{self.name}: frame length {length} exceeds {limit}-byte limit"
+                )
+                raise self._error
+            stop = pos + HEADER_BYTES + length
+            if stop > end:
                 break
-            frames.append(bytes(buf[pos : pos + self._need]))
-            pos += self._need
-            self._need = 0
-        if pos:
-            buf[:pos] = b""
+            append(buf[pos + HEADER_BYTES : stop])
+            pos = stop
+        self._buf = buf[pos:] if pos else buf
         return frames
 
     def eof(self) -> None:
@@ -94,10 +90,12 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        if self._need or self._buf:
-            if self._need:
-                detail = f"got {len(self._buf)} of {self._need} body bytes"
+        held = len(self._buf)
+        if held:
+            if held >= HEADER_BYTES:
+                need = int.from_bytes(self._buf[:HEADER_BYTES], "big")
+                detail = f"got {held - HEADER_BYTES} of {need} body bytes"
             else:
-                detail = f"got {len(self._buf)} of {HEADER_BYTES} header bytes"
+                detail = f"got {held} of {HEADER_BYTES} header bytes"
             self._error = TruncatedFrame(f"{self.name}: stream ended mid-frame: {detail}")
             raise self._error

@@ -20,6 +20,7 @@ code    name      array
 10      from-dev  [10, device_id, topic, payload]
 11      dev-req   [11, request_id, device_id, topic, payload]
 12      devices   [12, [device_id, ...]]
+13      ready     [13]
 ======  ========  ==================================================
 
 Types 9-12 carry traffic of microcontrollers bridged over UART: a node
@@ -29,15 +30,28 @@ of the sender's devices published, ``dev-req`` is a request for one of the
 receiver's devices (answered by a response or error with its id), and
 ``devices`` lists the devices the sender bridges now.
 
+``ready`` (new in version 2) says that the sender has admitted the
+connection and will keep it: no simultaneous open can displace it any
+more. Data, requests and device traffic flow only once both sides have
+sent it, so nothing is ever queued on a connection that may lose a tie
+(docs/architecture.md, "Simultaneous open").
+
 Decoding uses the strict CBOR subset decoder of ``firmware_bridge.cbor``
 (no tags, floats, maps or indefinite lengths; every count and length
-checked before anything is allocated). Encoding uses its encoder too (the
-same shortest-form bytes as cbor2, which the tests cross-check), so a
-running node does not load cbor2's 1 MB extension.
+checked before anything is allocated), behind a fast path for the flat
+arrays of integers and strings that nearly every message is
+(:func:`_flat_items`): it accepts exactly what the strict decoder accepts
+and gives the same items, or declines and leaves the input to it. Encoding
+writes the same shortest-form bytes as cbor2 (the tests cross-check).
+Neither needs cbor2: measured on a 64-byte data message, cbor2's C
+extension is only slightly faster than the fast paths here, costs about
+1.2 MB of resident memory, and does not install on 32-bit ARM without a
+Rust compiler (docs/performance.md, "The codec").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 from firmware_bridge.cbor import CBORError
@@ -46,7 +60,7 @@ from firmware_bridge.cbor import encode as _cbor_dumps
 
 from ..errors import MalformedMessage, UnknownMessageType, VersionMismatch, hexdump
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 HELLO = 0
 PING = 1
@@ -61,6 +75,7 @@ TO_DEVICE = 9
 FROM_DEVICE = 10
 DEVICE_REQUEST = 11
 DEVICES = 12
+READY = 13
 
 _NAMES = (
     "hello",
@@ -76,6 +91,7 @@ _NAMES = (
     "from-dev",
     "dev-req",
     "devices",
+    "ready",
 )
 
 #: Error codes carried by an error response.
@@ -295,6 +311,13 @@ class Devices(Message):
         self.device_ids = device_ids
 
 
+class Ready(Message):
+    """The sender has admitted this connection and keeps it: data may follow."""
+
+    __slots__ = ()
+    code = READY
+
+
 AnyMessage = Union[
     Hello,
     Ping,
@@ -309,6 +332,7 @@ AnyMessage = Union[
     FromDevice,
     DeviceRequest,
     Devices,
+    Ready,
 ]
 
 
@@ -319,37 +343,92 @@ def message_name(code: int) -> str:
 
 def encode_message(msg: AnyMessage) -> bytes:
     """Return the CBOR body of ``msg``."""
-    code = msg.code
-    if code == DATA:
-        item: tuple[Any, ...] = (DATA, msg.topic, msg.payload)  # type: ignore[union-attr]
-    elif code == PING or code == PONG:
-        item = (code, msg.nonce)  # type: ignore[union-attr]
-    elif code == REQUEST:
-        item = (REQUEST, msg.request_id, msg.topic, msg.payload)  # type: ignore[union-attr]
-    elif code == RESPONSE:
-        item = (RESPONSE, msg.request_id, msg.payload)  # type: ignore[union-attr]
-    elif code == ERROR:
-        item = (ERROR, msg.request_id, msg.error_code, msg.message)  # type: ignore[union-attr]
-    elif code == HELLO:
-        item = (HELLO, msg.version, msg.node_id, msg.listen_port, msg.epoch)  # type: ignore[union-attr]
-    elif code == BYE:
-        item = (BYE, msg.reason)  # type: ignore[union-attr]
-    elif code == PEERS:
-        item = (PEERS, [(p.ip, p.port, p.node_id) for p in msg.peers])  # type: ignore[union-attr]
-    elif code == TO_DEVICE or code == FROM_DEVICE:
-        item = (code, msg.device_id, msg.topic, msg.payload)  # type: ignore[union-attr]
-    elif code == DEVICE_REQUEST:
-        item = (code, msg.request_id, msg.device_id, msg.topic, msg.payload)  # type: ignore[union-attr]
-    elif code == DEVICES:
-        item = (DEVICES, list(msg.device_ids))  # type: ignore[union-attr]
-    else:
-        raise TypeError(f"not a message: {msg!r}")
-    return _cbor_dumps(item)
+    try:
+        encoder = _ENCODERS[type(msg)]
+    except KeyError:
+        raise TypeError(f"not a message: {msg!r:.80}") from None
+    return encoder(msg)
+
+
+def _uint_head(major: int, n: int) -> bytes:
+    """The shortest CBOR head of major type ``major`` (0, 2, 3: its top bits) for ``n``."""
+    if n < 24:
+        return _SMALL_HEADS[major][n]
+    if n < 0x100:
+        return bytes((major | 24, n))
+    if n < 0x10000:
+        return bytes((major | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major | 26,)) + n.to_bytes(4, "big")
+    return bytes((major | 27,)) + n.to_bytes(8, "big")
+
+
+_UINT, _BYTES, _TEXT = 0x00, 0x40, 0x60
+_SMALL_HEADS = {m: [bytes((m | n,)) for n in range(24)] for m in (_UINT, _BYTES, _TEXT)}
+
+
+def _text_item(text: str) -> bytes:
+    raw = text.encode()
+    return _uint_head(_TEXT, len(raw)) + raw
+
+
+def encode_data(topic: str, payload: bytes) -> bytes:
+    """The body of ``[3, topic, payload]``: a data message without the object."""
+    raw = topic.encode()
+    return b"".join(
+        (b"\x83\x03", _uint_head(_TEXT, len(raw)), raw, _uint_head(_BYTES, len(payload)), payload)
+    )
+
+
+def encode_request(request_id: int, topic: str, payload: bytes) -> bytes:
+    """The body of ``[4, request_id, topic, payload]``."""
+    raw = topic.encode()
+    return b"".join(
+        (
+            b"\x84\x04",
+            _uint_head(_UINT, request_id),
+            _uint_head(_TEXT, len(raw)),
+            raw,
+            _uint_head(_BYTES, len(payload)),
+            payload,
+        )
+    )
+
+
+def encode_response(request_id: int, payload: bytes) -> bytes:
+    """The body of ``[5, request_id, payload]``."""
+    return b"".join(
+        (b"\x83\x05", _uint_head(_UINT, request_id), _uint_head(_BYTES, len(payload)), payload)
+    )
+
+
+def _generic(fields: Callable[[Any], tuple[Any, ...]]) -> Callable[[Any], bytes]:
+    return lambda msg: _cbor_dumps(fields(msg))
+
+
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Data: lambda m: encode_data(m.topic, m.payload),
+    Request: lambda m: encode_request(m.request_id, m.topic, m.payload),
+    Response: lambda m: encode_response(m.request_id, m.payload),
+    Ping: _generic(lambda m: (PING, m.nonce)),
+    Pong: _generic(lambda m: (PONG, m.nonce)),
+    ErrorResponse: _generic(lambda m: (ERROR, m.request_id, m.error_code, m.message)),
+    Hello: _generic(lambda m: (HELLO, m.version, m.node_id, m.listen_port, m.epoch)),
+    Bye: _generic(lambda m: (BYE, m.reason)),
+    Peers: _generic(lambda m: (PEERS, [(p.ip, p.port, p.node_id) for p in m.peers])),
+    ToDevice: _generic(lambda m: (TO_DEVICE, m.device_id, m.topic, m.payload)),
+    FromDevice: _generic(lambda m: (FROM_DEVICE, m.device_id, m.topic, m.payload)),
+    DeviceRequest: _generic(
+        lambda m: (DEVICE_REQUEST, m.request_id, m.device_id, m.topic, m.payload)
+    ),
+    Devices: _generic(lambda m: (DEVICES, list(m.device_ids))),
+    Ready: lambda m: b"\x81\x0d",
+}
 
 
 # -- decoding ---------------------------------------------------------------
 
-_ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2, 4, 4, 5, 2)
+_ARITY = (5, 2, 2, 3, 4, 3, 4, 2, 2, 4, 4, 5, 2, 1)
 
 
 def _shown(value: object, limit: int) -> str:
@@ -389,10 +468,12 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
     :class:`UnknownMessageType`, or :class:`VersionMismatch` (a hello of
     another protocol version).
     """
-    try:
-        item = _cbor_decode(body, 3, 4 * limits.max_peers_listed + 8)
-    except CBORError as exc:
-        raise MalformedMessage(f"invalid cbor in frame {hexdump(body)}: {exc}") from None
+    item = _flat_items(body)
+    if item is None:
+        try:
+            item = _cbor_decode(body, 3, 4 * limits.max_peers_listed + 8)
+        except CBORError as exc:
+            raise MalformedMessage(f"invalid cbor in frame {hexdump(body)}: {exc}") from None
     if type(item) is not list or not item or type(item[0]) is not int:
         raise MalformedMessage(
             f"a message is an array starting with a type code, got {hexdump(body)}"
@@ -457,6 +538,8 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
             _text(item[3], "topic", limits.max_topic_bytes, empty=False),
             _bytes(item[4], "payload"),
         )
+    if code == READY:
+        return _READY
     if code == DEVICES:
         ids = item[1]
         if type(ids) is not list:
@@ -491,3 +574,61 @@ def decode_message(body: bytes, limits: Limits = DEFAULT_LIMITS) -> AnyMessage:
             )
         )
     return Peers(peers)
+
+
+_READY = Ready()
+_MAX_FLAT_ITEMS = 5
+
+
+def _flat_items(body: bytes) -> list[Any] | None:
+    """The items of ``body`` if it is one array of at most five unsigned
+    integers, byte strings and valid UTF-8 text strings that fills it exactly;
+    else None, and the strict decoder has the final word.
+
+    The fast path of :func:`decode_message`: it gives the same list as
+    ``firmware_bridge.cbor.decode`` for every input it accepts (heads of
+    any width, as that decoder takes them; the tests check the two agree).
+    """
+    end = len(body)
+    if not end:
+        return None
+    head = body[0]
+    count = head - 0x80
+    if not 0 < count <= _MAX_FLAT_ITEMS:
+        return None
+    items: list[Any] = [None] * count
+    pos = 1
+    for i in range(count):
+        if pos >= end:
+            return None
+        ib = body[pos]
+        major = ib >> 5
+        if major != 0 and major != 2 and major != 3:
+            return None
+        ai = ib & 31
+        pos += 1
+        if ai < 24:
+            arg = ai
+        elif ai < 28:
+            stop = pos + (1 << (ai - 24))
+            if stop > end:
+                return None
+            arg = int.from_bytes(body[pos:stop], "big")
+            pos = stop
+        else:
+            return None
+        if major == 0:
+            items[i] = arg
+            continue
+        stop = pos + arg
+        if stop > end:
+            return None
+        if major == 2:
+            items[i] = body[pos:stop]
+        else:
+            try:
+                items[i] = str(body[pos:stop], "utf-8")
+            except UnicodeError:
+                return None
+        pos = stop
+    return items if pos == end else None

@@ -81,6 +81,7 @@ from edgenode.proto.messages import (
     Peers,
     Ping,
     Pong,
+    Ready,
     Request,
     Response,
     ToDevice,
@@ -157,7 +158,9 @@ def rand_message(rnd: Any) -> Message:
     def device() -> str:
         return rand_text(rnd, MAX_DEVICE_ID_BYTES, 1)
 
-    code = rnd.randrange(13)
+    code = rnd.randrange(14)
+    if code == 13:
+        return Ready()
     if code == 0:
         return Hello(rand_node_id(rnd), rand_uint(rnd, 16), rand_uint(rnd))
     if code in (1, 2):
