@@ -7,6 +7,10 @@ the microcontroller runs) belongs to the node's dispatcher, which calls the
 plain functions of :class:`SerialBridge` below: nothing here awaits on the
 dispatcher's behalf. A device is addressed as ``<this node's ip>/<device
 id>`` and appears in :meth:`Node.peers` under this node.
+
+The bridge never sees the node: it reports what devices do through the
+small typed interface :class:`BridgeHost` (the node's device router,
+``edgenode.devices``) and posts its events with the ``post`` it is given.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import anyio
-from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from firmware_bridge.link import (
     KIND_DATA,
@@ -32,17 +37,18 @@ from firmware_bridge.link import (
     SessionUp,
 )
 
+from .api import PeerSnapshot
 from .errors import EdgeNodeError, PeerUnavailable, RemoteError, TooManyPending
 from .keepalive import Backoff
+from .mailbox import Mailbox
 from .transports.serial import SerialPort, SerialUnavailable
-
-if TYPE_CHECKING:
-    from .node import Node, PeerSnapshot
 
 log = logging.getLogger("edgenode.bridge")
 
 #: A link request id is 16 bits; at most this many are in flight per port.
 MAX_DEVICE_REQUESTS = 8
+#: Writes waiting for a port. Application data waits for room below this;
+#: the link's own frames (hellos, pings, acks) never wait and never drop.
 _OUTBOX_CHUNKS = 64
 _REQUEST_TTL_S = 60.0
 
@@ -75,7 +81,7 @@ class Port:
         self.path = path
         self.baud = baud
         self.link: Link | None = None
-        self.outbox: Any = None  # memory object send stream while open
+        self.outbox: Mailbox[bytes] | None = None  # while open
         self.device_id: str | None = None
         self.up_since: float | None = None
         self.tick_at: float | None = None
@@ -106,30 +112,67 @@ class DeviceAnswer:
         self.t = time.monotonic()
 
 
+class BridgeHost(Protocol):
+    """What the bridge tells the node about its devices (the node's device router)."""
+
+    def device_address(self, device_id: str) -> str:
+        """The address of one of our devices: ``<node ip>/<device id>``."""
+
+    def device_changed(self, device_id: str, *, up: bool, reason: str | None) -> None:
+        """A device came up or went down."""
+
+    def device_published(self, device_id: str, topic: str, payload: bytes, now: float) -> None:
+        """A device published data."""
+
+    def device_asks(
+        self, port: Port, device_id: str, request_id: int, topic: str, payload: bytes, now: float
+    ) -> None:
+        """A device sent a request to this node; answer with a :class:`DeviceAnswer`."""
+
+    def device_send_to(
+        self, device_id: str, dest: str, topic: str, payload: bytes, now: float
+    ) -> None:
+        """A device sent data to another address."""
+
+    def answered(self, target: Any, payload: bytes | None, error: EdgeNodeError | None) -> None:
+        """A device answered (or could not answer) a request made through ``request``."""
+
+    def schedule_link_tick(self, port: Port, when: float) -> None:
+        """Call :meth:`SerialBridge.on_tick` for ``port`` once ``when`` has passed."""
+
+
 class SerialBridge:
     """The node's serial ports and the devices on them (dispatcher-owned state)."""
 
-    def __init__(self, node: Node) -> None:
-        config = node.config
-        self.node = node
+    def __init__(
+        self,
+        host: BridgeHost,
+        config: Any,
+        node_id: str,
+        post: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.host = host
+        self.config = config
+        self.node_id = node_id
+        self._post = post
         self.ports = [Port(path, baud) for path, baud in config.serial_ports]
         self.devices: dict[str, Port] = {}
         #: Devices seen before and down now, with the reason.
         self.down: dict[str, str] = {}
-        #: Senders waiting for room in a device's reliable send queue, and
-        #: messages sent through the inbox but not handled yet, per device.
+        #: Senders waiting for room in a device's reliable send queue.
         self._room: dict[str, anyio.Event] = {}
-        self._reserved: dict[str, int] = {}
         self._drop_logs: dict[tuple[str, str], int] = {}
-        self.dropped_messages = 0  # serial output that found the port's outbox full
+        #: Serial output dropped (none since application data waits for room;
+        #: kept for status and the tests that say so).
+        self.dropped_messages = 0
 
     # -- sources: one task per port ---------------------------------------------------
 
     async def run_port(self, port: Port) -> None:
         """Open ``port``, feed its bytes to the inbox, reopen it after an unplug."""
-        config = self.node.config
+        config = self.config
         backoff = Backoff(config.backoff_base_s, config.backoff_cap_s)
-        post = self.node._post
+        post = self._post
         while True:
             try:
                 serial = SerialPort.open(port.path, port.baud)
@@ -138,12 +181,12 @@ class SerialBridge:
                 await anyio.sleep(backoff.next_delay(random.random()))
                 continue
             opened = time.monotonic()
-            send, recv = anyio.create_memory_object_stream(_OUTBOX_CHUNKS)
-            await post(SerialEvent(port, OPENED, send))
+            outbox: Mailbox[bytes] = Mailbox(_OUTBOX_CHUNKS)
+            await post(SerialEvent(port, OPENED, outbox))
             reason = "closed"
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._write, serial, recv)
+                    tg.start_soon(self._write, port, serial, outbox)
                     try:
                         while True:
                             await post(SerialEvent(port, BYTES, await serial.receive()))
@@ -152,20 +195,27 @@ class SerialBridge:
                     tg.cancel_scope.cancel()
             finally:
                 serial.close()
+                outbox.close()
             await post(SerialEvent(port, LOST, reason))
             if time.monotonic() - opened > config.keepalive_timeout_s:
                 backoff.reset()
             await anyio.sleep(backoff.next_delay(random.random()))
 
-    @staticmethod
-    async def _write(serial: SerialPort, chunks: Any) -> None:
+    async def _write(self, port: Port, serial: SerialPort, outbox: Mailbox[bytes]) -> None:
         try:
-            async for chunk in chunks:
-                await serial.send(chunk)
-        except (BrokenResourceError, ClosedResourceError, OSError):
+            while True:
+                await serial.send(await outbox.get())
+                device_id = port.device_id  # its senders may have waited for room
+                if device_id is not None and device_id in self._room and self.has_room(device_id):
+                    self._room.pop(device_id).set()
+        except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError):
             pass  # the reader reports the lost port
 
     # -- dispatcher side: plain functions ----------------------------------------------
+
+    def handlers(self) -> dict[type, Callable[[Any, float], None]]:
+        """The dispatcher's handlers for the bridge's inbox events."""
+        return {SerialEvent: self.on_event, DeviceAnswer: self.on_answer}
 
     def on_event(self, ev: SerialEvent, now: float) -> None:
         port = ev.port
@@ -173,11 +223,11 @@ class SerialBridge:
             if port.link is not None:
                 self._handle(port, port.link.receive_bytes(ev.data, now_ms(now)), now)
         elif ev.kind == OPENED:
-            config = self.node.config
+            config = self.config
             port.outbox = ev.data
             port.link = Link(
                 "host",
-                self.node.node_id,
+                self.node_id,
                 random.randrange(1, 1 << 32),
                 max_frame=config.serial_max_frame,
                 keepalive_interval_ms=int(config.serial_keepalive_interval_s * 1000),
@@ -215,7 +265,7 @@ class SerialBridge:
             self._handle(port, port.link.tick(now_ms(now)), now)
 
     def _handle(self, port: Port, events: list[Any], now: float) -> None:
-        node = self.node
+        host = self.host
         for event in events:
             if isinstance(event, Received):
                 self._received(port, event, now)
@@ -236,8 +286,8 @@ class SerialBridge:
                 port.up_since = now
                 self.devices[device_id] = port
                 self.down.pop(device_id, None)
-                log.info("device up %s on %s", node.device_address(device_id), port.path)
-                node._device_changed(device_id, up=True, reason=None)
+                log.info("device up %s on %s", host.device_address(device_id), port.path)
+                host.device_changed(device_id, up=True, reason=None)
             elif isinstance(event, SessionDown):
                 self._session_down(port, f"device link down: {event.reason}", now)
             elif isinstance(event, Dropped):
@@ -271,21 +321,19 @@ class SerialBridge:
         if self.devices.get(device_id) is port:
             del self.devices[device_id]
             self.down[device_id] = reason
-        log.warning("device down %s: %s", self.node.device_address(device_id), reason)
-        self.node._device_changed(device_id, up=False, reason=reason)
+        log.warning("device down %s: %s", self.host.device_address(device_id), reason)
+        self.host.device_changed(device_id, up=False, reason=reason)
 
     def _received(self, port: Port, msg: Received, now: float) -> None:
-        node = self.node
+        host = self.host
         device_id = port.device_id
         if device_id is None:
             return
         kind = msg.kind
         if kind == KIND_DATA:
-            node._device_published(device_id, msg.topic or "", msg.payload, now)
+            host.device_published(device_id, msg.topic or "", msg.payload, now)
         elif kind == KIND_REQUEST:
-            node._device_request(
-                port, device_id, msg.req_id or 0, msg.topic or "", msg.payload, now
-            )
+            host.device_asks(port, device_id, msg.req_id or 0, msg.topic or "", msg.payload, now)
         elif kind == KIND_RESPONSE:
             entry = port.pending.pop(msg.req_id or 0, None)
             if entry is None:
@@ -295,13 +343,13 @@ class SerialBridge:
             else:
                 self._fail(entry[0], RemoteError(msg.status or 0, msg.error or ""), now)
         elif kind == KIND_SEND_TO:
-            node._device_send_to(device_id, msg.dest or "", msg.topic or "", msg.payload, now)
+            host.device_send_to(device_id, msg.dest or "", msg.topic or "", msg.payload, now)
 
     def _succeed(self, target: Any, payload: bytes, now: float) -> None:
-        self.node._device_answered(target, payload, None, now)
+        self.host.answered(target, payload, None)
 
     def _fail(self, target: Any, error: EdgeNodeError, now: float) -> None:
-        self.node._device_answered(target, None, error, now)
+        self.host.answered(target, None, error)
 
     def _flush(self, port: Port, now: float) -> None:
         link = port.link
@@ -311,35 +359,29 @@ class SerialBridge:
             if self.has_room(port.device_id):
                 self._room.pop(port.device_id).set()
         out = link.bytes_to_send()
-        if out and port.outbox is not None:
-            try:
-                port.outbox.send_nowait(out)
-            except WouldBlock:
-                self.dropped_messages += 1
-                log.warning("%s: serial outbox full; dropped %d bytes", port.path, len(out))
-            except (ClosedResourceError, BrokenResourceError):
-                pass
+        if out and port.outbox is not None and not port.outbox.closed:
+            # Never dropped: application data only comes in while there is
+            # room (has_room), and the link's own frames are few and small.
+            port.outbox.put_beyond_capacity(out)
         deadline_ms = link.next_deadline_ms()
         if deadline_ms is not None:
             when = deadline_ms / 1000
             if port.tick_at is None or when < port.tick_at:
                 port.tick_at = when
-                self.node._schedule_link_tick(port, when)
+                self.host.schedule_link_tick(port, when)
 
     # -- what the node asks of a device -------------------------------------------------
 
     def has_room(self, device_id: str) -> bool:
-        """Whether one more message to a local device would be taken (Link.room),
-        counting those already on their way through the inbox."""
+        """Whether one more message to a local device would be taken now: its
+        link has room (reliable mode's queue) and so has its port's outbox."""
         port = self.devices.get(device_id)
         if port is None or port.link is None:
             return True  # the send fails as "not connected", not by waiting
+        if port.outbox is not None and len(port.outbox) >= _OUTBOX_CHUNKS:
+            return False
         room = port.link.room()
-        return room is None or room > self._reserved.get(device_id, 0)
-
-    def reserve(self, device_id: str) -> None:
-        """A message to ``device_id`` is on its way through the inbox."""
-        self._reserved[device_id] = self._reserved.get(device_id, 0) + 1
+        return room is None or room > 0
 
     async def wait_for_room(self, device_id: str) -> None:
         """Wait until the device's link takes messages again, or the device goes down."""
@@ -348,16 +390,8 @@ class SerialBridge:
             event = self._room[device_id] = anyio.Event()
         await event.wait()
 
-    def send_data(
-        self, device_id: str, topic: str, payload: bytes, now: float, *, reserved: bool = False
-    ) -> str | None:
+    def send_data(self, device_id: str, topic: str, payload: bytes, now: float) -> str | None:
         """Queue data to a local device; return why it could not be, or None."""
-        if reserved:
-            left = self._reserved.get(device_id, 0) - 1
-            if left > 0:
-                self._reserved[device_id] = left
-            else:
-                self._reserved.pop(device_id, None)
         port = self.devices.get(device_id)
         if port is None or port.link is None:
             return "the device is not connected"
@@ -398,8 +432,6 @@ class SerialBridge:
 
     def snapshot(self, now: float) -> list[PeerSnapshot]:
         """One row per device seen on this node's ports, for :meth:`Node.peers`."""
-        from .node import PeerSnapshot
-
         rows = []
         for device_id in sorted(set(self.devices) | set(self.down)):
             port = self.devices.get(device_id)
@@ -411,7 +443,7 @@ class SerialBridge:
             )
             rows.append(
                 PeerSnapshot(
-                    ip=self.node.device_address(device_id),
+                    ip=self.host.device_address(device_id),
                     node_id=None,
                     state="up" if up else "down",
                     direction="serial",

@@ -63,6 +63,11 @@ class NodeConfig:
     subscription_buffer: int = 256
     max_pending_requests: int = 256
     max_inflight_handlers: int = 32
+    #: A request handler running longer is cancelled and answered with an error.
+    handler_timeout_s: float = 30.0
+    #: A subscription that takes nothing this long while a message waits for
+    #: it is ended (SubscriberStalled), so that its connection reads again.
+    subscriber_stall_timeout_s: float = 30.0
     #: Handshakes in progress from one IP; more connections are refused at once.
     max_handshakes_per_ip: int = 4
     #: Handshakes in progress from all IPs together.
@@ -126,6 +131,8 @@ class NodeConfig:
             "handshake_timeout_s",
             "prune_after_s",
             "max_handshake_rate_per_ip",
+            "handler_timeout_s",
+            "subscriber_stall_timeout_s",
         ):
             positive(name)
         positive("shutdown_grace_s", strict=False)

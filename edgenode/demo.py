@@ -159,9 +159,9 @@ class _Demo:
                 _say(f"   {self.elapsed()}  {name:<7} | {text}")
 
     async def peer_table(self, console: Node, name: str, ip: str) -> list[list[Any]]:
-        from cbor2 import loads
+        from firmware_bridge.cbor import decode
 
-        return loads(await console.request(ip, "edgenode/peers", b"", timeout=5))
+        return decode(await console.request(ip, "edgenode/peers", b"", timeout=5))
 
     async def wait_for(self, console: Node, name: str, ip: str, peer: str, state: str) -> None:
         # A demo may poll; the tests wait for events instead.
@@ -191,7 +191,7 @@ class _Demo:
         for name, peer, node_id, state, direction, reason, rtt in rows:
             rtt_text = ""
             if show_rtt:
-                rtt_text = f" {rtt * 1000:6.2f}ms" if rtt is not None else f" {'-':>8}"
+                rtt_text = f" {rtt / 1000:6.2f}ms" if rtt is not None else f" {'-':>8}"  # rtt in us
             note = "" if state == "up" else f"  {reason or ''}"
             _say(
                 f"   {name:<8} {self.name_of(peer):<8} {peer:<9} {node_id or '-':<34} "

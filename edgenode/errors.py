@@ -116,3 +116,7 @@ class SlowPeer(EdgeNodeError):
 
 class TooManyPending(EdgeNodeError):
     """A limit on requests or handlers in flight was reached."""
+
+
+class SubscriberStalled(EdgeNodeError):
+    """A subscription took nothing for longer than its stall timeout and was ended."""

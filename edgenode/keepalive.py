@@ -168,6 +168,7 @@ class _Link:
 
     __slots__ = (
         "alive",
+        "held",
         "last_received",
         "last_sent",
         "outstanding",
@@ -181,6 +182,8 @@ class _Link:
 
     def __init__(self, now: float, ping_after_s: float) -> None:
         self.alive: bool = True
+        # Paused by our own slow consumer: silence is ours, not the peer's.
+        self.held: bool = False
         self.up_since: float = now
         # The hello exchange just went both ways.
         self.last_sent: float = now
@@ -339,6 +342,30 @@ class Keepalive:
         if link is not None:
             link.last_received = now
 
+    def hold(self, key: Hashable, now: float) -> None:
+        """Stop declaring ``key`` dead for silence: our side stopped reading it.
+
+        A node whose own subscriber is full stops reading the connection
+        that feeds it, so the peer's frames wait in the socket; that silence
+        is ours. Pings still go out. :meth:`release` ends the hold.
+        """
+        link = self._links.get(key)
+        if link is not None:
+            link.held = True
+
+    def release(self, key: Hashable, now: float) -> None:
+        """End a :meth:`hold`; the timeout counts from ``now`` at the earliest.
+
+        Pushes nothing: the link's entry in the heap is due no later than its
+        next ping, which comes before its new death deadline. (A hold and a
+        release per message of a slow consumer must cost no heap entries.)
+        """
+        link = self._links.get(key)
+        if link is not None and link.held:
+            link.held = False
+            if link.last_received < now:
+                link.last_received = now
+
     def pong(self, key: Hashable, nonce: int, now: float) -> float | None:
         """Match a pong to an outstanding ping; return the round-trip time.
 
@@ -408,7 +435,7 @@ class Keepalive:
                 del self._dials[key]
                 actions.append((DIAL, key, 0))
                 continue
-            if now >= link.last_received + self.timeout_s:
+            if now >= link.last_received + self.timeout_s and not link.held:
                 link.alive = False
                 actions.append((DEAD, key, 0))
                 continue
@@ -478,7 +505,10 @@ class Keepalive:
         return seq
 
     def _deadline(self, link: _Link) -> float:
-        return min(link.last_sent + link.ping_after_s, link.last_received + self.timeout_s)
+        ping_due = link.last_sent + link.ping_after_s
+        if link.held:
+            return ping_due
+        return min(ping_due, link.last_received + self.timeout_s)
 
     def _ping_after_s(self) -> float:
         return self.interval_s * (1.0 - self.jitter * self._rand())

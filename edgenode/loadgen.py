@@ -47,7 +47,7 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from .errors import EdgeNodeError, HandshakeError
 from .identity import Identity, client_context, create_identity, load_identity
 from .proto.connection import PeerProtocol
-from .proto.messages import BYE, PING, PONG, Hello, Ping, Pong
+from .proto.messages import BYE, PING, PONG, Hello, Ping, Pong, Ready
 from .transports.tcp import dial_link
 
 #: Most simulated peers one generator holds: 127.0.1.1 .. 127.0.254.254.
@@ -263,7 +263,9 @@ class LoadGen:
         )
         peer.stream = link.stream
         proto = PeerProtocol(name=peer.local_ip)
-        await link.stream.send(PeerProtocol.send(Hello(peer.identity.node_id, 0, self._epoch)))
+        # Hello, then ready at once: a load peer keeps whatever it is given.
+        hello = Hello(peer.identity.node_id, 0, self._epoch)
+        await link.stream.send(PeerProtocol.send(hello) + PeerProtocol.send(Ready()))
         early: list[Any] = []
         while proto.their_hello is None:
             early = proto.receive_data(await link.stream.receive(_READ_BYTES))

@@ -44,12 +44,14 @@ ID. Admission is decided in that one method, in this order:
       dialled an INBOUND one). Each node computes the same answer from the
       same two addresses, so both keep the same TCP connection and close the
       other, whichever order the two connections arrive in.
-   e. Except when X was made longer ago than ``simultaneous_window_s``
-      (when set; the node sets two handshake timeouts): no simultaneous open
-      lasts that long, so the peer dialled because it lost X, which is
-      half-open here. The new connection wins, as in c; without this, the
-      higher address would refuse every redial of the lower until its
-      keepalive gave X up.
+   e. Except when X is *settled* (:meth:`Registry.settle`: both sides have
+      said, with a ready message, that they keep X), or was made longer ago
+      than ``simultaneous_window_s`` (when set; the node sets two handshake
+      timeouts). A peer that agreed to keep X, or that dials so long after
+      X was made that no simultaneous open explains it, dialled because it
+      lost X, which is half-open here. The new connection wins, as in c;
+      without this, the higher address would refuse every redial of the
+      lower until its keepalive gave X up.
 
 A replaced connection leaves the registry's index at once. The node must
 close it, sending ``Admission.replaced_reason`` in its bye; when its
@@ -161,6 +163,7 @@ class PeerEntry:
         "last_change",
         "listen_port",
         "node_id",
+        "settled",
         "state",
         "times_up",
         "up_since",
@@ -180,6 +183,8 @@ class PeerEntry:
         self.epoch: int | None = None
         self.state: str = DOWN
         self.conn: object | None = None
+        #: Both sides have said they keep ``conn`` (rule 4e).
+        self.settled: bool = False
         self.direction: str | None = None
         self.listen_port: int | None = listen_port
         self.configured: bool = configured
@@ -383,11 +388,13 @@ class Registry:
             return self._accept(
                 entry, conn, node_id, epoch, direction, listen_port, now, current, reason
             )
-        # 4e. The peer dialled long after the current connection was made: no
-        # simultaneous open lasts that long, so it has lost that connection
-        # (half-open at our end) and the newer one wins, as in 4c.
+        # 4e. The peer agreed to keep the current connection, or dialled long
+        # after it was made: no simultaneous open explains that, so it has
+        # lost that connection (half-open at our end) and the newer one
+        # wins, as in 4c.
         window = self.simultaneous_window_s
-        if window is not None and entry.up_since is not None and now - entry.up_since > window:
+        aged = window is not None and entry.up_since is not None and now - entry.up_since > window
+        if entry.settled or aged:
             reason = "superseded by a newer connection: the peer had lost this one"
             return self._accept(
                 entry, conn, node_id, epoch, direction, listen_port, now, current, reason
@@ -420,6 +427,7 @@ class Registry:
         self._by_conn[id(conn)] = entry
         self._set_node_id(entry, node_id)
         entry.conn = conn
+        entry.settled = False
         entry.state = UP
         entry.direction = direction
         entry.epoch = epoch
@@ -444,10 +452,22 @@ class Registry:
         if entry is None:
             return None
         entry.conn = None
+        entry.settled = False
         entry.state = DOWN
         entry.up_since = None
         entry.last_change = now
         entry.down_reason = reason
+        return entry
+
+    def settle(self, conn: object) -> PeerEntry | None:
+        """Record that both sides keep ``conn`` (each sent a ready message).
+
+        Returns its entry, or ``None`` if ``conn`` is not an entry's current
+        connection. From now on no simultaneous open displaces it (rule 4e).
+        """
+        entry = self._by_conn.get(id(conn))
+        if entry is not None:
+            entry.settled = True
         return entry
 
     # -- lookups ----------------------------------------------------------

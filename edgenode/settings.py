@@ -54,6 +54,8 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     subscription_buffer = 256
     max_pending_requests = 256
     max_inflight_handlers = 32
+    handler_timeout_s = 30.0
+    subscriber_stall_timeout_s = 30.0
 
     [serial]
     ports = ["/dev/serial0:115200", "/dev/ttyUSB0"]   # PORT[:BAUD]
@@ -350,6 +352,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.subscription_buffer", "subscription_buffer", _ANY, profile=True),
     Setting("limits.max_pending_requests", "max_pending_requests", _ANY, profile=True),
     Setting("limits.max_inflight_handlers", "max_inflight_handlers", _ANY, profile=True),
+    Setting("limits.handler_timeout_s", "handler_timeout_s", _positive),
+    Setting("limits.subscriber_stall_timeout_s", "subscriber_stall_timeout_s", _positive),
     Setting("serial.ports", "serial_ports", _serial_ports, flag="--serial"),
     Setting("serial.baud", "serial_baud", _integer(50, 4_000_000), profile=True),
     Setting("serial.psk_file", "serial_psk", _psk_file, flag="--serial-psk-file"),

@@ -128,13 +128,19 @@ class RawPeer:
         )
         return cls(link)
 
-    async def hello(self, identity: Identity, *, epoch: int = 1, listen_port: int = 0) -> Any:
-        """Send our hello and read theirs; return their hello."""
+    async def hello(
+        self, identity: Identity, *, epoch: int = 1, listen_port: int = 0, ready: bool = True
+    ) -> Any:
+        """Send our hello (and, with ``ready``, our ready) and read theirs; return
+        their hello. The node announces the peer once both have said ready."""
         from edgenode.proto.connection import PeerProtocol
-        from edgenode.proto.messages import Hello
+        from edgenode.proto.messages import Hello, Ready
 
         self.proto = PeerProtocol(name="raw")
-        await self.send(PeerProtocol.send(Hello(identity.node_id, listen_port, epoch)))
+        opening = PeerProtocol.send(Hello(identity.node_id, listen_port, epoch))
+        if ready:
+            opening += PeerProtocol.send(Ready())
+        await self.send(opening)
         while self.proto.their_hello is None:
             self.proto.receive_data(await self.stream.receive())
         return self.proto.their_hello
@@ -148,6 +154,14 @@ class RawPeer:
             got = self.proto.receive_data(await self.stream.receive())
             if got:
                 return got
+
+    async def next_of(self, kind: type) -> Any:
+        """Read until a message of type ``kind`` arrives (skipping the node's
+        ready, pings and peer lists); raises EndOfStream at the end."""
+        while True:
+            for msg in await self.messages():
+                if type(msg) is kind:
+                    return msg
 
     async def aclose(self) -> None:
         await anyio.aclose_forcefully(self.stream)

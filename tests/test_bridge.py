@@ -236,6 +236,6 @@ async def test_burst_to_a_reliable_device_waits_for_room_and_loses_nothing(
                 await a.send(DEVICE, "burst", b"%02d" % i)
             await wait_until(lambda: len(received) == 40)
             assert received == [b"%02d" % i for i in range(40)]
-            assert a.stats()["lost_sends"] == 0
+            assert a.stats()["device_messages_lost"] == 0
     finally:
         await sim.aclose()

@@ -271,7 +271,7 @@ async def test_noisy_line_in_reliable_mode_delivers_everything_once_in_order(
         assert rig.at_device == expected
         assert rig.downs == 0
         assert_line_errors_counted(rig.node)
-        assert rig.node.stats()["lost_sends"] == 0
+        assert rig.node.stats()["device_messages_lost"] == 0
         assert rig.node.bridge is not None and rig.node.bridge.dropped_messages == 0
 
 

@@ -484,8 +484,9 @@ async def test_dispatcher_learns_only_new_authorised_peers(
 ) -> None:
     node = Node(make_config("a", "127.0.0.2"))
     b_id, outsider_id = identities["b"].node_id, identities["outsider"].node_id
+    closing = False
     async with loopback_discovery(node.node_id, "127.0.0.2", beacon_port) as discovery:
-        wiring = wire_discovery(node, discovery)
+        wiring = wire_discovery(node.inbox.post, node.learning, lambda: closing, discovery)
 
         def hear(node_id: str, ip: str, port: int = 7300) -> None:
             wiring.on_beacon(BeaconHeard(Beacon(node_id, port, 1), ip), 100.0)
@@ -511,5 +512,5 @@ async def test_dispatcher_learns_only_new_authorised_peers(
         # The beacon timer: one beacon now, the next within the jittered interval.
         due = wiring.on_timer(100.0)
         assert due is not None and 108.0 <= due <= 112.0 and discovery.beacons_sent == 1
-        node._closing = True  # a closing node stops announcing itself
+        closing = True  # a closing node stops announcing itself
         assert wiring.on_timer(200.0) is None and discovery.beacons_sent == 1

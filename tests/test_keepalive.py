@@ -294,6 +294,36 @@ def test_dead_after_timeout_with_no_frames() -> None:
     assert keepalive.due(1000.0) == []
 
 
+def test_held_link_is_not_declared_dead_but_keeps_pinging() -> None:
+    """Our side stopped reading (a full subscriber): the peer's silence is ours."""
+    keepalive = make()
+    keepalive.link_up(PEER, now=0.0)
+    keepalive.hold(PEER, 1.0)
+    log = run_until(keepalive, 60.0)
+    assert [action[0] for _, action in log] == [PING] * 12  # every 5 s, no DEAD
+    keepalive.release(PEER, 60.0)
+    # Released: the timeout counts from the release.
+    log = run_until(keepalive, 100.0)
+    assert log[-1] == (75.0, (DEAD, PEER, 0))
+
+
+def test_hold_and_release_per_message_cost_no_heap_entries() -> None:
+    """Regression: each release pushed a heap entry that stayed current, so a
+    slow consumer (a hold and a release per message) grew the heap without
+    bound and its compaction stalled the loop for seconds."""
+    keepalive = make()
+    keepalive.link_up(PEER, now=0.0)
+    size = len(keepalive._heap)
+    now = 0.0
+    for _ in range(10_000):
+        now += 0.001
+        keepalive.hold(PEER, now)
+        keepalive.release(PEER, now)
+        keepalive.due(now)
+    assert len(keepalive._heap) <= size + 1
+    assert PEER in keepalive
+
+
 def test_not_dead_while_frames_arrive() -> None:
     keepalive = make()
     keepalive.link_up(PEER, now=0.0)

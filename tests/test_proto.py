@@ -8,6 +8,7 @@ byte vectors below are the ones docs/protocol.md shows: keep them identical.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import cbor2
 import pytest
@@ -908,15 +909,52 @@ def test_connection_exchanges_hellos_then_messages_both_ways() -> None:
     a, b = open_pair()
     assert a.state == b.state == connection.OPEN
     assert a.their_hello == HELLO_B and b.their_hello == HELLO_A
+    # Keepalive and peer lists may flow before ready; data waits for it.
+    assert b.receive_data(a.send(Ping(4)) + a.send(Peers([]))) == [Ping(4), Peers([])]
+    assert b.receive_data(a.send(Ready())) == [Ready()]
+    assert a.receive_data(b.send(Ready())) == [Ready()]
+    assert a.state == b.state == connection.READY_STATE
     flow = [Data("temp", b"\x01"), Request(1, "read", b""), Ping(5), Peers([])]
     assert b.receive_data(b"".join(a.send(m) for m in flow)) == flow
     answers = [Response(1, b"21.5"), Pong(5), ErrorResponse(2, 1, "no handler for topic 'x'")]
     assert a.receive_data(b"".join(b.send(m) for m in answers)) == answers
-    assert a.state == b.state == connection.OPEN
+    assert a.state == b.state == connection.READY_STATE
+
+
+DATA_CLASS = [
+    Data("t", b""),
+    Request(1, "t", b""),
+    Response(1, b""),
+    ErrorResponse(1, 1, "x"),
+    ToDevice("d", "t", b""),
+    FromDevice("d", "t", b""),
+    DeviceRequest(1, "d", "t", b""),
+]
+
+
+@pytest.mark.parametrize("early", DATA_CLASS, ids=lambda m: message_name(m.code))
+def test_connection_rejects_data_before_ready(early: Any) -> None:
+    a, b = open_pair()
+    raises(
+        UnexpectedMessage,
+        f"10.0.0.1: {message_name(early.code)} before ready",
+        b.receive_data,
+        a.send(Ping(1)) + a.send(early),
+    )
+    assert b.state == connection.ERROR
+
+
+def test_connection_rejects_a_second_ready() -> None:
+    a, b = open_pair()
+    b.receive_data(a.send(Ready()))
+    raises(
+        UnexpectedMessage, "10.0.0.1: second ready on one connection", b.receive_data,
+        a.send(Ready()),
+    )  # fmt: skip
 
 
 def test_connection_delivers_the_same_messages_byte_by_byte() -> None:
-    msgs = [HELLO_A, Data("t", b"x" * 100), Ping(1), Bye("done")]
+    msgs = [HELLO_A, Ping(1), Ready(), Data("t", b"x" * 100), Ping(1), Bye("done")]
     stream = b"".join(PeerProtocol.send(m) for m in msgs)
     proto = PeerProtocol(expected_node_id=NODE_A)
     got = []
@@ -929,8 +967,8 @@ def test_connection_delivers_the_same_messages_byte_by_byte() -> None:
 
 def test_connection_returns_messages_that_follow_the_hello_in_one_read() -> None:
     proto = PeerProtocol()
-    data = PeerProtocol.send(HELLO_A) + PeerProtocol.send(Data("t", b""))
-    assert proto.receive_data(data) == [HELLO_A, Data("t", b"")]
+    data = b"".join(PeerProtocol.send(m) for m in (HELLO_A, Ready(), Data("t", b"")))
+    assert proto.receive_data(data) == [HELLO_A, Ready(), Data("t", b"")]
 
 
 def test_connection_accepts_any_node_id_when_none_is_expected() -> None:

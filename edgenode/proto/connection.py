@@ -5,9 +5,15 @@ Rules, in the order a connection meets them:
 1. Each side sends a hello as its first message. The first message received
    must be a hello of our protocol version whose node ID is the one the TLS
    certificate proved; anything else first is :class:`UnexpectedMessage`.
-2. After the hello, any message but a second hello may arrive. A bye
-   closes the connection: nothing may follow it.
-3. The stream may end only between frames; ending mid-frame is
+2. After the hello, the connection is OPEN: keepalive (ping, pong), peer
+   and device lists, a bye, and the peer's ready may arrive. Data,
+   requests, responses and device traffic may not yet: the peer sends
+   them only once both sides have sent ready (docs/protocol.md), so one
+   arriving first is :class:`UnexpectedMessage`.
+3. After the peer's ready the connection is READY: any message but a
+   second hello or a second ready may arrive.
+4. A bye closes the connection: nothing may follow it.
+5. The stream may end only between frames; ending mid-frame is
    :class:`TruncatedFrame`.
 
 Any violation puts the machine in the ERROR state for good: every later
@@ -25,7 +31,12 @@ from .framing import FrameDecoder, encode_frame
 from .messages import (
     BYE,
     DEFAULT_LIMITS,
+    DEVICES,
     HELLO,
+    PEERS,
+    PING,
+    PONG,
+    READY,
     AnyMessage,
     Hello,
     Limits,
@@ -36,8 +47,12 @@ from .messages import (
 
 AWAIT_HELLO = "await-hello"
 OPEN = "open"
+READY_STATE = "ready"
 CLOSED = "closed"
 ERROR = "error"
+
+#: What may arrive before the peer's ready (rule 2).
+_BEFORE_READY = frozenset((PING, PONG, BYE, PEERS, DEVICES, READY))
 
 
 class PeerProtocol:
@@ -115,6 +130,15 @@ class PeerProtocol:
                 raise self._fail(UnexpectedMessage(f"{self.name}: second hello on one connection"))
             elif code == BYE:
                 self.state = CLOSED
+            elif self.state == OPEN:
+                if code not in _BEFORE_READY:
+                    raise self._fail(
+                        UnexpectedMessage(f"{self.name}: {message_name(code)} before ready")
+                    )
+                if code == READY:
+                    self.state = READY_STATE
+            elif code == READY:
+                raise self._fail(UnexpectedMessage(f"{self.name}: second ready on one connection"))
             messages.append(msg)
         if self.state == CLOSED and self._decoder.mid_frame:
             # Part of a frame after the bye, if only a header: as wrong as a whole one.

@@ -100,6 +100,7 @@ ERR_HANDLER_FAILED = 2
 ERR_BUSY = 3
 ERR_NO_DEVICE = 4
 ERR_DEVICE_FAILED = 5
+ERR_HANDLER_TIMEOUT = 6
 
 MAX_DEVICE_ID_BYTES = 32
 
@@ -632,3 +633,12 @@ def _flat_items(body: bytes) -> list[Any] | None:
                 return None
         pos = stop
     return items if pos == end else None
+
+
+_ONE_WAY_DATA = frozenset((DATA, TO_DEVICE, FROM_DEVICE))
+
+
+def is_data_frame(frame: bytes) -> bool:
+    """Whether a framed message (length prefix included) is one-way application
+    data: data, to-dev or from-dev. Only their type code is read."""
+    return len(frame) > 5 and frame[5] in _ONE_WAY_DATA and frame[4] >> 5 == 4

@@ -30,17 +30,13 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 from anyio import ClosedResourceError
 
 from ..errors import ConfigError, NodeClosed, ProtocolError, VersionMismatch
 from ..proto.beacon import MAX_BEACON_BYTES, Beacon, BeaconLimiter, decode_beacon, encode_beacon
-from ..registry import UP, normalise_ip
-
-if TYPE_CHECKING:  # the node wires discovery in; discovery never needs the node at run time
-    from ..node import Node
 
 log = logging.getLogger("edgenode.discovery")
 
@@ -322,32 +318,50 @@ class BeaconHeard:
         self.beacon, self.ip, self.t = beacon, ip, time.monotonic()
 
 
+class BeaconLearner(Protocol):
+    """What discovery needs from the node: someone to learn peers from beacons."""
+
+    discovered: int
+    ignored_beacons: int
+
+    def from_beacon(self, source_ip: str, listen_port: int, node_id: str, now: float) -> None:
+        """Dial ``node_id`` at ``source_ip:listen_port`` if it is new and authorised."""
+
+
 class DiscoveryWiring:
     """What the node calls: a source task, a dispatcher handler and a timer.
 
-    ``run`` is the receiver task, posting :class:`BeaconHeard` to the
-    node's inbox; ``on_beacon`` is the dispatcher's handler for it;
-    ``on_timer`` sends a beacon from the dispatcher's timer heap and
-    returns when the next one is due.
+    ``run`` is the receiver task, posting :class:`BeaconHeard` events with
+    ``post``; ``on_beacon`` is the dispatcher's handler for them (the node
+    registers it for ``event_type``); ``on_timer`` sends a beacon from the
+    dispatcher's timer heap and returns when the next one is due.
     """
 
-    __slots__ = ("discovered", "discovery", "ignored", "node")
+    __slots__ = ("_is_closing", "discovery", "learner", "post")
 
-    def __init__(self, node: Node, discovery: Discovery) -> None:
-        self.node = node
+    event_type = BeaconHeard
+
+    def __init__(
+        self,
+        post: Callable[[BeaconHeard], Awaitable[None]],
+        learner: BeaconLearner,
+        is_closing: Callable[[], bool],
+        discovery: Discovery,
+    ) -> None:
+        self.post = post
+        self.learner = learner
+        self._is_closing = is_closing
         self.discovery = discovery
-        self.discovered = 0
-        self.ignored = 0
 
     async def run(self) -> None:
         """Feed heard beacons to the node's inbox until cancelled or closed."""
         try:
-            await self.discovery.run_receiver(self.post)
+            await self.discovery.run_receiver(self._post)
         except NodeClosed:
             pass
 
-    async def post(self, beacon: Beacon, ip: str) -> None:
-        await self.node._post(BeaconHeard(beacon, ip))  # type: ignore[arg-type]
+    async def _post(self, beacon: Beacon, ip: str) -> None:
+        await self.post(BeaconHeard(beacon, ip))
 
     def first_due(self, now: float) -> float:
         """When the first beacon is due."""
@@ -359,10 +373,20 @@ class DiscoveryWiring:
         Returns None, and sends nothing, once the node is closing: peers
         should not dial a node on its way out.
         """
-        if self.node._closing:
+        if self._is_closing():
             return None
         self.discovery.send_beacon_nowait()
         return now + self.discovery.next_delay_s()
+
+    @property
+    def discovered(self) -> int:
+        """Peers found by a beacon."""
+        return self.learner.discovered
+
+    @property
+    def ignored(self) -> int:
+        """Beacons ignored (ours, unauthorised, forged, or with no room for them)."""
+        return self.learner.ignored_beacons
 
     def stats(self) -> dict[str, int]:
         """The discovery counters, and the peers discovered and beacons ignored."""
@@ -373,41 +397,19 @@ class DiscoveryWiring:
         await self.discovery.aclose()
 
     def on_beacon(self, ev: BeaconHeard, now: float) -> None:
-        """Dispatcher handler: dial the beacon's node if it is new and authorised.
-
-        Ignores our own node ID, unauthorised IDs, addresses the registry
-        already knows (keepalive and backoff look after them) and an ID
-        that is connected at another address (a forged or cloned beacon).
-        Otherwise the node learns the peer and schedules a dial at once,
-        as for a peer list entry.
-        """
-        node, beacon = self.node, ev.beacon
-        node_id = beacon.node_id
-        if node._closing or node_id == node.node_id or node_id not in node.authorised:
-            self.ignored += 1
+        """Dispatcher handler: learn the beacon's node, unless the node is closing."""
+        if self._is_closing():
+            self.learner.ignored_beacons += 1
             return
-        try:
-            ip = normalise_ip(ev.ip)
-        except ConfigError:
-            self.ignored += 1
-            return
-        if ip in node.registry:
-            return
-        holder = node.registry.by_node_id(node_id)
-        if holder is not None and holder.state == UP:
-            self.ignored += 1
-            log.info("ignored beacon from %s: node %s is connected at %s", ip, node_id, holder.ip)
-            return
-        entry = node.registry.learn(ip, beacon.listen_port, node_id, now)
-        node._forget_pruned()
-        if entry is None:
-            self.ignored += 1
-            return
-        self.discovered += 1
-        log.info("discovered peer %s:%d (node %s)", ip, beacon.listen_port, node_id)
-        node.keepalive.schedule_dial(ip, now)
+        beacon = ev.beacon
+        self.learner.from_beacon(ev.ip, beacon.listen_port, beacon.node_id, now)
 
 
-def wire_discovery(node: Node, discovery: Discovery) -> DiscoveryWiring:
-    """Connect ``discovery`` to ``node``; see :class:`DiscoveryWiring` for the three hooks."""
-    return DiscoveryWiring(node, discovery)
+def wire_discovery(
+    post: Callable[[BeaconHeard], Awaitable[None]],
+    learner: BeaconLearner,
+    is_closing: Callable[[], bool],
+    discovery: Discovery,
+) -> DiscoveryWiring:
+    """Connect ``discovery`` to a node; see :class:`DiscoveryWiring` for the three hooks."""
+    return DiscoveryWiring(post, learner, is_closing, discovery)

@@ -1,0 +1,560 @@
+"""The dispatcher: the one owner of peer state.
+
+Every change to the registry, the keepalive scheduler, connection admission
+and settling happens here, in plain functions that never await: no I/O, no
+full queue, no other multiplexer (docs/architecture.md, failure 1). The
+dispatcher waits for one thing only, its inbox, and only until the next
+timer is due. Timers are not tasks: the keepalive scheduler knows its next
+deadline and :meth:`Dispatcher.schedule` keeps the few others (closing
+grace, housekeeping, beacons, serial link ticks) in one heap.
+
+What it decides, from transport events (so "up" always means a live,
+settled transport: failure 4):
+
+- Admission. A connection whose hellos are exchanged is offered to the
+  registry (keyed by IP, one connection per IP: failure 3). A refused one
+  is closed with its reason; a replaced one is closed too, and the data
+  frames it had not written yet move to the one that replaced it.
+- Settling. Each side sends ready once it keeps the connection. The side
+  whose own dial would win a simultaneous open (the higher IP) waits for
+  that dial to end before it sends ready on the other side's connection.
+  A connection is up for the application once both readies are sent: then
+  ``PeerUp``, and data may flow. So a simultaneous open never flaps and
+  never strands data on the losing connection.
+- Keepalive. Both ends ping (failure 2); any frame proves liveness; a peer
+  silent for the timeout is closed; down peers are redialled with backoff.
+- Closing. A closed connection's peer is down at once; requests waiting
+  on it fail with the reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio import WouldBlock
+
+from .api import PeerDown, PeerUp, Refused
+from .connection import Connection
+from .errors import AdmissionRefused, EdgeNodeError, NodeClosed, PeerUnavailable, SlowPeer
+from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Shutdown
+from .keepalive import DEAD, DIAL, PING, Keepalive
+from .proto.connection import PeerProtocol
+from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
+from .registry import DOWN, INBOUND, UP, PeerEntry, Registry, ip_sort_key
+from .requests import Requests, clip
+
+if TYPE_CHECKING:
+    from .devices import DeviceRouter
+    from .learning import PeerLearning
+    from .subscriptions import EventFeed
+
+log = logging.getLogger("edgenode.node")
+
+monotonic = time.monotonic
+
+#: Seconds between housekeeping runs (pruning, saving known peers).
+HOUSEKEEPING_S = 30.0
+
+_frame = PeerProtocol.send
+_READY_FRAME = _frame(Ready())
+
+
+class Dispatcher:
+    """Owns peer state; handles the inbox's events and the timers."""
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        registry: Registry,
+        keepalive: Keepalive,
+        inbox: Inbox,
+        events: EventFeed,
+        requests: Requests,
+        learning: PeerLearning,
+        devices: DeviceRouter,
+        start_dial: Callable[[str, int], None],
+        spawn: Callable[..., None],
+        wildcard: bool,
+        max_peers_listed: int,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.keepalive = keepalive
+        self.inbox = inbox
+        self.events = events
+        self.requests = requests
+        self.learning = learning
+        self.devices = devices
+        self._start_dial_task = start_dial
+        #: Start a task in the node's task group (a save, never I/O here).
+        self._spawn = spawn
+        self.wildcard = wildcard
+        self.max_peers_listed = max_peers_listed
+        self.handlers: dict[type, Callable[[Any, float], None]] = {
+            Opened: self._on_opened,
+            Control: self._on_control,
+            Closed: self._on_closed,
+            Failed: self._on_failed,
+            AddPeer: self._on_add_peer,
+            Shutdown: self._on_shutdown,
+        }
+        self._control: dict[type, Callable[[Connection, Any, float], None]] = {
+            Ping: self._on_ping,
+            Pong: self._on_pong,
+            Bye: self._on_bye,
+            Peers: lambda conn, msg, now: self.learning.from_peer_list(msg, now),
+            Devices: lambda conn, msg, now: self.devices.on_devices(conn, msg),
+            Ready: lambda conn, msg, now: self._settle(conn, now),
+        }
+        self._timers: list[tuple[float, int, Callable[[float], None]]] = []
+        self._seq = itertools.count()
+        #: Admitted connections that are not closing.
+        self.conns: set[Connection] = set()
+        #: Peers a dial is on its way to (from its start to its outcome).
+        self.dialing: set[str] = set()
+        #: Peers the application was told are up (PeerUp without PeerDown since).
+        self._announced: set[str] = set()
+        #: Callers waiting for an address (``ip`` or ``ip/device``) to come up.
+        self._up_waiters: dict[str, list[anyio.Event]] = {}
+        self.closing = False
+        #: Called once every connection has closed after a shutdown.
+        self.on_all_closed: Callable[[], None] = lambda: None
+        self.open_connections: Callable[[], int] = lambda: 0
+        # Loop figures.
+        self.events_handled = 0
+        self.wakeups = 0
+        self.lag_last_s = 0.0
+        self.lag_max_s = 0.0
+        self.lag_sum_s = 0.0
+        self.refused = 0
+        self.broadcast_dropped = 0
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Handle inbox events and due timers until cancelled."""
+        box = self.inbox.box
+        handlers = self.handlers
+        next_due = self._next_deadline()
+        while True:
+            try:
+                event = box.get_nowait()
+            except WouldBlock:
+                now = monotonic()
+                if next_due is not None and now >= next_due:
+                    self._run_timers(now)
+                    next_due = self._next_deadline()
+                    continue
+                self.wakeups += 1
+                if next_due is None:
+                    await box.wait_item()
+                else:
+                    with anyio.move_on_after(next_due - now):
+                        await box.wait_item()
+                continue
+            now = monotonic()
+            lag = now - event.t
+            self.lag_last_s = lag
+            self.lag_sum_s += lag
+            if lag > self.lag_max_s:
+                self.lag_max_s = lag
+            self.events_handled += 1
+            handlers[type(event)](event, now)
+            next_due = self._next_deadline()
+            if next_due is not None and now >= next_due:
+                self._run_timers(now)
+                next_due = self._next_deadline()
+
+    def register(self, event_type: type, handler: Callable[[Any, float], None]) -> None:
+        """Handle inbox events of ``event_type`` (the bridge's, discovery's) with ``handler``."""
+        self.handlers[event_type] = handler
+
+    def schedule(self, when: float, callback: Callable[[float], None]) -> None:
+        """Call ``callback(now)`` from the dispatcher once ``when`` has passed."""
+        heapq.heappush(self._timers, (when, next(self._seq), callback))
+
+    def _next_deadline(self) -> float | None:
+        keepalive_due = self.keepalive.next_deadline()
+        if self._timers:
+            own = self._timers[0][0]
+            return own if keepalive_due is None or own < keepalive_due else keepalive_due
+        return keepalive_due
+
+    def _run_timers(self, now: float) -> None:
+        for action, ip, nonce in self.keepalive.due(now):
+            entry = self.registry.get(ip)
+            conn = entry.conn if entry is not None else None
+            if action == PING:
+                if isinstance(conn, Connection):
+                    self.queue(conn, _frame(Ping(nonce)), now, droppable=True)
+            elif action == DEAD:
+                if isinstance(conn, Connection):
+                    timeout = self.config.keepalive_timeout_s
+                    self.drop(conn, f"no frames for {timeout} s (keepalive timeout)", now)
+            elif action == DIAL:
+                self._start_dial(entry)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, callback = heapq.heappop(timers)
+            callback(now)
+
+    def housekeeping(self, now: float) -> None:
+        """Prune long-down peers, save known peers; every HOUSEKEEPING_S."""
+        for entry in self.registry.prune(now):
+            self.keepalive.forget(entry.ip)
+            log.info("forgot peer %s: down since %s", entry.ip, entry.down_reason)
+        due = self.learning.due_save(now)
+        if due is not None:
+            self._spawn(self.learning.save, due)
+        self.schedule(now + HOUSEKEEPING_S, self.housekeeping)
+
+    # -- up and down, for the application ------------------------------------------
+
+    def waiter(self, key: str) -> anyio.Event:
+        """An event set when ``key`` (``ip`` or ``ip/device``) may have come up."""
+        event = anyio.Event()
+        self._up_waiters.setdefault(key, []).append(event)
+        return event
+
+    def forget_waiter(self, key: str, event: anyio.Event) -> None:
+        """Drop a waiter made by :meth:`waiter` (it was set, or gave up)."""
+        waiters = self._up_waiters.get(key)
+        if waiters is not None and event in waiters:
+            waiters.remove(event)
+            if not waiters:
+                del self._up_waiters[key]
+
+    def wake(self, key: str) -> None:
+        """Wake the callers waiting for ``key``."""
+        for waiter in self._up_waiters.get(key, ()):
+            waiter.set()
+
+    # -- queueing without waiting ----------------------------------------------------
+
+    def queue(
+        self,
+        conn: Connection,
+        frame: bytes,
+        now: float,
+        *,
+        droppable: bool = False,
+        is_traffic: bool = True,
+    ) -> bool:
+        """Queue a frame without waiting; apply the slow-peer policy if full.
+
+        A full outbox drops a ``droppable`` frame (counted); a peer that lets
+        the reserve for other frames fill up too is closed as slow. A frame
+        that ``is_traffic`` postpones our next ping; a pong does not, or the
+        side that answers pings would never ping itself, and only one
+        direction would ever be proved alive (failure 2).
+        """
+        if conn.closing:
+            return False
+        if not conn.queue_nowait(frame, droppable=droppable):
+            if droppable:
+                if conn.drops == 1 or conn.drops % 100 == 0:
+                    log.warning(
+                        "peer %s is not reading: outbox full (%d frames); dropped "
+                        "best-effort traffic (%d drops)",
+                        conn.ip,
+                        conn.outbox.capacity,
+                        conn.drops,
+                    )
+            else:
+                reason = f"slow peer: outbox full ({conn.outbox.capacity} frames and the reserve)"
+                self.drop(conn, reason, now, error=SlowPeer(f"{conn.ip}: {reason}"), bye=False)
+            return False
+        if is_traffic:
+            self.keepalive.sent(conn.ip, now)
+        return True
+
+    def queue_to_peers(self, frame: bytes, droppable: bool) -> None:
+        """Queue ``frame`` to every peer whose connection is up."""
+        now = monotonic()
+        for conn in list(self.conns):
+            if conn.settled:
+                self.queue(conn, frame, now, droppable=droppable)
+
+    # -- admission and settling ----------------------------------------------------
+
+    def _on_opened(self, ev: Opened, now: float) -> None:
+        conn = ev.conn
+        if conn.direction != INBOUND:
+            self.dialing.discard(conn.ip)
+        if self.closing:
+            self.drop(conn, "node shutting down", now)
+            return
+        if self.wildcard:
+            # Our address as this peer sees it decides the simultaneous-open rule.
+            self.registry.our_ip = conn.local_ip
+        before = self.registry.get(conn.ip)
+        old_epoch = before.epoch if before is not None and before.state == UP else None
+        hello = conn.hello
+        admission = self.registry.admit(
+            conn, conn.ip, conn.node_id, hello.epoch, conn.direction, hello.listen_port or None, now
+        )
+        self.learning.forget_pruned()
+        if not admission.accepted:
+            reason = admission.reason or "refused"
+            self.refused += 1
+            log.info(
+                "not admitting %s connection with %s: %s",
+                conn.direction,
+                conn.ip,
+                reason,
+                extra={"peer": conn.ip, "node_id": conn.node_id, "reason": reason},
+            )
+            self.events.publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
+            self.drop(conn, reason, now)
+            return
+        conn.admitted = True
+        conn.restarted = old_epoch is not None and old_epoch != hello.epoch
+        replaced = admission.replaced
+        if isinstance(replaced, Connection):
+            # What send() accepted onto the old connection and it has not
+            # written yet goes out on this one, first, once it settles.
+            conn.carried = replaced.take_unsent_data()
+            reason = admission.replaced_reason or "replaced"
+            if replaced.settled and not conn.restarted and conn.ip in self._announced:
+                # The peer lost the old connection (half-open here) and dialled
+                # again: what was in flight on it may be lost, so the
+                # application hears of the outage (a simultaneous open never
+                # gets here: its loser never settled).
+                self._announced.discard(conn.ip)
+                log.warning(
+                    "peer down %s (node %s): %s",
+                    conn.ip,
+                    conn.node_id,
+                    reason,
+                    extra={"peer": conn.ip, "node_id": conn.node_id, "reason": reason},
+                )
+                self.events.publish(PeerDown(conn.ip, conn.node_id, reason))
+            self.drop(replaced, reason, now)
+        self.conns.add(conn)
+        self.keepalive.link_up(conn.ip, now)
+        entry = admission.entry
+        if entry is not None:
+            # The listen port, not the source port: that is where to redial.
+            self.learning.seen(conn.ip, entry.listen_port, conn.node_id, now)
+        self._send_ready(conn, now)
+
+    def _send_ready(self, conn: Connection, now: float) -> None:
+        """Say ready on ``conn`` unless our own dial to its peer could still
+        displace it (we are the higher IP and that dial is on its way)."""
+        if conn.ready_sent or conn.closing or not conn.admitted:
+            return
+        if (
+            conn.direction == INBOUND
+            and conn.ip in self.dialing
+            and ip_sort_key(conn.local_ip) > ip_sort_key(conn.ip)
+        ):
+            return  # _on_opened (our dial won) or _on_failed (it did not) decides
+        if not self.queue(conn, _READY_FRAME, now):
+            return
+        conn.ready_sent = True
+        self._settle(conn, now)
+
+    def _settle(self, conn: Connection, now: float) -> None:
+        """Both readies are sent: the connection is up for the application."""
+        if not conn.settled or conn.closing:
+            return
+        entry = self.registry.settle(conn)
+        if entry is None:
+            return
+        for frame in conn.carried:
+            conn.outbox.put_beyond_capacity(frame)
+        conn.carried = []
+        ip = conn.ip
+        if ip not in self._announced or conn.restarted:
+            self._announced.add(ip)
+            log.info(
+                "peer up %s (node %s, %s)%s",
+                ip,
+                conn.node_id,
+                conn.direction,
+                " after a restart" if conn.restarted else "",
+                extra={"peer": ip, "node_id": conn.node_id},
+            )
+            self.events.publish(PeerUp(ip, conn.node_id, conn.direction, conn.restarted))
+        self.wake(ip)
+        known = [
+            PeerInfo(e.ip, e.listen_port, e.node_id)
+            for e in self.registry.up()
+            if e.ip != ip and e.listen_port and e.settled
+        ][: self.max_peers_listed]
+        if known:
+            self.queue(conn, _frame(Peers(known)), now, droppable=True)
+        devices = self.devices.devices_frame()
+        if devices is not None:
+            self.queue(conn, devices, now)
+
+    # -- control messages from a connection's reader ------------------------------------
+
+    def _on_control(self, ev: Control, now: float) -> None:
+        conn = ev.conn
+        handlers = self._control
+        for msg in ev.msgs:
+            if conn.closing:
+                return
+            handlers[type(msg)](conn, msg, now)
+
+    def _on_ping(self, conn: Connection, msg: Ping, now: float) -> None:
+        self.queue(conn, _frame(Pong(msg.nonce)), now, droppable=True, is_traffic=False)
+
+    def _on_pong(self, conn: Connection, msg: Pong, now: float) -> None:
+        self.keepalive.pong(conn.ip, msg.nonce, now)
+
+    def _on_bye(self, conn: Connection, msg: Bye, now: float) -> None:
+        self.drop(conn, f"peer said bye: {msg.reason}", now, bye=False)
+
+    # -- closing ---------------------------------------------------------------------
+
+    def _on_closed(self, ev: Closed, now: float) -> None:
+        self.drop(ev.conn, ev.reason, now, error=ev.error, bye=ev.error is not None)
+
+    def drop(
+        self,
+        conn: Connection,
+        reason: str,
+        now: float,
+        *,
+        error: EdgeNodeError | None = None,
+        bye: bool = True,
+    ) -> None:
+        """Close ``conn``; if it was its peer's live connection, the peer is down."""
+        if conn.closing:
+            return
+        conn.closing = True
+        conn.close_reason = reason
+        self.conns.discard(conn)
+        entry = self.registry.closed(conn, reason, now)
+        if entry is not None:
+            self._peer_down(conn, entry, reason, error, now)
+        # Requests sent on this connection can no longer be answered: the
+        # peer went down, or (replaced) it is up on another connection.
+        if conn.pending:
+            why = (
+                f"peer {conn.ip} went down: {reason}"
+                if entry is not None
+                else f"peer {conn.ip}: connection replaced before the response arrived ({reason})"
+            )
+            self.requests.fail_connection(conn, PeerUnavailable(why))
+        box = conn.outbox
+        if bye and not box.closed:
+            box.put_beyond_capacity(_frame(Bye(clip(reason))))
+        box.close()
+        if bye:
+            scope = conn.scope
+
+            def hard_close(now: float) -> None:
+                if scope is not None:
+                    scope.cancel()
+
+            self.schedule(now + self.config.shutdown_grace_s, hard_close)
+        elif conn.scope is not None:
+            conn.scope.cancel()
+
+    def _peer_down(
+        self,
+        conn: Connection,
+        entry: PeerEntry,
+        reason: str,
+        error: EdgeNodeError | None,
+        now: float,
+    ) -> None:
+        ip = conn.ip
+        self.learning.seen(ip, entry.listen_port, entry.node_id, now)
+        self.devices.peer_down(ip, entry.node_id, reason)
+        redial = bool(entry.listen_port) and not self.closing
+        delay = self.keepalive.link_down(ip, now, redial=redial)
+        extra = {"peer": ip, "node_id": entry.node_id, "reason": reason}
+        if self.closing:
+            log.info("closed link to %s (node %s): %s", ip, entry.node_id, reason, extra=extra)
+        elif ip not in self._announced:
+            log.info(
+                "link to %s (node %s) closed before it was ready: %s",
+                ip,
+                entry.node_id,
+                reason,
+                extra=extra,
+            )
+        else:
+            retry = f"; redial in {delay:.1f} s" if delay is not None else ""
+            log.warning(
+                "peer down %s (node %s): %s%s", ip, entry.node_id, reason, retry, extra=extra
+            )
+        if ip in self._announced:
+            self._announced.discard(ip)
+            self.events.publish(PeerDown(ip, entry.node_id, reason, error))
+
+    # -- dials --------------------------------------------------------------------------
+
+    def _start_dial(self, entry: PeerEntry | None) -> None:
+        if entry is None or entry.state == UP or self.closing or not entry.listen_port:
+            return
+        if entry.ip in self.dialing:
+            return
+        self.dialing.add(entry.ip)
+        self._start_dial_task(entry.ip, entry.listen_port)
+
+    def _on_failed(self, ev: Failed, now: float) -> None:
+        ip, error = ev.ip, ev.error
+        self.refused += 1
+        self.events.publish(Refused(ip, error))
+        if not ev.dialled:
+            log.warning(
+                "refused connection from %s: %s",
+                ip,
+                error,
+                extra={"peer": ip, "reason": str(error)},
+            )
+            return
+        self.dialing.discard(ip)
+        entry = self.registry.get(ip)
+        if entry is None or self.closing:
+            return
+        if isinstance(entry.conn, Connection):
+            # Our dial lost to the peer's, or failed while the peer's connection
+            # waited for it: that one is ours to keep now.
+            self._send_ready(entry.conn, now)
+        if entry.state == DOWN:
+            delay = self.keepalive.dial_failed(ip, now)
+            log.info(
+                "dial %s failed: %s; retry in %.1f s",
+                ip,
+                error,
+                delay,
+                extra={"peer": ip, "reason": str(error)},
+            )
+
+    def _on_add_peer(self, ev: AddPeer, now: float) -> None:
+        try:
+            self.registry.add_configured(ev.ip, ev.port, now)
+        except EdgeNodeError as exc:
+            log.warning("cannot add peer %s:%d: %s", ev.ip, ev.port, exc)
+            return
+        self.learning.forget_pruned()
+        self.keepalive.schedule_dial(ev.ip, now)
+
+    def _on_shutdown(self, ev: Shutdown, now: float) -> None:
+        self.closing = True
+        for conn in list(self.conns):
+            self.drop(conn, "node shutting down", now)  # the peer logs "peer said bye: ..."
+        for waiters in self._up_waiters.values():
+            for waiter in waiters:
+                waiter.set()
+        if not self.open_connections():
+            self.on_all_closed()
+
+    def fail_everything(self) -> None:
+        """At shutdown: nothing waits for an answer any more."""
+        error = NodeClosed("node closed before the response arrived")
+        for conn in list(self.conns):
+            self.requests.fail_connection(conn, error)

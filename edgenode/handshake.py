@@ -1,0 +1,241 @@
+"""Accepting and dialling connections, up to the exchange of hellos.
+
+The listener accepts from its sockets itself (rather than with
+``listener.serve()``): a connection over a handshake limit is reset before
+anyio wraps it or a task starts for it, so a flood costs the loop little,
+and ``accept()`` failing for want of descriptors or memory is waited out
+instead of ending the listener. Each admitted connection gets a task that
+runs the handshake (preamble, TLS 1.3, hellos) under the handshake
+timeout; a dial does the same from the other side. A handshake that
+succeeds becomes a :class:`~edgenode.connection.Connection`, run by the
+data path; one that fails is posted to the dispatcher's inbox.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio import BrokenResourceError, EndOfStream
+from anyio.abc import ByteStream, TaskGroup
+
+from .connection import Connection
+from .datapath import READ_BYTES, close_stream, os_detail
+from .errors import EdgeNodeError, HandshakeError
+from .identity import Identity, PinnedContexts
+from .inbox import Failed, Inbox
+from .proto.connection import PeerProtocol
+from .proto.messages import AnyMessage, Hello, Limits
+from .registry import INBOUND, OUTBOUND, normalise_ip
+from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
+
+log = logging.getLogger("edgenode.node")
+
+monotonic = time.monotonic
+
+#: accept() errors that mean "out of descriptors or memory": wait, then retry.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Connections taken per wake-up of an accept loop; other tasks run between.
+_ACCEPT_BATCH = 8
+#: Wait after running out of descriptors, as trio does.
+_ACCEPT_BACKOFF_S = 0.1
+
+
+class Handshakes:
+    """The node's listener and dialler; every handshake they run is bounded."""
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        identity: Identity,
+        is_authorised: Callable[[str], bool],
+        limits: Limits,
+        epoch: int,
+        inbox: Inbox,
+        run_connection: Callable[[Connection], Awaitable[None]],
+        client_context: Any,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.is_authorised = is_authorised
+        self.limits = limits
+        self.epoch = epoch
+        self.inbox = inbox
+        self.run_connection = run_connection
+        self.client_context = client_context
+        self.server_contexts = PinnedContexts(identity, max_entries=config.max_peers)
+        self.wildcard = config.listen_host in ("0.0.0.0", "::", "")
+        #: The port our hello names (the listener's, once it listens).
+        self.listen_port = config.listen_port
+        self.admission = HandshakeAdmission(
+            max_per_ip=config.max_handshakes_per_ip,
+            max_total=config.max_handshakes,
+            rate_per_ip=config.max_handshake_rate_per_ip,
+        )
+        self._accept_failures = 0
+
+    # -- the listener -----------------------------------------------------------------
+
+    async def serve(
+        self, listener: anyio.abc.Listener[Any], scope: anyio.CancelScope, tg: TaskGroup
+    ) -> None:
+        """Accept connections until ``scope`` is cancelled; each runs in ``tg``.
+
+        Only the accept loops live in ``scope``: connections run in the
+        node's task group, so stopping the listener at shutdown leaves them
+        open long enough to say bye.
+        """
+        sockets = [
+            one.extra(anyio.abc.SocketAttribute.raw_socket)
+            for one in getattr(listener, "listeners", [listener])
+        ]
+        with scope:
+            async with listener:
+                async with anyio.create_task_group() as accepting:
+                    for sock in sockets:
+                        accepting.start_soon(self._accept_from, sock, tg)
+
+    async def _accept_from(self, sock: socket.socket, tg: TaskGroup) -> None:
+        admission = self.admission
+        while True:
+            due = admission.next_report_at()
+            with anyio.move_on_after(None if due is None else max(0.0, due - monotonic())):
+                await anyio.wait_readable(sock)
+            now = monotonic()
+            for ip, message in admission.due_reports(now):
+                await self.inbox.post(Failed(ip, HandshakeError(message), False))
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    client, address = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        continue  # that one connection failed (reset while queued)
+                    self._accept_failures += 1
+                    failures = self._accept_failures
+                    if failures in (1, 10, 100) or failures % 1000 == 0:
+                        log.error(
+                            "cannot accept connections: %s (failure #%d); retrying every %g s",
+                            os_detail(exc),
+                            failures,
+                            _ACCEPT_BACKOFF_S,
+                        )
+                    await anyio.sleep(_ACCEPT_BACKOFF_S)
+                    break
+                ip = normalise_ip(address[0])
+                refusal = admission.admit(ip, now)
+                if refusal is None:
+                    tg.start_soon(self._accept, client, ip)
+                    continue
+                refuse_socket(client)
+                message = admission.refused(ip, refusal, now)
+                if message is not None:
+                    await self.inbox.post(Failed(ip, HandshakeError(message), False))
+
+    async def _accept(self, sock: socket.socket, ip: str) -> None:
+        # The accept loop counted this handshake in; count it out however it ends.
+        admission = self.admission
+        try:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream: ByteStream = await anyio.abc.SocketStream.from_socket(sock)
+            except (OSError, ValueError):  # reset before we could wrap it
+                sock.close()
+                return
+            log.debug(
+                "handshake with %s started (%d in progress from it, %d in all)",
+                ip,
+                admission.in_progress_from(ip),
+                admission.in_progress,
+            )
+            conn = await self._handshake(ip, stream, None)
+        finally:
+            admission.finished(ip)
+        if conn is not None:
+            await self.run_connection(conn)
+
+    # -- the dialler ---------------------------------------------------------------------
+
+    async def dial(self, ip: str, port: int) -> None:
+        """Dial ``ip:port``; run the connection, or post why it failed."""
+        conn = await self._handshake(ip, None, port)
+        if conn is not None:
+            await self.run_connection(conn)
+
+    # -- both sides ----------------------------------------------------------------------
+
+    async def _handshake(
+        self, ip: str, stream: ByteStream | None, port: int | None
+    ) -> Connection | None:
+        """Run one side of the handshake under the handshake timeout.
+
+        Returns the connection with both hellos exchanged, or None after
+        posting the failure to the inbox.
+        """
+        timeout = self.config.handshake_timeout_s
+        link: Link | None = None
+        error: EdgeNodeError
+        try:
+            with anyio.fail_after(timeout):
+                if stream is not None:
+                    link = await accept_link(
+                        stream,
+                        contexts=self.server_contexts,
+                        is_authorised=self.is_authorised,
+                        name=ip,
+                    )
+                else:
+                    assert port is not None
+                    link = await dial_link(
+                        ip,
+                        port,
+                        context=self.client_context,
+                        cert_der=self.identity.cert_der,
+                        local_host=None if self.wildcard else self.config.listen_host,
+                        is_authorised=self.is_authorised,
+                    )
+                return await self._exchange_hellos(
+                    link, INBOUND if stream is not None else OUTBOUND
+                )
+        except TimeoutError:
+            what = "handshake" if stream is not None else f"dial to {ip}:{port}"
+            error = HandshakeError(f"{ip}: {what} not finished within {timeout} s")
+        except EdgeNodeError as exc:
+            error = exc
+        except EndOfStream:
+            # A port scanner, or a peer that gave up: it said nothing wrong.
+            error = HandshakeError(f"{ip}: connection closed by the peer during the handshake")
+        except (OSError, BrokenResourceError) as exc:
+            error = HandshakeError(f"{ip}: connection failed during handshake: {os_detail(exc)}")
+        except Exception as exc:  # a bug: contain it, the listener serves everyone
+            log.exception("handshake with %s failed", ip)
+            error = HandshakeError(f"{ip}: internal error during handshake: {exc!r:.100}")
+        closing = link.stream if link is not None else stream
+        if closing is not None:
+            await close_stream(closing)
+        await self.inbox.post(Failed(ip, error, stream is None))
+        return None
+
+    async def _exchange_hellos(self, link: Link, direction: str) -> Connection:
+        proto = PeerProtocol(
+            expected_node_id=link.peer_node_id, limits=self.limits, name=link.peer_ip
+        )
+        hello = Hello(self.identity.node_id, self.listen_port, self.epoch)
+        await link.stream.send(PeerProtocol.send(hello))
+        messages: list[AnyMessage] = []
+        while proto.their_hello is None:
+            try:
+                data = await link.stream.receive(READ_BYTES)
+            except EndOfStream:
+                raise HandshakeError(f"{link.peer_ip}: connection closed before hello") from None
+            messages = proto.receive_data(data)
+        conn = Connection(link, direction, proto, self.config.outbox_frames)
+        conn.early = messages[1:]
+        return conn
