@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from .config import DEFAULT_PORT, NodeConfig, parse_address
 from .errors import ConfigError, EdgeNodeError
 from .settings import default_state_dir
+from .version import __version__
 
 log = logging.getLogger("edgenode")
 

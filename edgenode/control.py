@@ -38,18 +38,36 @@ import stat
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.lowlevel
 from anyio import EndOfStream
 from anyio.abc import TaskStatus
 
-from . import __version__
 from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .api import PeerSnapshot
+    from .config import NodeConfig
+
+
+class Node(Protocol):
+    """What the control socket needs of a node (``edgenode.node.Node`` is one)."""
+
+    config: NodeConfig
+    listen_port: int
+    uplink: Any
+
+    async def send(self, peer: str, topic: str, payload: bytes) -> None:
+        """Send a message to a peer."""
+
+    def peers(self) -> list[PeerSnapshot]:
+        """The peer table."""
+
+    def stats(self) -> dict[str, Any]:
+        """The node's figures."""
 
 log = logging.getLogger("edgenode.control")
 

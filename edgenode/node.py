@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from firmware_bridge.cbor import encode as cbor_encode
-
 from .addresses import LOCAL, split_address
 from .api import Handler, Incoming, NodeEvent, PeerDown, PeerSnapshot, PeerUp, Refused
 from .config import NodeConfig
@@ -48,7 +46,6 @@ from .errors import (
     InvalidArgument,
     ListenError,
     NodeClosed,
-    PeerUnavailable,
     RequestTimeout,
 )
 from .handshake import Handshakes
@@ -59,25 +56,19 @@ from .learning import PeerLearning
 from .mailbox import WAIT
 from .proto.framing import encode_frame
 from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
-from .registry import UP, Registry, ip_sort_key, normalise_ip
+from .registry import Registry, normalise_ip
 from .requests import Requests
+from .sending import Sending
+from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer
 from .subscriptions import EventFeed, Stream, Subscriptions, check_policy, check_size
 
 if TYPE_CHECKING:
     from .bridge import SerialBridge
     from .transports.discovery import DiscoveryWiring
 
-__all__ = [
-    "Handler",
-    "Incoming",
-    "Node",
-    "NodeEvent",
-    "PeerDown",
-    "PeerSnapshot",
-    "PeerUp",
-    "Refused",
-    "Stream",
-]
+# The public types, importable from here as before (their home is edgenode.api).
+__all__ = ["Handler", "Incoming", "Node", "NodeEvent", "PeerDown", "PeerSnapshot"]
+__all__ += ["PeerUp", "Refused", "Stream"]
 
 log = logging.getLogger("edgenode.node")
 
@@ -89,8 +80,6 @@ _RETRYABLE_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 _PING_SLACK = 0.05
 #: send_many joins frames into outbox items of about this size.
 _CHUNK_BYTES = 64 * 1024
-#: Every node answers requests on this topic with its peer table.
-PEERS_TOPIC = "edgenode/peers"
 
 
 class Node:
@@ -141,7 +130,7 @@ class Node:
             handler_timeout_s=config.handler_timeout_s,
             traffic=self._traffic,
         )
-        self.requests.handlers[PEERS_TOPIC] = self._peers_handler
+        self.requests.handlers[PEERS_TOPIC] = lambda request: peers_answer(self)
         self.learning = PeerLearning(
             node_id=self.node_id,
             registry=self.registry,
@@ -165,7 +154,6 @@ class Node:
             schedule=lambda when, callback: self.dispatcher.schedule(when, callback),
             task_group=lambda: self._tg,
         )
-        self.devices.resolve_node = self._resolve_node
         self.dispatcher = Dispatcher(
             config=config,
             registry=self.registry,
@@ -181,6 +169,17 @@ class Node:
             max_peers_listed=self._limits.max_peers_listed,
         )
         self.devices.on_up = self.dispatcher.wake
+        self.sending = Sending(
+            limits=self._limits,
+            registry=self.registry,
+            keepalive=self.keepalive,
+            dispatcher=self.dispatcher,
+            devices=self.devices,
+            address=lambda: self.address,
+            is_closing=lambda: self._closing or self._tg is None,
+            settle_wait_s=config.handshake_timeout_s,
+        )
+        self.devices.resolve_node = self.sending.resolve_node
         self.datapath = DataPath(
             subscriptions=self.subscriptions,
             requests=self.requests,
@@ -214,16 +213,12 @@ class Node:
         self.uplink: Any = None
         self._tg: Any = None
         self._outer: Any = None
-        self._owner: int | None = None
         self._listener_scope: anyio.CancelScope | None = None
         self._all_closed: anyio.Event | None = None
         self._ran: anyio.Event | None = None
         self._closing = False
         self._closed = False
         self._started = 0.0
-        #: Sends that waited for room in a peer's outbox (backpressure), and how long.
-        self.send_waits = 0
-        self.send_waited_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -240,7 +235,6 @@ class Node:
         # so that aclose() can stop them from any task; only leaving the
         # ``async with`` block exits this outer group, in the task that
         # entered it (anyio requires that).
-        self._owner = anyio.get_current_task().id
         outer = anyio.create_task_group()
         await outer.__aenter__()
         try:
@@ -303,7 +297,20 @@ class Node:
         self.handshakes.listen_port = self.listen_port
         if config.discovery:
             try:
-                self.discovery = self._start_discovery()
+                from .transports.discovery import discovery_for
+
+                self.discovery = discovery_for(
+                    config,
+                    self.node_id,
+                    self.listen_port,
+                    self.epoch,
+                    wildcard=self._wildcard,
+                    is_authorised=self.authorised.__contains__,
+                    post=self.inbox.post,
+                    learner=self.learning,
+                    is_closing=lambda: self._closing,
+                )
+                self.dispatcher.register(self.discovery.event_type, self.discovery.on_beacon)
             except ConfigError:
                 await listener.aclose()
                 raise
@@ -329,7 +336,7 @@ class Node:
         self.learning.dial_known(now)
         self.dispatcher.schedule(now + HOUSEKEEPING_S, self.dispatcher.housekeeping)
         if self.discovery is not None:
-            self.dispatcher.schedule(self.discovery.first_due(now), self._beacon)
+            self.discovery.start_beacons(self.dispatcher.schedule)
         log.info(
             "node %s listening on %s:%d (%s configured, %d authorised)",
             self.node_id,
@@ -387,35 +394,6 @@ class Node:
     def _start_dial(self, ip: str, port: int) -> None:
         self._spawn(self.handshakes.dial, ip, port)
 
-    def _beacon(self, now: float) -> None:
-        if self.discovery is not None:
-            due = self.discovery.on_timer(now)
-            if due is not None:
-                self.dispatcher.schedule(due, self._beacon)
-
-    def _start_discovery(self) -> DiscoveryWiring:
-        from .transports.discovery import Discovery, wire_discovery
-
-        config = self.config
-        wiring = wire_discovery(
-            self.inbox.post,
-            self.learning,
-            lambda: self._closing,
-            Discovery(
-                self.node_id,
-                self.listen_port,
-                self.epoch,
-                port=config.discovery_port,
-                bind_host=config.discovery_bind_host,
-                broadcast_host=config.discovery_address,
-                source_host="0.0.0.0" if self._wildcard else config.listen_host,
-                interval_s=config.discovery_interval_s,
-                is_authorised=self.authorised.__contains__,
-            ),
-        )
-        self.dispatcher.register(wiring.event_type, wiring.on_beacon)
-        return wiring
-
     # -- sending ---------------------------------------------------------------------
 
     async def send(
@@ -438,14 +416,14 @@ class Node:
         Raises :class:`InvalidArgument` for a bad topic, payload or address
         and :class:`NodeClosed` once the node is closing.
         """
-        topic, payload = self._check_topic(topic), self._check_payload(payload)
-        ip, device = await self._up_peer(peer, wait_s)
+        topic, payload = self.sending.check_topic(topic), self.sending.check_payload(payload)
+        ip, device = await self.sending.up_peer(peer, wait_s)
         if device is None:
-            await self._put(ip, encode_frame(encode_data(topic, payload)))
+            await self.sending.put(ip, encode_frame(encode_data(topic, payload)))
         elif self.devices.is_local(ip):
             await self.devices.send_local(device, topic, payload)
         else:
-            await self._put(ip, frame_of(ToDevice(device, topic, payload)))
+            await self.sending.put(ip, frame_of(ToDevice(device, topic, payload)))
 
     async def send_many(self, peer: str, topic: str, payloads: Iterable[bytes]) -> int:
         """Send several messages on one topic to ``peer`` (an IP or node ID), in order.
@@ -456,21 +434,21 @@ class Node:
         sent. Raises :class:`InvalidArgument` (also for a device address:
         use :meth:`send`) or :class:`PeerUnavailable`.
         """
-        topic = self._check_topic(topic)
-        frames = [encode_frame(encode_data(topic, self._check_payload(p))) for p in payloads]
+        topic = self.sending.check_topic(topic)
+        frames = [encode_frame(encode_data(topic, self.sending.check_payload(p))) for p in payloads]
         if split_address(peer)[1] is not None:
             raise InvalidArgument(f"peer {peer!r:.60}: send_many does not address devices")
-        ip, _ = await self._up_peer(peer, None)
+        ip, _ = await self.sending.up_peer(peer, None)
         chunk: list[bytes] = []
         size = 0
         for frame in frames:
             chunk.append(frame)
             size += len(frame)
             if size >= _CHUNK_BYTES:
-                await self._put(ip, b"".join(chunk))
+                await self.sending.put(ip, b"".join(chunk))
                 chunk, size = [], 0
         if chunk:
-            await self._put(ip, b"".join(chunk))
+            await self.sending.put(ip, b"".join(chunk))
         return len(frames)
 
     async def broadcast(self, topic: str, payload: bytes) -> int:
@@ -481,18 +459,11 @@ class Node:
         peer's ``drops`` in :meth:`peers`). Use :meth:`send` per peer to
         wait for room instead.
         """
-        frame = encode_frame(encode_data(self._check_topic(topic), self._check_payload(payload)))
-        self._check_open()
-        sent = 0
-        now = monotonic()
-        for conn in list(self.dispatcher.conns):
-            if not conn.settled:
-                continue
-            if conn.queue_nowait(frame, droppable=True):
-                self.keepalive.sent(conn.ip, now)
-                sent += 1
-            else:
-                self.dispatcher.broadcast_dropped += 1
+        checks = self.sending
+        frame = encode_frame(encode_data(checks.check_topic(topic), checks.check_payload(payload)))
+        self.sending.check_open()
+        sent, dropped = self.sending.queue_to_all(frame)
+        self.dispatcher.broadcast_dropped += dropped
         await anyio.lowlevel.checkpoint()
         return sent
 
@@ -512,11 +483,10 @@ class Node:
         peer's handler failed, timed out, or none exists) or
         :class:`TooManyPending`.
         """
-        self._check_topic(topic)
-        payload = self._check_payload(payload)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise InvalidArgument(f"timeout: expected a number > 0, got {timeout!r}")
-        ip, device = await self._up_peer(peer, wait_s)
+        self.sending.check_topic(topic)
+        payload = self.sending.check_payload(payload)
+        self.sending.check_timeout(timeout)
+        ip, device = await self.sending.up_peer(peer, wait_s)
         requests = self.requests
         pending = requests.open(ip, topic, timeout, device)
         try:
@@ -528,7 +498,7 @@ class Node:
                     frame = encode_frame(encode_request(rid, topic, payload))
                 else:
                     frame = frame_of(DeviceRequest(rid, device, topic, payload))
-                conn = await self._put(ip, frame)
+                conn = await self.sending.put(ip, frame)
                 requests.attach(pending, conn)
             with anyio.move_on_after(timeout):
                 await pending.done.wait()
@@ -552,13 +522,13 @@ class Node:
         :class:`InvalidArgument` for a bad topic or payload and
         :class:`NodeClosed` once the node is closing.
         """
-        topic, payload = self._check_topic(topic), self._check_payload(payload)
-        self._check_open()
+        topic, payload = self.sending.check_topic(topic), self.sending.check_payload(payload)
+        self.sending.check_open()
         return await self.subscriptions.deliver(Incoming(source, self.node_id, topic, payload))
 
     async def add_peer(self, host: str, port: int) -> None:
         """Dial ``host:port`` now and keep it connected, as a configured peer."""
-        self._check_open()
+        self.sending.check_open()
         try:
             ip = normalise_ip(host)
         except EdgeNodeError:
@@ -581,10 +551,10 @@ class Node:
         going instead and counts what it drops (``stream.dropped``).
         ``buffer`` sets its size (``subscription_buffer`` by default).
         """
-        self._check_open()
+        self.sending.check_open()
         check_policy(on_full)
         size = check_size(buffer) if buffer is not None else self.config.subscription_buffer
-        return self.subscriptions.subscribe(self._check_topic(topic), size, on_full)
+        return self.subscriptions.subscribe(self.sending.check_topic(topic), size, on_full)
 
     def on_message(self, topic: str, callback: Callable[[Incoming], Awaitable[None]]) -> Stream:
         """Run ``await callback(msg)`` for each message on ``topic``, in order.
@@ -611,7 +581,7 @@ class Node:
         ``handler_timeout_s``, and is cancelled if the asking peer's
         connection closes.
         """
-        self.requests.handlers[self._check_topic(topic)] = handler
+        self.requests.handlers[self.sending.check_topic(topic)] = handler
 
     def events(self) -> Stream:
         """A stream of :class:`PeerUp`, :class:`PeerDown` and :class:`Refused`.
@@ -629,79 +599,17 @@ class Node:
         Devices on this node's serial ports follow, one row each, with
         ``ip`` set to their address (``ip/device``) and direction "serial".
         """
-        now = monotonic()
-        rows = []
-        for entry in sorted(self.registry, key=lambda e: ip_sort_key(e.ip)):
-            live = self.keepalive.liveness(entry.ip, now)
-            conn = entry.conn if isinstance(entry.conn, Connection) else None
-            if entry.state != UP:
-                state = "down"
-            else:
-                state = "up" if conn is not None and conn.settled else "connecting"
-            redial = self.keepalive.pending_dial(entry.ip) if entry.state != UP else None
-            paused = conn.paused_since if conn is not None else None
-            rows.append(
-                PeerSnapshot(
-                    ip=entry.ip,
-                    node_id=entry.node_id,
-                    state=state,
-                    direction=entry.direction,
-                    listen_port=entry.listen_port,
-                    up_for_s=None
-                    if entry.up_since is None or entry.state != UP
-                    else now - entry.up_since,
-                    down_reason=entry.down_reason,
-                    rtt_s=live.rtt_s if live else None,
-                    our_pings_answered=bool(live and live.our_pings_answered),
-                    their_frames_arriving=bool(live and live.their_frames_arriving),
-                    last_heard_s=live.last_received_age_s if live else None,
-                    bytes_in=conn.bytes_in if conn else 0,
-                    bytes_out=conn.bytes_out if conn else 0,
-                    drops=conn.drops if conn else 0,
-                    devices=self.devices.remote.get(entry.ip, ()),
-                    queued=len(conn.outbox) if conn else 0,
-                    paused_s=None if paused is None else now - paused,
-                    redial_in_s=None if redial is None else max(0.0, redial - now),
-                )
-            )
-        if self.bridge is not None:
-            rows.extend(self.bridge.snapshot(now))
-        return rows
+        return peer_rows(self)
 
     def stats(self) -> dict[str, Any]:
         """Node figures: uptime, loop lag, events and wake-ups, peers by state,
         and every count of something not delivered."""
-        rows = [e for e in self.registry if e.state == UP]
-        up = sum(1 for e in rows if isinstance(e.conn, Connection) and e.conn.settled)
-        d = self.dispatcher
-        subs = self.subscriptions
-        return {
-            "node_id": self.node_id,
-            "uptime_s": monotonic() - self._started if self._started else 0.0,
-            "loop_lag_last_ms": d.lag_last_s * 1000,
-            "loop_lag_max_ms": d.lag_max_s * 1000,
-            "loop_lag_avg_ms": d.lag_sum_s * 1000 / max(1, d.events_handled),
-            "events_handled": d.events_handled,
-            "wakeups": d.wakeups,
-            "peers_up": up,
-            "peers_connecting": len(rows) - up,
-            "peers_down": len(self.registry) - len(rows),
-            "send_waits": self.send_waits,
-            "send_waited_s": self.send_waited_s,
-            "pending_requests": self.requests.pending,
-            "handlers_running": self.requests.inflight,
-            "handler_timeouts": self.requests.handler_timeouts,
-            "answers_dropped": self.requests.answers_dropped,
-            "subscriptions": sum(1 for _ in subs),
-            "unrouted_messages": subs.unrouted,
-            "subscriptions_stalled": subs.stalled,
-            "subscription_drops": sum(s.dropped for s in subs),
-            "readers_waited_s": subs.waited_s,
-            "event_drops": self._events.dropped,
-            "broadcast_dropped": d.broadcast_dropped,
-            "device_messages_lost": self.devices.lost,
-            "refused_connections": d.refused,
-        }
+        return node_figures(self, self._started)
+
+    @property
+    def event_drops(self) -> int:
+        """Node events dropped by event streams whose consumers fell behind."""
+        return self._events.dropped
 
     @property
     def address(self) -> str:
@@ -712,145 +620,8 @@ class Node:
         """The address of a device on this node's serial ports."""
         return self.devices.device_address(device_id)
 
-    # -- helpers -----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closing or self._tg is None:
-            raise NodeClosed("node is closed")
-
-    def _check_topic(self, topic: str) -> str:
-        if not isinstance(topic, str) or not topic:
-            raise InvalidArgument(f"topic: expected non-empty text, got {topic!r:.40}")
-        size = len(topic.encode())
-        if size > self._limits.max_topic_bytes:
-            raise InvalidArgument(
-                f"topic of {size} bytes exceeds {self._limits.max_topic_bytes}-byte limit"
-            )
-        return topic
-
-    def _check_payload(self, payload: bytes) -> bytes:
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"payload: expected bytes, got {type(payload).__name__}")
-        limit = self._limits.max_frame_bytes - self._limits.max_topic_bytes - 32
-        if len(payload) > limit:
-            raise InvalidArgument(f"payload of {len(payload)} bytes exceeds {limit}-byte limit")
-        return payload if type(payload) is bytes else bytes(payload)
-
-    def _resolve_node(self, node: str) -> str:
-        """An IP for the node part of an address: itself, or where a node ID is."""
-        try:
-            return normalise_ip(node)
-        except EdgeNodeError:
-            pass
-        entry = self.registry.by_node_id(node)
-        if entry is None:
-            raise PeerUnavailable(f"node {node} is not known to this node")
-        return entry.ip
-
-    def _live(self, ip: str) -> Connection | None:
-        """The settled connection of the peer at ``ip``, or None."""
-        entry = self.registry.get(ip)
-        conn = entry.conn if entry is not None else None
-        if isinstance(conn, Connection) and conn.settled and not conn.closing:
-            return conn
-        return None
-
-    def _is_up(self, ip: str, device: str | None) -> bool:
-        if device is None:
-            return self._live(ip) is not None
-        return self.devices.is_up(ip, device)
-
-    async def _up_peer(self, peer: str, wait_s: float | None) -> tuple[str, str | None]:
-        self._check_open()
-        node, device = split_address(peer)
-        ip = self.address if node == LOCAL else self._resolve_node(node)
-        if self._is_up(ip, device):
-            return ip, device
-        key = ip if device is None else f"{ip}/{device}"
-        if wait_s:
-            with anyio.move_on_after(wait_s):
-                while not self._is_up(ip, device):
-                    waiter = self.dispatcher.waiter(key)
-                    try:
-                        await waiter.wait()
-                    finally:
-                        self.dispatcher.forget_waiter(key, waiter)
-                    self._check_open()
-            if self._is_up(ip, device):
-                return ip, device
-        waited = f" after waiting {wait_s} s" if wait_s else ""
-        if device is not None:
-            where = "this node" if self.devices.is_local(ip) else ip
-            raise PeerUnavailable(f"device {device} is not connected to {where}{waited}")
-        entry = self.registry.get(ip)
-        if entry is None:
-            raise PeerUnavailable(f"peer {ip} is not connected (never seen)")
-        if entry.state == UP:
-            why = "connecting: waiting for its ready"
-        else:
-            why = entry.down_reason or "not connected yet"
-        raise PeerUnavailable(f"peer {ip} is not connected{waited} ({why})")
-
-    async def _put(self, ip: str, frame: bytes) -> Connection:
-        """Queue ``frame`` on the live connection to ``ip``; return that connection.
-
-        One synchronous step when the outbox has room. Otherwise waits for
-        room; if the connection is replaced meanwhile, carries on with the
-        one that replaced it (which sends what the old one held first).
-        """
-        conn = self._live(ip)
-        if conn is None:
-            await self._up_peer(ip, None)  # raises, saying why
-            conn = self._live(ip)
-            assert conn is not None
-        if conn.outbox.put_nowait(frame):
-            self.keepalive.sent(ip, monotonic())
-            return conn
-        started = monotonic()
-        self.send_waits += 1
-        try:
-            return await self._put_waiting(ip, conn, frame)
-        finally:
-            self.send_waited_s += monotonic() - started
-
-    async def _put_waiting(self, ip: str, conn: Connection, frame: bytes) -> Connection:
-        while True:
-            await conn.outbox.wait_room()
-            if conn.closing:
-                reason = conn.close_reason
-                conn = self._live(ip)
-                if conn is None:
-                    entry = self.registry.get(ip)
-                    if entry is not None and entry.state == UP and not self._closing:
-                        # Replaced by a connection that is settling now.
-                        await self._up_peer(ip, self.config.handshake_timeout_s)
-                        conn = self._live(ip)
-                if conn is None:
-                    raise PeerUnavailable(
-                        f"peer {ip} went down while the send waited for room: {reason}"
-                    )
-            if conn.outbox.put_nowait(frame):
-                self.keepalive.sent(ip, monotonic())
-                return conn
-
     def _traffic(self, conn: Connection) -> None:
         self.keepalive.sent(conn.ip, monotonic())
-
-    async def _peers_handler(self, request: Incoming) -> bytes:
-        """The built-in ``edgenode/peers`` topic (docs/protocol.md, "Built-in topics")."""
-        return cbor_encode(
-            [
-                [
-                    p.ip,
-                    p.node_id,
-                    p.state,
-                    p.direction,
-                    p.down_reason,
-                    None if p.rtt_s is None else round(p.rtt_s * 1e6),
-                ]
-                for p in self.peers()
-            ]
-        )
 
 
 def _count(n: int, what: str) -> str:

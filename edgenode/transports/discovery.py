@@ -30,7 +30,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio import ClosedResourceError
@@ -367,6 +367,16 @@ class DiscoveryWiring:
         """When the first beacon is due."""
         return now + self.discovery.first_delay_s()
 
+    def start_beacons(self, schedule: Callable[[float, Callable[[float], None]], None]) -> None:
+        """Send beacons from ``schedule`` (the dispatcher's timers) until closing."""
+
+        def beacon(now: float) -> None:
+            due = self.on_timer(now)
+            if due is not None:
+                schedule(due, beacon)
+
+        schedule(self.first_due(time.monotonic()), beacon)
+
     def on_timer(self, now: float) -> float | None:
         """Send a beacon without waiting; return when the next one is due.
 
@@ -413,3 +423,34 @@ def wire_discovery(
 ) -> DiscoveryWiring:
     """Connect ``discovery`` to a node; see :class:`DiscoveryWiring` for the three hooks."""
     return DiscoveryWiring(post, learner, is_closing, discovery)
+
+
+def discovery_for(
+    config: Any,
+    node_id: str,
+    listen_port: int,
+    epoch: int,
+    *,
+    wildcard: bool,
+    is_authorised: Callable[[str], bool],
+    post: Callable[[BeaconHeard], Awaitable[None]],
+    learner: BeaconLearner,
+    is_closing: Callable[[], bool],
+) -> DiscoveryWiring:
+    """Discovery as a node's config asks for it, wired to the node.
+
+    Raises :class:`ConfigError` if an address is not IPv4 or a socket
+    cannot be bound.
+    """
+    discovery = Discovery(
+        node_id,
+        listen_port,
+        epoch,
+        port=config.discovery_port,
+        bind_host=config.discovery_bind_host,
+        broadcast_host=config.discovery_address,
+        source_host="0.0.0.0" if wildcard else config.listen_host,
+        interval_s=config.discovery_interval_s,
+        is_authorised=is_authorised,
+    )
+    return wire_discovery(post, learner, is_closing, discovery)
