@@ -223,11 +223,19 @@ class Session:
             what = f"{doing} failed: {mqtt.error_string(rc).lower().rstrip('.')}"
         self.fail(BrokerUnavailable(f"broker {self.broker}: {what}"))
 
+    def _gone(self) -> bool:
+        """Whether the connection ended (paho closes its socket when it sees a loss)."""
+        if self.error is None and self.client.socket() is None:
+            self._lost(MQTTErrorCode.MQTT_ERR_CONN_LOST, "reading")
+        return self.error is not None
+
     async def _read(self) -> None:
         sock = self._sock
         pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
         while self.error is None:
             await self._room()
+            if self._gone():
+                return
             if pending is not None and pending():
                 await anyio.lowlevel.checkpoint()
             else:
@@ -240,6 +248,8 @@ class Session:
     async def _write(self) -> None:
         sock = self._sock
         while self.error is None:
+            if self._gone():
+                return
             if self.client.want_write():
                 await anyio.wait_writable(sock)
                 rc = self.client.loop_write()

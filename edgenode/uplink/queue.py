@@ -96,6 +96,10 @@ class OutQueue:
         self.accepted += 1
         return True, dropped
 
+    def pending(self) -> list[Outgoing]:
+        """Every message held, in flight or waiting, oldest first."""
+        return sorted([*self._inflight.values(), *self._waiting], key=lambda item: item.seq)
+
     def take(self) -> Outgoing | None:
         """The oldest waiting message, now in flight; None if none waits."""
         if not self._waiting:

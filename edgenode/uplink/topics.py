@@ -67,9 +67,12 @@ def check_template(value: object, carries: bool) -> str:
     _check_placeholders(text)
     if "+" in text:
         raise ConfigError(f"expected a topic name without '+', got {text!r:.60}")
-    if "#" in text and not (carries and _trailing_hash_only(text)):
-        allowed = "only as a trailing '/#' that carries the node topic's '#'" if carries else "none"
-        raise ConfigError(f"expected '#' {allowed}, got {text!r:.60}")
+    if "#" in text and not carries:
+        raise ConfigError(f"expected a topic name without '#', got {text!r:.60}")
+    if not _trailing_hash_only(text):
+        raise ConfigError(
+            f"expected '#' only as a trailing '/#' (carrying the node topic's '#'), got {text!r:.60}"
+        )
     return text
 
 

@@ -129,6 +129,9 @@ class Uplink:
         self._closing = False
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
+        # Subscribed at once, with the node: messages published while the
+        # spool is read back wait in these streams, behind the restored ones.
+        self._streams = [(route, node.subscribe(route.node_pattern)) for route in self.out_routes]
         # Figures for status().
         self.connections = 0
         self.attempts = 0
@@ -141,6 +144,7 @@ class Uplink:
         self.undeliverable = 0
         self.unrouted = 0
         self.restored = 0
+        self.subscriptions = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -150,9 +154,7 @@ class Uplink:
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 await self._restore()
-                streams = [
-                    (route, self.node.subscribe(route.node_pattern)) for route in self.out_routes
-                ]
+                streams = self._streams
                 try:
                     async with anyio.create_task_group() as tg:
                         for route, stream in streams:
@@ -322,6 +324,7 @@ class Uplink:
         self._inbound_ready.set()
 
     def subscribed(self, failures: list[str]) -> None:
+        self.subscriptions += 1
         for failure in failures:
             self._warn_once(
                 f"subscribe:{failure}", "uplink: the broker refused a subscription: %s", failure
@@ -561,6 +564,7 @@ class Uplink:
             "undeliverable": self.undeliverable,
             "unrouted": self.unrouted,
             "inbound_waiting": len(self._inbound),
+            "subscriptions": self.subscriptions,
             "spool_bytes": None if self.spool is None else self.spool.bytes,
             "spool_max_bytes": self.config.spool_bytes or None,
             "spool_restored": self.restored,
