@@ -71,7 +71,8 @@ def check_template(value: object, carries: bool) -> str:
         raise ConfigError(f"expected a topic name without '#', got {text!r:.60}")
     if not _trailing_hash_only(text):
         raise ConfigError(
-            f"expected '#' only as a trailing '/#' (carrying the node topic's '#'), got {text!r:.60}"
+            "expected '#' only as a trailing '/#' (carrying the node topic's '#'), "
+            f"got {text!r:.60}"
         )
     return text
 

@@ -112,7 +112,8 @@ def good(**changes: object) -> UplinkConfig:
         ({"prefix": "a/#"}, "uplink.prefix: expected a topic name without '#', got 'a/#'"),
         (
             {"prefix": "{site}/x"},
-            "uplink.prefix: expected only {prefix} and {node_id} as placeholders, got '{site}' in '{site}/x'",
+            "uplink.prefix: expected only {prefix} and {node_id} as placeholders, "
+            "got '{site}' in '{site}/x'",
         ),
         (
             {"prefix": "x/{prefix}"},
@@ -148,15 +149,18 @@ def good(**changes: object) -> UplinkConfig:
         ),
         (
             {"inbound": (InMap("a/+", to="x/#"),)},
-            "uplink.in[0].to: a trailing '#' needs a filter ending in '#', got to='x/#' for topic='a/+'",
+            "uplink.in[0].to: a trailing '#' needs a filter ending in '#', "
+            "got to='x/#' for topic='a/+'",
         ),
         (
             {"inbound": (InMap("a", deliver="everyone"),)},
-            "uplink.in[0].deliver: expected 'local', 'site', 'peer:ADDRESS' or 'device:ID', got 'everyone'",
+            "uplink.in[0].deliver: expected 'local', 'site', 'peer:ADDRESS' or 'device:ID', "
+            "got 'everyone'",
         ),
         (
             {"inbound": (InMap("a", deliver="peer:"),)},
-            "uplink.in[0].deliver: expected 'local', 'site', 'peer:ADDRESS' or 'device:ID', got 'peer:'",
+            "uplink.in[0].deliver: expected 'local', 'site', 'peer:ADDRESS' or 'device:ID', "
+            "got 'peer:'",
         ),
         ({"queue_messages": 0}, "uplink.queue_messages: expected an integer >= 1, got 0"),
         ({"queue_bytes": True}, "uplink.queue_bytes: expected an integer >= 1, got True"),
@@ -166,7 +170,8 @@ def good(**changes: object) -> UplinkConfig:
         ),
         (
             {"spool_bytes": 1000},
-            f"uplink.spool_bytes: expected 0 (no spool) or an integer >= {MIN_SPOOL_BYTES}, got 1000",
+            f"uplink.spool_bytes: expected 0 (no spool) or an integer >= {MIN_SPOOL_BYTES}, "
+            "got 1000",
         ),
         ({"reconnect_base_s": 0}, "uplink.reconnect_base_s: expected a finite number > 0, got 0"),
         (

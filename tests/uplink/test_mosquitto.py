@@ -236,7 +236,7 @@ async def test_broker_killed_mid_stream_everything_queued_arrives_after_it_retur
                         subscribed = c.uplink.status()["subscriptions"]
                         await anyio.to_thread.run_sync(mosquitto.start)
                         await wait_until(
-                            lambda: c.uplink.status()["subscriptions"] > subscribed, SETTLE_S
+                            lambda s=subscribed: c.uplink.status()["subscriptions"] > s, SETTLE_S
                         )
                         tcp_proxy.heal()
                     await anyio.sleep(0.001)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgenode.uplink.queue import ITEM_OVERHEAD_BYTES, OutQueue, Outgoing
+from edgenode.uplink.queue import ITEM_OVERHEAD_BYTES, Outgoing, OutQueue
 
 
 def item(seq: int, payload: bytes = b"x", topic: str = "t") -> Outgoing:
