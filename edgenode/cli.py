@@ -37,7 +37,7 @@ def _positive_float(text: str) -> float:
 
 
 #: The parts of ``edgenode bench``, in the order they run.
-BENCH_SECTIONS = ("tls", "serial", "fleet")
+BENCH_SECTIONS = ("tls", "serial", "fleet", "uplink")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
