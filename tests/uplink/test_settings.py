@@ -186,3 +186,17 @@ def test_a_bad_uplink_flag_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "error: --uplink: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got 'broker:1883'"
     )
+
+
+def test_the_fleet_docs_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    import re
+
+    doc = (ROOT / "docs" / "fleet.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert example
+    secret = password(tmp_path)
+    text = example.group(1).replace("/etc/edgenode/mqtt.password", str(secret))
+    resolved = resolve(config_file=write(tmp_path, text))
+    uplink = resolved.config.uplink
+    assert uplink.outbound == (OutMap("sensors/#", qos=1),)
+    assert uplink.inbound == (InMap("fleet/site-a/commands/#", to="commands/#", deliver="site"),)
