@@ -14,6 +14,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,13 @@ async def test_sites_a_and_b_talk_through_the_broker_both_ways(
         outbound=(OutMap("commands/#"),),
         inbound=(InMap("fleet/site-a/sensors/#", to="remote/site-a/#", deliver="site"),),
     )
-    async with (
-        Node(uplink_config("a", A, site_a)) as a,
-        Node(make_config("b", B, peers=[(A, a.listen_port)])) as b,
-        Node(uplink_config("c", C, site_b)) as c,
-        Node(make_config("d", D, peers=[(C, c.listen_port)])) as d,
-    ):
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(uplink_config("a", A, site_a)))
+        b = await stack.enter_async_context(Node(make_config("b", B, peers=[(A, a.listen_port)])))
+        c = await stack.enter_async_context(Node(uplink_config("c", C, site_b)))
+        d = await stack.enter_async_context(Node(make_config("d", D, peers=[(C, c.listen_port)])))
         await connected(a, c)
-        await wait_until(lambda: a.peers()[0].state == "up" and c.peers()[0].state == "up")
+        await wait_until(lambda: [p.state for p in (*a.peers(), *c.peers())] == ["up", "up"])
         with d.subscribe("remote/#") as at_d, b.subscribe("commands/#") as at_b:
             for i in range(20):
                 await b.send(A, f"sensors/t{i % 3}", b"%d" % i)
@@ -355,12 +355,11 @@ async def failing_uplink_leaves_the_node_alone(
     async def echo(request: Any) -> bytes:
         return request.payload
 
-    async with (
-        Node(make_config("a", A, uplink=uplink)) as a,
-        Node(make_config("b", B, peers=[(A, a.listen_port)])) as b,
-    ):
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(make_config("a", A, uplink=uplink)))
+        b = await stack.enter_async_context(Node(make_config("b", B, peers=[(A, a.listen_port)])))
         a.handle("echo", echo)
-        await wait_until(lambda: bool(b.peers()) and b.peers()[0].state == "up")
+        await wait_until(lambda: [p.state for p in b.peers()] == ["up"])
         before = await request_rtts(b, A, 20)
         await wait_until(lambda: a.uplink.status()["attempts"] >= 3, SETTLE_S)
         during = await request_rtts(b, A, 20)
@@ -478,10 +477,11 @@ async def test_inbound_messages_wait_for_a_slow_subscriber_and_none_is_dropped(
     sender = fast_uplink(mosquitto.url(), prefix="s", outbound=(OutMap("n", to="slow"),))
     receiver = fast_uplink(mosquitto.url(), "site-b", prefix="r", inbound=(InMap("slow", to="n"),))
     total = 1000
-    async with (
-        Node(uplink_config("a", A, sender)) as a,
-        Node(uplink_config("c", C, receiver, subscription_buffer=16)) as c,
-    ):
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(uplink_config("a", A, sender)))
+        c = await stack.enter_async_context(
+            Node(uplink_config("c", C, receiver, subscription_buffer=16))
+        )
         await connected(a, c)
         with c.subscribe("n") as sub:
             for n in range(1, total + 1):

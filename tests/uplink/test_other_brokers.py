@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 
 import anyio
 import pytest
@@ -60,10 +61,11 @@ async def test_mqtt_5_tells_the_broker_the_largest_packet_we_take(
     receiver = fast_uplink(
         mosquitto.url(), "site-b", protocol="5", prefix="r", inbound=(InMap("big", to="n"),)
     )
-    async with (
-        Node(uplink_config("a", A, sender)) as a,
-        Node(uplink_config("c", C, receiver, max_frame_bytes=4096)) as c,
-    ):
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(uplink_config("a", A, sender)))
+        c = await stack.enter_async_context(
+            Node(uplink_config("c", C, receiver, max_frame_bytes=4096))
+        )
         await connected(a, c)
         with c.subscribe("n") as sub:
             await a.publish_local("n", b"x" * 8000, source="app")  # over c's limit: not sent to c
