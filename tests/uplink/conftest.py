@@ -71,6 +71,29 @@ class Certs:
                 .not_valid_after(now + datetime.timedelta(days=2))
                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             )
+            # Python 3.13's default context is X.509-strict: key identifiers required.
+            builder = builder.add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            ).add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                critical=False,
+            )
+            if ca:
+                usage = dict.fromkeys(
+                    (
+                        "content_commitment",
+                        "key_encipherment",
+                        "data_encipherment",
+                        "key_agreement",
+                        "encipher_only",
+                        "decipher_only",
+                        "digital_signature",
+                    ),
+                    False,
+                )
+                builder = builder.add_extension(
+                    x509.KeyUsage(key_cert_sign=True, crl_sign=True, **usage), critical=True
+                )
             if sans:
                 builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
             return builder.sign(issuer_key, hashes.SHA256())
