@@ -74,7 +74,7 @@ def tls_context(config: UplinkConfig) -> ssl.SSLContext:
 def describe_connect_error(broker: Broker, exc: BaseException) -> UplinkError:
     """One line for why opening a connection to ``broker`` failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or ssl_reason(exc)
+        detail = (exc.verify_message or ssl_reason(exc)).lower()
         return BrokerUntrusted(f"broker {broker}: certificate not trusted: {detail}")
     if isinstance(exc, ssl.CertificateError):
         return BrokerUntrusted(f"broker {broker}: certificate not trusted: {exc}")
