@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import EdgeNodeError
+from ..testing.procs import free_port
 
 _READY_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 10.0
@@ -26,13 +27,6 @@ _STOP_TIMEOUT_S = 10.0
 
 class BrokerError(EdgeNodeError):
     """A local broker could not be started or stopped."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (the kernel's choice)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def find_program(name: str) -> str | None:

@@ -11,7 +11,7 @@ import pytest
 from edgenode.config import NodeConfig
 from edgenode.control import format_status, node_status
 from edgenode.node import Node
-from edgenode.uplink.brokers import free_port
+from edgenode.testing.procs import free_port
 
 from ..conftest import wait_until
 from .conftest import fast_uplink
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 async def test_status_shows_the_uplink_state_error_and_queue(
     make_config: Callable[..., NodeConfig],
 ) -> None:
-    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    url = f"mqtt://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens: connection refused
     uplink = fast_uplink(
         url, queue_messages=50, queue_bytes=100_000, reconnect_base_s=5.0, reconnect_cap_s=5.0
     )
