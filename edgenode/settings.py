@@ -64,6 +64,13 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     keepalive_interval_s = 1.0
     keepalive_timeout_s = 3.0
 
+    [uplink]                          # an MQTT broker for chosen topics (docs/fleet.md)
+    broker = "mqtts://broker.example.net:8883"
+    username = "site-a"
+    password_file = "/etc/edgenode/mqtt.password"
+    [[uplink.out]]
+    topic = "sensors/#"
+
 A layer that sets a keepalive interval but not its timeout gets a timeout of
 three intervals (``--keepalive-interval 2`` alone means a 6 s timeout).
 Command-line flags replace the file's values, lists included (``--peer``
