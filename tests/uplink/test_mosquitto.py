@@ -231,7 +231,9 @@ async def test_broker_killed_mid_stream_everything_queued_arrives_after_it_retur
                         # (the killed broker kept no sessions: it saved nothing).
                         tcp_proxy.refuse_new()
                     if n == restart_at:
-                        assert a.uplink.status()["queue_messages"] >= restart_at - kill_at
+                        await wait_until(
+                            lambda: a.uplink.status()["queue_messages"] >= restart_at - kill_at
+                        )
                         assert a.uplink.status()["last_error_type"] == "BrokerUnavailable"
                         subscribed = c.uplink.status()["subscriptions"]
                         await anyio.to_thread.run_sync(mosquitto.start)
