@@ -410,6 +410,10 @@ def run_bench(
         result["uart_115200_msgs_per_s_64b"] = 11520 / efficiency[64]["wire_bytes"]
     if "fleet" in sections:
         result["fleet"] = fleet_figures(runs, quick, peers, window_s)
+    if "uplink" in sections:
+        from .uplink.bench import uplink_figures
+
+        result["uplink"] = uplink_figures(runs, quick)
     result["machine"]["load_average_at_end"] = (
         os.getloadavg() if hasattr(os, "getloadavg") else None
     )
@@ -425,6 +429,11 @@ def run_bench(
         print()
     if "fleet" in sections:
         print_fleet_table(result["fleet"])
+        print()
+    if "uplink" in sections:
+        from .uplink.bench import print_uplink_table
+
+        print_uplink_table(result["uplink"])
         print()
     machine = result["machine"]
     line = f"machine: {machine['cpu']}, {machine['cpus']} cpus, Python {machine['python']}"

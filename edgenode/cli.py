@@ -37,7 +37,7 @@ def _positive_float(text: str) -> float:
 
 
 #: The parts of ``edgenode bench``, in the order they run.
-BENCH_SECTIONS = ("tls", "serial", "fleet")
+BENCH_SECTIONS = ("tls", "serial", "fleet", "uplink")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="find authorised peers on the local subnet by UDP broadcast (docs/discovery.md)",
     )
+    run.add_argument(
+        "--uplink",
+        metavar="URL",
+        help="bridge the [uplink] maps to this MQTT broker, mqtt(s)://HOST[:PORT] (docs/fleet.md)",
+    )
+    run.add_argument(
+        "--uplink-password-file",
+        type=Path,
+        metavar="FILE",
+        help="the MQTT password (mode 0600); the user name is uplink.username",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -287,6 +298,23 @@ def _run_settings(args: argparse.Namespace) -> dict[str, object]:
     ):
         if value is not None:
             values[key] = value
+    if args.uplink is not None:
+        from .uplink.config import parse_broker
+
+        try:
+            parse_broker(args.uplink)
+        except ConfigError as exc:
+            raise ConfigError(f"--uplink: {exc}") from None
+        values["uplink.broker"] = args.uplink.strip()
+    if args.uplink_password_file is not None:
+        from .settings import BY_KEY
+
+        try:
+            values["uplink.password_file"] = BY_KEY["uplink.password_file"].parse(
+                str(args.uplink_password_file), None
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"--uplink-password-file: {exc}") from None
     if args.serial is not None:
         values["serial.ports"] = [parse_serial_port(spec) for spec in args.serial]
     if args.serial_psk_file is not None:

@@ -600,6 +600,7 @@ def format_status(response: dict[str, Any]) -> str:
         f"avg {_ms(node.get('loop_lag_avg_ms'))}, max {_ms(node.get('loop_lag_max_ms'))}",
         f"  rss        {_size(node.get('rss_bytes'))}",
         f"  peers      {_by_state(node.get('peers_by_state') or {})}",
+        *_uplink_lines(response.get("uplink")),
         "",
     ]
     if not peers:
@@ -635,6 +636,42 @@ def format_status(response: dict[str, Any]) -> str:
         lines.append("")
         lines.extend(notes)
     return "\n".join(lines)
+
+
+def _uplink_lines(uplink: dict[str, Any] | None) -> list[str]:
+    """The uplink's lines in ``edgenode status`` (edgenode.uplink's ``status()``)."""
+    if not uplink:
+        return []
+    state = str(uplink.get("state"))
+    if state == "connected":
+        state += f" for {_duration(uplink.get('connected_for_s'))}"
+    elif uplink.get("retry_in_s") is not None:
+        state += f", retry in {_duration(uplink['retry_in_s'])}"
+    lines = [f"  uplink     {state}  {uplink.get('broker')} as {uplink.get('client_id')}"]
+    if uplink.get("last_error"):
+        lines.append(
+            f"             last error {_duration(uplink.get('last_error_age_s'))} ago: "
+            f"{uplink['last_error']}"
+        )
+    lines.append(
+        f"             queue {uplink.get('queue_messages')}/{uplink.get('queue_max_messages')} "
+        f"msgs, {_size(uplink.get('queue_bytes'))}/{_size(uplink.get('queue_max_bytes'))} "
+        f"({uplink.get('queue_policy')}: {uplink.get('dropped_oldest')} dropped, "
+        f"{uplink.get('refused_new')} refused; {uplink.get('qos0_dropped_offline')} qos 0 "
+        f"dropped offline)"
+    )
+    if uplink.get("spool_max_bytes"):
+        spool = f"{_size(uplink.get('spool_bytes'))}/{_size(uplink['spool_max_bytes'])}"
+        if uplink.get("spool_error"):
+            spool = f"off: {uplink['spool_error']}"
+        lines.append(f"             spool {spool}")
+    lines.append(
+        f"             out {uplink.get('published')} published, {uplink.get('rejected')} rejected, "
+        f"{uplink.get('unmappable')} unmappable; in {uplink.get('received')} received, "
+        f"{uplink.get('delivered')} delivered, {uplink.get('undeliverable')} undeliverable, "
+        f"{uplink.get('unrouted')} unrouted"
+    )
+    return lines
 
 
 def _liveness(peer: dict[str, Any]) -> str:

@@ -66,6 +66,13 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     keepalive_interval_s = 1.0
     keepalive_timeout_s = 3.0
 
+    [uplink]                          # an MQTT broker for chosen topics (docs/fleet.md)
+    broker = "mqtts://broker.example.net:8883"
+    username = "site-a"
+    password_file = "/etc/edgenode/mqtt.password"
+    [[uplink.out]]
+    topic = "sensors/#"
+
 A layer that sets a keepalive interval but not its timeout gets a timeout of
 three intervals (``--keepalive-interval 2`` alone means a 6 s timeout).
 Command-line flags replace the file's values, lists included (``--peer``
@@ -267,6 +274,123 @@ def _board(value: object, base: Path | None) -> str:
     return load_node_profile(_text(value, "a board name")).name
 
 
+# -- the [uplink] section (edgenode.uplink.config checks each value) -----------------
+
+
+def _uplink_check(check_name: str, *args: object) -> Callable[[object, Path | None], object]:
+    """A parser that runs one of edgenode.uplink.config's checks (loaded only when used)."""
+
+    def parse(value: object, base: Path | None) -> object:
+        from .uplink import config as uplink_config
+
+        getattr(uplink_config, check_name)(value, *args)
+        return value
+
+    return parse
+
+
+def _uplink_text(value: object, base: Path | None) -> str:
+    return _text(value, "non-empty text")
+
+
+def _uplink_broker(value: object, base: Path | None) -> str:
+    from .uplink.config import parse_broker
+
+    parse_broker(value)
+    return str(value).strip()
+
+
+def _uplink_prefix(value: object, base: Path | None) -> str:
+    from .uplink.config import UplinkConfig
+
+    UplinkConfig(broker="mqtt://x", prefix=_text(value, "a topic")).validate()
+    return str(value)
+
+
+def _uplink_protocol(value: object, base: Path | None) -> str:
+    from .uplink.config import PROTOCOLS
+
+    if value not in PROTOCOLS:
+        raise _Expected(" or ".join(f'"{p}"' for p in PROTOCOLS))
+    return str(value)
+
+
+def _uplink_policy(value: object, base: Path | None) -> str:
+    from .uplink.config import POLICIES
+
+    if value not in POLICIES:
+        raise _Expected(" or ".join(f'"{p}"' for p in POLICIES))
+    return str(value)
+
+
+def _uplink_password_file(value: object, base: Path | None) -> tuple[Path, str]:
+    path = _path(value, base)
+    secret = read_psk_file(path)
+    try:
+        password = secret.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: expected a UTF-8 password") from None
+    if not password:
+        raise ConfigError(f"{path}: expected a password, got an empty file")
+    return path, password
+
+
+def _uplink_maps(kind: str) -> Callable[[object, Path | None], tuple[object, ...]]:
+    """``[[uplink.out]]`` / ``[[uplink.in]]``: a list of tables, each a map."""
+
+    def parse(value: object, base: Path | None) -> tuple[object, ...]:
+        from .uplink.config import InMap, OutMap
+
+        cls = OutMap if kind == "out" else InMap
+        keys = ("topic", "to", "qos") if kind == "out" else ("topic", "to", "deliver", "qos")
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise _Expected(f"a list of tables ([[uplink.{kind}]] entries)")
+        maps = []
+        for number, table in enumerate(value, 1):
+            unknown = sorted(set(table) - set(keys))
+            if unknown:
+                raise ConfigError(
+                    f"entry {number}: {unknown[0]}: unknown key; [[uplink.{kind}]] takes "
+                    f"{', '.join(keys)}"
+                )
+            if "topic" not in table:
+                raise ConfigError(f"entry {number}: topic: missing")
+            entry = cls(**table)
+            try:
+                entry.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"entry {number}: {exc}") from None
+            maps.append(entry)
+        return tuple(maps)
+
+    return parse
+
+
+#: ``[uplink]`` keys -> UplinkConfig fields (``password_file`` sets two).
+UPLINK_FIELDS = {
+    "broker": "broker",
+    "client_id": "client_id",
+    "username": "username",
+    "password_file": "password_file",
+    "ca_file": "ca_file",
+    "cert_file": "cert_file",
+    "key_file": "key_file",
+    "keepalive_s": "keepalive_s",
+    "clean_session": "clean_session",
+    "protocol": "protocol",
+    "prefix": "prefix",
+    "out": "outbound",
+    "in": "inbound",
+    "queue_messages": "queue_messages",
+    "queue_bytes": "queue_bytes",
+    "queue_policy": "queue_policy",
+    "spool_bytes": "spool_bytes",
+    "reconnect_base_s": "reconnect_base_s",
+    "reconnect_cap_s": "reconnect_cap_s",
+    "connect_timeout_s": "connect_timeout_s",
+}
+
+
 # -- the keys ------------------------------------------------------------------------
 
 
@@ -366,6 +490,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("discovery.address", "discovery_address", _ipv4),
     Setting("discovery.bind", "discovery_bind_host", _ipv4),
     Setting("discovery.interval_s", "discovery_interval_s", _positive),
+    # The MQTT uplink (docs/fleet.md): one UplinkConfig, built by _build_uplink.
+    Setting("uplink.broker", None, _uplink_broker, flag="--uplink"),
+    Setting("uplink.client_id", None, _uplink_text),
+    Setting("uplink.username", None, _uplink_text),
+    Setting("uplink.password_file", None, _uplink_password_file, flag="--uplink-password-file"),
+    Setting("uplink.ca_file", None, _path),
+    Setting("uplink.cert_file", None, _path),
+    Setting("uplink.key_file", None, _path),
+    Setting("uplink.keepalive_s", None, _integer(5, 65535)),
+    Setting("uplink.clean_session", None, _boolean),
+    Setting("uplink.protocol", None, _uplink_protocol),
+    Setting("uplink.prefix", None, _uplink_prefix),
+    Setting("uplink.out", None, _uplink_maps("out")),
+    Setting("uplink.in", None, _uplink_maps("in")),
+    Setting("uplink.queue_messages", None, _integer(1)),
+    Setting("uplink.queue_bytes", None, _integer(1)),
+    Setting("uplink.queue_policy", None, _uplink_policy),
+    Setting("uplink.spool_bytes", None, _uplink_check("check_spool_bytes")),
+    Setting("uplink.reconnect_base_s", None, _positive),
+    Setting("uplink.reconnect_cap_s", None, _positive),
+    Setting("uplink.connect_timeout_s", None, _positive),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -512,6 +657,8 @@ def _defaults() -> dict[str, object]:
     values["node.state_dir"] = default_state_dir()
     values["node.listen"] = (config.listen_host, config.listen_port)
     values["serial.psk_file"] = None
+    for name in UPLINK_FIELDS:
+        values[f"uplink.{name}"] = None
     return values
 
 
@@ -564,6 +711,10 @@ def show_value(key: str, value: object) -> str:
     if key == "serial.psk_file":
         path, psk = value  # type: ignore[misc]
         return f"{path} ({len(psk)}-byte key)"
+    if key == "uplink.password_file":
+        return f"{value[0]} (password hidden)"  # type: ignore[index]
+    if key in ("uplink.out", "uplink.in"):
+        return "; ".join(_show_map(m) for m in value) or "(none)"  # type: ignore[attr-defined]
     if key == "peers.connect":
         return ", ".join(_host_port(h, p) for h, p in value) or "(none)"  # type: ignore[attr-defined]
     if key == "serial.ports":
@@ -572,6 +723,12 @@ def show_value(key: str, value: object) -> str:
     if isinstance(value, frozenset):
         return ", ".join(sorted(value)) or "(none)"
     return str(value)
+
+
+def _show_map(entry: Any) -> str:
+    if hasattr(entry, "deliver"):
+        return f"{entry.topic} -> {entry.node_template} ({entry.deliver}, qos {entry.qos})"
+    return f"{entry.topic} -> {entry.broker_template} (qos {entry.qos})"
 
 
 def _host_port(host: str, port: int) -> str:
@@ -640,7 +797,15 @@ def resolve(
             values[timeout] = _TIMEOUT_INTERVALS * float(values[interval])  # type: ignore[arg-type]
             sources[timeout] = f"{sources[interval]} ({_TIMEOUT_INTERVALS} x {interval})"
 
+    uplink_set = [k for k in values if k.startswith("uplink.") and values[k] is not None]
+    if uplink_set and values["uplink.broker"] is None:
+        raise ConfigError(
+            f"uplink.broker: expected a broker URL with the other [uplink] settings "
+            f"({uplink_set[0]} from {sources[uplink_set[0]]})"
+        )
     config = _build(values)
+    if config.uplink is not None:
+        _show_uplink_defaults(config, values, sources)
     try:
         config.validate()
     except ConfigError as exc:
@@ -662,7 +827,46 @@ def _build(values: Mapping[str, object]) -> NodeConfig:
         for path, port_baud in values["serial.ports"]  # type: ignore[attr-defined]
     ]
     fields["peers"] = list(values["peers.connect"])  # type: ignore[call-overload]
+    fields["uplink"] = _build_uplink(values)
     return NodeConfig(**fields)  # type: ignore[arg-type]
+
+
+def _build_uplink(values: Mapping[str, object]) -> object:
+    """The UplinkConfig the ``uplink.*`` keys set, or None without ``uplink.broker``."""
+    if values["uplink.broker"] is None:
+        return None
+    from .uplink.config import UplinkConfig
+
+    fields: dict[str, object] = {}
+    for name, field in UPLINK_FIELDS.items():
+        value = values[f"uplink.{name}"]
+        if value is None:
+            continue
+        if name == "password_file":
+            fields["password_file"], fields["password"] = value  # type: ignore[misc]
+        else:
+            fields[field] = value
+    return UplinkConfig(**fields)  # type: ignore[arg-type]
+
+
+def _show_uplink_defaults(
+    config: NodeConfig, values: dict[str, object], sources: dict[str, str]
+) -> None:
+    """Put the uplink's defaults (and the queue caps derived from the memory
+    budget) in ``values``, so ``--print-config`` shows what the node will use."""
+    from .uplink.config import QUEUE_SHARE_OF_BUDGET, derived_queue_caps
+
+    uplink = config.uplink
+    for name, field in UPLINK_FIELDS.items():
+        key = f"uplink.{name}"
+        if values[key] is None and name != "password_file":
+            values[key] = getattr(uplink, field)
+    derived = derived_queue_caps(config.memory_budget_mb)
+    budget = sources["node.memory_budget_mb"]
+    for key, value in zip(("uplink.queue_messages", "uplink.queue_bytes"), derived):
+        if values[key] is None:
+            values[key] = value
+            sources[key] = f"{budget} (1/{QUEUE_SHARE_OF_BUDGET} of node.memory_budget_mb)"
 
 
 def _with_source(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:

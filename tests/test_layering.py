@@ -19,6 +19,11 @@ PURE = [
     ROOT / "edgenode" / "registry.py",
     ROOT / "edgenode" / "keepalive.py",
     ROOT / "edgenode" / "errors.py",
+    # The uplink's pure parts: settings, topic maps, the queue, the spool's records.
+    *(
+        ROOT / "edgenode" / "uplink" / f"{name}.py"
+        for name in ("config", "topics", "queue", "records")
+    ),
     # The board driver (driver.py) is the one firmware_bridge module allowed I/O.
     *sorted(p for p in (ROOT / "firmware_bridge").glob("*.py") if p.name != "driver.py"),
 ]
@@ -113,3 +118,29 @@ def test_running_node_imports_neither_cryptography_nor_cbor2_nor_the_test_kit(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert out.stdout.strip() == "False False False"
+
+
+def test_a_node_without_an_uplink_never_imports_the_mqtt_library(tmp_path: Path) -> None:
+    # paho-mqtt costs ~2.3 MB of RSS; it is the optional edgenode[mqtt] extra.
+    from edgenode.identity import create_identity
+
+    create_identity(tmp_path / "n")
+    code = (
+        "import sys, anyio\n"
+        "from edgenode.config import NodeConfig\n"
+        "from edgenode.node import Node\n"
+        "from edgenode.uplink.config import UplinkConfig\n"
+        "async def main(uplink):\n"
+        f"    config = NodeConfig(state_dir={str(tmp_path / 'n')!r}, listen_host='127.0.0.2',\n"
+        "                        listen_port=0, authorised=frozenset(), uplink=uplink)\n"
+        "    async with Node(config):\n"
+        "        pass\n"
+        "    return 'paho' in sys.modules, 'edgenode.uplink.uplink' in sys.modules\n"
+        "print(*anyio.run(main, None))\n"
+        "uplink = UplinkConfig(broker='mqtt://127.0.0.1:1', connect_timeout_s=0.1)\n"
+        "print(*anyio.run(main, uplink))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.splitlines() == ["False False", "True True"]

@@ -55,7 +55,7 @@ def key_file(tmp_path: Path, key: bytes = b"k" * 32, mode: int = 0o600) -> Path:
 
 def test_every_nodeconfig_field_has_a_key() -> None:
     fields = {f.name for f in dataclasses.fields(NodeConfig)}
-    # The uplink is one object, set by the [uplink] section (edgenode.uplink).
+    # The [uplink] section's keys build NodeConfig.uplink together.
     covered = {s.field for s in SETTINGS if s.field} | {"listen_host", "listen_port", "uplink"}
     assert covered == fields, f"no config file key for {sorted(fields - covered)}"
 
@@ -65,6 +65,10 @@ def test_documented_example_sets_every_key(tmp_path: Path) -> None:
     example = re.search(r"```toml\n(.*?)```", doc, re.S)
     assert example
     text = example.group(1).replace("/etc/edgenode/uart.key", str(key_file(tmp_path)))
+    password = tmp_path / "mqtt.password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    text = text.replace("/etc/edgenode/mqtt.password", str(password))
     values = load_config_file(write(tmp_path, text))
     assert set(values) == set(BY_KEY)
 
@@ -282,7 +286,7 @@ BAD_VALUES = [
     (
         "[keepalives]\ninterval_s = 5",
         "[keepalives]: unknown section; did you mean [keepalive]? (sections: [node], [peers], "
-        "[keepalive], [backoff], [limits], [serial], [discovery])",
+        "[keepalive], [backoff], [limits], [serial], [discovery], [uplink])",
     ),
     ("[board]\nkind = 'node'", "[board]: unknown section; (sections: [node], "),
     (
