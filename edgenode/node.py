@@ -359,29 +359,37 @@ class Node:
             await self._ran.wait()
             return
         self._closing = True
+        # Shielded: a caller cancelled meanwhile must not leave the node half
+        # stopped. Every wait below is bounded by the grace period or is quick.
+        with anyio.CancelScope(shield=True):
+            await self._shut_down()
+        self._closed = True
+        log.info("node %s stopped", self.node_id)
+
+    async def _shut_down(self) -> None:
         assert self._listener_scope is not None and self._all_closed is not None
+        assert self._tg is not None and self._ran is not None
         self._listener_scope.cancel()
         grace = self.config.shutdown_grace_s
         if self.uplink is not None:
             with anyio.move_on_after(grace):
-                await self.uplink.aclose()
+                try:
+                    await self.uplink.aclose()
+                except Exception:  # a bug in the uplink must not keep the node up
+                    log.exception("closing the uplink failed")
         self.datapath.closing = True
         with anyio.move_on_after(grace):
             await self.inbox.post(Shutdown())
             await self._all_closed.wait()
         self.dispatcher.fail_everything()
         self._tg.cancel_scope.cancel()
-        assert self._ran is not None
         await self._ran.wait()
         self.inbox.box.close(NodeClosed("node is closed"))
         if self.discovery is not None:
             await self.discovery.aclose()
         final = self.learning.final_save()
         if final is not None:
-            with anyio.CancelScope(shield=True):
-                await self.learning.save(final)
-        self._closed = True
-        log.info("node %s stopped", self.node_id)
+            await self.learning.save(final)
 
     def _all_closed_now(self) -> None:
         if self._all_closed is not None:
