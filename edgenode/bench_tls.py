@@ -12,15 +12,17 @@ Roles:
     per message and no dispatcher, registry or codec. It is the practical
     limit of per-message Python I/O that the node is compared with.
 ``node-server`` / ``node-client``
-    Two real :class:`~edgenode.node.Node` objects, the client dialling the
-    server, using only the public API (``send``, ``send_many``,
-    ``request``, ``subscribe``, ``handle``).
+    Two real :class:`~edgenode.node.Node` objects with default settings,
+    the client dialling the server, used as the README shows: the sender
+    a loop of ``await node.send()`` (and, separately, ``send_many`` in
+    batches), the receiver one default ``subscribe()`` read by a trivial
+    ``async for`` loop. No pacing, no tuned buffer: what a user gets.
 
 Both pairs run the same tests: one-way throughput (messages/s counted at
-the receiver, from the first message received to the last) and sequential
-request/response round trips. A server prints one JSON line
-(``{"port": ...}``) when it listens; a client prints one JSON line with its
-figures and exits. Every wait is bounded.
+the receiver, from the first message received to the last, with the
+count of any message lost) and sequential request/response round trips.
+A server prints one JSON line (``{"port": ...}``) when it listens; a client
+prints one JSON line with its figures and exits. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ TOPIC_DATA = "bench/data"
 TOPIC_ECHO = "bench/echo"
 TOPIC_SINK = "bench/sink"
 TOPIC_RESULT = "bench/result"
-TOPIC_SYNC = "bench/sync"
 
 perf_counter = time.perf_counter
 
@@ -185,14 +186,13 @@ def _node_config(state_dir: Path, host: str, port: int, peer_id: str, **extra: A
     )
 
 
-async def node_server(state_dir: Path, peer_dir: Path, host: str, port: int, messages: int) -> None:
+async def node_server(state_dir: Path, peer_dir: Path, host: str, port: int) -> None:
+    """A node as a user runs it: default settings, one default subscription
+    read by a trivial ``async for`` loop, and handlers to start and end a run."""
     from .node import Incoming, Node
 
     peer_id = load_identity(peer_dir).node_id
-    # Room for a whole run: the figure is what the node delivers, not what a
-    # short subscription buffer lets through (drops are reported anyway).
-    config = _node_config(state_dir, host, port, peer_id, subscription_buffer=messages + 64)
-    async with Node(config) as node:
+    async with Node(_node_config(state_dir, host, port, peer_id)) as node:
         expected = 0
         received = 0
         first = last = 0.0
@@ -207,7 +207,9 @@ async def node_server(state_dir: Path, peer_dir: Path, host: str, port: int, mes
             return b"ok"
 
         async def result(req: Incoming) -> bytes:
-            with anyio.fail_after(WAIT_S):
+            # Everything sent before this request was read before it (one
+            # connection, in order); wait for the consumer to take it all.
+            with anyio.move_on_after(WAIT_S):
                 await done.wait()
             body = {"count": received, "elapsed_s": last - first, "dropped": sub.dropped}
             return json.dumps(body).encode()
@@ -215,8 +217,7 @@ async def node_server(state_dir: Path, peer_dir: Path, host: str, port: int, mes
         node.handle(TOPIC_ECHO, echo)
         node.handle(TOPIC_SINK, sink)
         node.handle(TOPIC_RESULT, result)
-        node.handle(TOPIC_SYNC, echo)
-        with node.subscribe(TOPIC_DATA) as sub:
+        with node.subscribe(TOPIC_DATA) as sub:  # the README's way, default buffer and policy
             _print({"port": node.listen_port})
             async for _ in sub:
                 received += 1
@@ -227,59 +228,51 @@ async def node_server(state_dir: Path, peer_dir: Path, host: str, port: int, mes
                     done.set()
 
 
-async def _send_windowed(node: Any, host: str, payload: bytes, messages: int, batch: int) -> None:
-    """Send in batches with ``send_many``, at most two batches unacknowledged.
-
-    ``Node.send`` and ``send_many`` wait for room in the inbox, not in the
-    peer's outbox: a sender faster than the link fills the outbox and the
-    node closes the link as a slow peer. So the bench paces itself as an
-    application would: after each batch a ``bench/sync`` request, answered
-    by the receiver once it has dispatched everything sent before it.
-    """
-    previous: anyio.Event | None = None
-    async with anyio.create_task_group() as tg:
-        left = messages
-        while left:
-            n = min(batch, left)
-            await node.send_many(host, TOPIC_DATA, [payload] * n)
-            left -= n
-            if previous is not None:
-                await previous.wait()
-            previous = anyio.Event()
-
-            async def sync(done: anyio.Event) -> None:
-                await node.request(host, TOPIC_SYNC, b"")
-                done.set()
-
-            tg.start_soon(sync, previous)
+async def _run_sink(node: Any, host: str, send: Any, messages: int) -> dict[str, Any]:
+    """One throughput run: announce it, send with ``send()``, ask what arrived."""
+    await node.request(host, TOPIC_SINK, str(messages).encode())
+    await send()
+    report = json.loads(await node.request(host, TOPIC_RESULT, b"", timeout=WAIT_S + 5))
+    report["lost"] = messages - report["count"]
+    return report
 
 
 async def node_client(
     state_dir: Path, peer_dir: Path, host: str, port: int, plan: dict[str, Any]
 ) -> dict[str, Any]:
+    """The sender as a user writes it: ``await node.send()`` in a loop (and,
+    separately, ``send_many`` in batches), default settings, no pacing."""
     from .node import Node
 
     peer_id = load_identity(peer_dir).node_id
     config = _node_config(state_dir, plan["local_host"], 0, peer_id, peers=[(host, port)])
-    result: dict[str, Any] = {"throughput": {}, "rtt": [], "dropped": 0}
+    result: dict[str, Any] = {"throughput": {}, "send_many": [], "rtt": [], "lost": 0}
     messages, batch = plan["messages"], plan["batch"]
     async with Node(config) as node:
         # The first call waits for the dial and the handshake.
-        await node.request(host, TOPIC_SINK, b"0", wait_s=10)
-        with anyio.fail_after(WAIT_S * plan["runs"]):
+        await node.request(host, TOPIC_ECHO, b"", wait_s=10)
+        with anyio.fail_after(WAIT_S * plan["runs"] * 4):
             for _ in range(plan["runs"]):
                 for size in plan["sizes"]:
                     payload = bytes(size)
-                    await node.request(host, TOPIC_SINK, str(messages).encode())
-                    if batch > 1:
-                        await _send_windowed(node, host, payload, messages, batch)
-                    else:
+
+                    async def one_by_one(payload: bytes = payload) -> None:
                         for _ in range(messages):
                             await node.send(host, TOPIC_DATA, payload)
-                    report = json.loads(await node.request(host, TOPIC_RESULT, b"", timeout=WAIT_S))
-                    result["dropped"] += report["dropped"]
-                    rate = (messages - 1) / report["elapsed_s"]
+
+                    report = await _run_sink(node, host, one_by_one, messages)
+                    result["lost"] += report["lost"]
+                    rate = (report["count"] - 1) / report["elapsed_s"]
                     result["throughput"].setdefault(str(size), []).append(rate)
+                payloads = [bytes(plan["send_many_bytes"])] * batch
+
+                async def in_batches(payloads: list[bytes] = payloads) -> None:
+                    for _ in range(messages // batch):
+                        await node.send_many(host, TOPIC_DATA, payloads)
+
+                report = await _run_sink(node, host, in_batches, messages // batch * batch)
+                result["lost"] += report["lost"]
+                result["send_many"].append((report["count"] - 1) / report["elapsed_s"])
                 payload = bytes(plan["rtt_bytes"])
                 times = []
                 for _ in range(plan["requests"]):
@@ -304,7 +297,7 @@ def main(argv: list[str]) -> int:
     if role == "ref-server":
         anyio.run(ref_server, state_dir, peer_dir, host, int(port))
     elif role == "node-server":
-        anyio.run(node_server, state_dir, peer_dir, host, int(port), plan.get("messages", 0))
+        anyio.run(node_server, state_dir, peer_dir, host, int(port))
     elif role == "ref-client":
         _print(anyio.run(ref_client, state_dir, peer_dir, host, int(port), plan))
     elif role == "node-client":
