@@ -200,6 +200,13 @@ class NodeConfig:
             )
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port: expected 0..65535, got {self.listen_port!r}")
+        if self.listen_host not in ("0.0.0.0", "::", ""):
+            try:
+                ipaddress.ip_address(self.listen_host.strip("[]"))
+            except (ValueError, AttributeError):
+                raise ConfigError(
+                    f"listen_host: expected an ip address, got {self.listen_host!r:.60}"
+                ) from None
         if self.uplink is not None:
             self.uplink.validate()
         return self

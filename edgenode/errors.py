@@ -28,6 +28,15 @@ class InvalidNodeId(ConfigError):
     """A node ID is not well-formed or its checksum does not match."""
 
 
+class InvalidAddress(EdgeNodeError, ValueError):
+    """Text that should be an IP address, or a number that should be a port, is not.
+
+    Neutral about blame: where the value came from the user, the caller
+    raises a :class:`ConfigError` or :class:`InvalidArgument` instead; where
+    it came from a peer, the peer's data is refused or ignored.
+    """
+
+
 class ListenError(EdgeNodeError):
     """The listen address is busy or not (yet) on this host: worth retrying,
     unlike a :class:`ConfigError` (exit status 1, not 2)."""

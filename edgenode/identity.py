@@ -42,6 +42,7 @@ from .errors import (
     InvalidNodeId,
     hexdump,
 )
+from .proto.preamble import MAX_CERT_BYTES
 
 if TYPE_CHECKING:
     import ssl
@@ -74,7 +75,6 @@ CERT_FILENAME = "node.crt"
 AUTHORISED_FILENAME = "authorised_nodes"
 
 #: Largest certificate accepted, in DER bytes (an edgenode one is ~300).
-MAX_CERT_BYTES = 4096
 # A PEM file is 4/3 of its DER plus line breaks and armour.
 _MAX_CERT_FILE_BYTES = 8192
 _MAX_KEY_FILE_BYTES = 8192
@@ -249,8 +249,8 @@ def public_key_from_cert_der(der: bytes) -> bytes:
 
     Walks Certificate -> tbsCertificate -> subjectPublicKeyInfo without
     checking any signature. Raises :class:`IdentityError` for anything that
-    is not a well-formed certificate of at most 4096 bytes holding an
-    Ed25519 key.
+    is not a well-formed certificate of at most ``MAX_CERT_BYTES`` (the
+    preamble's limit, edgenode.proto.preamble) holding an Ed25519 key.
     """
     if not isinstance(der, (bytes, bytearray, memoryview)):
         raise _der_error(f"expected bytes, got {type(der).__name__}")

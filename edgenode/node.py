@@ -330,9 +330,8 @@ class Node:
             tg.start_soon(self.uplink.run)
         now = monotonic()
         for host, port in config.peers:
-            ip = normalise_ip(host)
-            self.registry.add_configured(ip, port, now)
-            self.keepalive.schedule_dial(ip, now)
+            entry = self.registry.add_configured(host, port, now)
+            self.keepalive.schedule_dial(entry.ip, now)
         self.learning.dial_known(now)
         self.dispatcher.schedule(now + HOUSEKEEPING_S, self.dispatcher.housekeeping)
         if self.discovery is not None:

@@ -83,7 +83,7 @@ import functools
 import ipaddress
 from collections.abc import Iterator
 
-from edgenode.errors import ConfigError
+from edgenode.errors import ConfigError, InvalidAddress
 
 UP = "up"
 DOWN = "down"
@@ -99,11 +99,11 @@ def normalise_ip(text: str) -> str:
 
     An IPv4-mapped IPv6 address becomes the IPv4 address, IPv6 addresses
     are compressed and lowercase, and surrounding brackets and an IPv6
-    ``%zone`` are dropped. Raises :class:`ConfigError` for anything that is
+    ``%zone`` are dropped. Raises :class:`InvalidAddress` for anything that is
     not an IP address.
     """
     if not isinstance(text, str):
-        raise ConfigError(f"invalid ip address {_shown(text)}")
+        raise InvalidAddress(f"invalid ip address {_shown(text)}")
     return _normalise_text(text)
 
 
@@ -119,7 +119,7 @@ def _normalise_text(text: str) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"invalid ip address {_shown(text)}") from None
+        raise InvalidAddress(f"invalid ip address {_shown(text)}") from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return str(address)
@@ -129,7 +129,7 @@ def ip_sort_key(ip: str) -> tuple[int, int]:
     """Return ``(version, integer value)`` of ``ip``: a total order over v4 and v6.
 
     Every IPv4 address sorts below every IPv6 address. Raises
-    :class:`ConfigError` for an invalid address.
+    :class:`InvalidAddress` for an invalid address.
     """
     address = ipaddress.ip_address(normalise_ip(ip))
     return (address.version, int(address))
@@ -144,7 +144,7 @@ def _shown(value: object) -> str:
 
 def _check_port(ip: str, port: int) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ConfigError(f"invalid port {_shown(port)} for {ip}: expected 1..65535")
+        raise InvalidAddress(f"invalid port {_shown(port)} for {ip}: expected 1..65535")
 
 
 class PeerEntry:
@@ -264,7 +264,10 @@ class Registry:
             raise ConfigError(f"max_peers must be an integer >= 1, got {_shown(max_peers)}")
         if not prune_after_s >= 0:
             raise ConfigError(f"prune_after_s must be >= 0, got {_shown(prune_after_s)}")
-        self.our_ip: str = normalise_ip(our_ip)
+        try:
+            self.our_ip: str = normalise_ip(our_ip)
+        except InvalidAddress as exc:
+            raise ConfigError(f"our address: {exc}") from None
         self.max_peers: int = max_peers
         self.prune_after_s: float = prune_after_s
         #: A connection older than this cannot be half of a simultaneous open.
@@ -285,10 +288,13 @@ class Registry:
 
         Raises :class:`ConfigError` for an invalid address or port, for our
         own address, or when the table is full of entries that cannot be
-        pruned.
+        pruned: a configured peer is the user's setting.
         """
-        ip = normalise_ip(ip)
-        _check_port(ip, port)
+        try:
+            ip = normalise_ip(ip)
+            _check_port(ip, port)
+        except InvalidAddress as exc:
+            raise ConfigError(str(exc)) from None
         if ip == self.our_ip:
             raise ConfigError(f"configured peer {ip} is our own address")
         entry = self._entries.get(ip)
@@ -308,8 +314,8 @@ class Registry:
 
         Returns ``None`` for our own address or when the table is full. An
         existing entry keeps its state and node ID; only an unknown listen
-        port is filled in. Raises :class:`ConfigError` for an invalid
-        address or port.
+        port is filled in. Raises :class:`InvalidAddress` for an invalid
+        address or port (a peer's data: never a configuration error).
         """
         ip = normalise_ip(ip)
         _check_port(ip, port)
@@ -342,7 +348,7 @@ class Registry:
 
         Returns an :class:`Admission`; when it names a ``replaced``
         connection, the node must close that one with ``replaced_reason``.
-        Raises :class:`ConfigError` for an invalid address and
+        Raises :class:`InvalidAddress` for an invalid address and
         :class:`ValueError` for a bad direction or a connection that is
         already admitted (both are bugs in the caller).
         """
@@ -475,7 +481,7 @@ class Registry:
     def get(self, ip: str) -> PeerEntry | None:
         """Return the entry for ``ip`` (normalised first), or ``None``.
 
-        Raises :class:`ConfigError` for an invalid address.
+        Raises :class:`InvalidAddress` for an invalid address.
         """
         return self._entries.get(normalise_ip(ip))
 
@@ -575,7 +581,7 @@ class Registry:
             return False
         try:
             return normalise_ip(ip) in self._entries
-        except ConfigError:
+        except InvalidAddress:
             return False
 
     def __repr__(self) -> str:

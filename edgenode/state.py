@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import EdgeNodeError
 from .identity import parse_node_id, write_atomic
 from .registry import normalise_ip
 
@@ -158,7 +158,7 @@ def _parse_entry(index: int, raw: Any) -> KnownPeer:
         raise _BadFile(f"{where}: expected last_seen in seconds, got {last_seen!r:.60}")
     try:
         return KnownPeer(normalise_ip(ip), port, parse_node_id(node_id), float(last_seen))
-    except ConfigError as exc:
+    except EdgeNodeError as exc:
         raise _BadFile(f"{where}: {exc}") from None
 
 

@@ -373,3 +373,62 @@ def test_answering_edgenode_peers_loads_no_cbor2(tmp_path: Any) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
+
+
+async def test_a_replaced_connection_hands_what_it_had_not_written_to_its_successor(
+    make_config: Any, identities: Any
+) -> None:
+    """The peer dials again (it lost its connection): what send() had queued on
+    the old connection and not written goes out first on the new one, and
+    what was written arrives on the old one: every message once, in order."""
+    from edgenode.proto.messages import Bye, Data
+
+    from .conftest import RawPeer
+
+    count, size = 600, 32 * 1024  # far more than the old connection's buffers hold
+    # Raw peers do not answer pings: keepalive must not end the link first.
+    config = make_config("a", A, keepalive_interval_s=30, keepalive_timeout_s=60)
+    async with Node(config) as a:
+        events = a.events()
+        raw = identities["raw"]
+        old = await RawPeer.connect(raw, A, a.listen_port)
+        await old.hello(raw, epoch=7)
+        await wait_event(events, lambda e: isinstance(e, PeerUp), EVENT_S)
+        sent = 0
+
+        async def produce() -> None:
+            nonlocal sent
+            while sent < count:
+                await a.send("127.0.0.9", "seq", numbered(sent, size))
+                sent += 1
+
+        async def read_data(peer: RawPeer, until: int | None) -> list[int]:
+            seqs: list[int] = []
+            try:
+                while until is None or not seqs or seqs[-1] < until:
+                    for msg in await peer.messages():
+                        if isinstance(msg, Data):
+                            seqs.append(int(SEQ.unpack_from(msg.payload)[0]))
+                        elif isinstance(msg, Bye):
+                            return seqs
+            except anyio.EndOfStream:
+                pass
+            return seqs
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            with anyio.fail_after(EVENT_S):
+                await wait_until(lambda: a.stats()["send_waits"] > 0, EVENT_S)
+            # The old connection is full both ways; the peer dials again.
+            new = await RawPeer.connect(raw, A, a.listen_port)
+            await new.hello(raw, epoch=7)
+            with anyio.fail_after(EVENT_S * 3):
+                on_old = await read_data(old, None)
+                on_new = await read_data(new, count - 1)
+        assert on_old + on_new == list(range(count))
+        assert on_old and on_new  # both connections carried some
+        down = await wait_event(events, lambda e: isinstance(e, PeerDown), EVENT_S)
+        assert down.reason == "superseded by a newer connection from the same session"
+        await wait_event(events, lambda e: isinstance(e, PeerUp), EVENT_S)
+        await old.aclose()
+        await new.aclose()

@@ -557,7 +557,7 @@ def test_walker_rejects_trailing_bytes(node_a: Identity) -> None:
 
 def test_walker_rejects_oversized_certificate() -> None:
     assert _walker_error(bytes(MAX_CERT_BYTES + 1)) == (
-        "certificate: 4097 bytes exceeds the 4096-byte limit"
+        "certificate: 2049 bytes exceeds the 2048-byte limit"
     )
 
 

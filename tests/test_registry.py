@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from edgenode.errors import ConfigError
+from edgenode.errors import ConfigError, InvalidAddress
 from edgenode.registry import (
     DOWN,
     INBOUND,
@@ -91,18 +91,18 @@ def test_normalise_ip(text: str, expected: str) -> None:
     "text", ["x", "", "127.0.0", "127.0.0.256", "127.0.0.1:7000", "10.0.0.1%eth0", "::g"]
 )
 def test_normalise_ip_rejects_invalid_address(text: str) -> None:
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(InvalidAddress) as raised:
         normalise_ip(text)
     assert str(raised.value) == f"invalid ip address {text!r}"
 
 
 def test_normalise_ip_rejects_invalid_address_with_exact_message() -> None:
-    with pytest.raises(ConfigError, match=r"^invalid ip address 'x'$"):
+    with pytest.raises(InvalidAddress, match=r"^invalid ip address 'x'$"):
         normalise_ip("x")
 
 
 def test_normalise_ip_rejects_long_garbage_with_truncated_message() -> None:
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(InvalidAddress) as raised:
         normalise_ip("a" * 1000)
     message = str(raised.value)
     assert message.startswith("invalid ip address 'aaaa")
@@ -111,7 +111,7 @@ def test_normalise_ip_rejects_long_garbage_with_truncated_message() -> None:
 
 
 def test_normalise_ip_rejects_non_string() -> None:
-    with pytest.raises(ConfigError, match=r"^invalid ip address 5$"):
+    with pytest.raises(InvalidAddress, match=r"^invalid ip address 5$"):
         normalise_ip(5)  # type: ignore[arg-type]
 
 
@@ -130,7 +130,7 @@ def test_ip_sort_key_is_numeric_and_orders_v4_before_v6() -> None:
 
 
 def test_ip_sort_key_rejects_invalid_address() -> None:
-    with pytest.raises(ConfigError, match=r"^invalid ip address 'nope'$"):
+    with pytest.raises(InvalidAddress, match=r"^invalid ip address 'nope'$"):
         ip_sort_key("nope")
 
 
@@ -142,7 +142,7 @@ def test_registry_normalises_our_ip() -> None:
 
 
 def test_registry_rejects_invalid_our_ip() -> None:
-    with pytest.raises(ConfigError, match=r"^invalid ip address 'here'$"):
+    with pytest.raises(ConfigError, match=r"^our address: invalid ip address 'here'$"):
         make_registry("here")
 
 
@@ -408,6 +408,34 @@ def test_redial_long_after_the_connection_was_made_is_not_a_simultaneous_open() 
     assert not admit(plain, Conn(), ip="127.0.0.2", direction=INBOUND, now=1e6).accepted
 
 
+def test_settled_connection_is_not_displaced_by_a_simultaneous_open() -> None:
+    """Rule 4e: once both sides said ready on a connection, a connection from
+    the other direction in the same session means the peer lost the first,
+    so the newcomer wins even where a simultaneous open would keep the first."""
+    registry = make_registry("127.0.0.9")
+    inbound = Conn()
+    admit(registry, inbound, ip="127.0.0.10", direction=INBOUND)  # dialled by the higher
+    assert registry.settle(inbound) is registry.get("127.0.0.10")
+    assert registry.get("127.0.0.10").settled  # type: ignore[union-attr]
+    newcomer = Conn()
+    admission = admit(registry, newcomer, ip="127.0.0.10", direction=OUTBOUND)
+    assert admission.accepted and admission.replaced is inbound
+    assert admission.replaced_reason == (
+        "superseded by a newer connection: the peer had lost this one"
+    )
+    entry = registry.get("127.0.0.10")
+    assert entry is not None and entry.conn is newcomer and not entry.settled
+
+
+def test_settle_knows_only_current_connections() -> None:
+    registry = make_registry()
+    assert registry.settle(Conn()) is None
+    conn = Conn()
+    admit(registry, conn)
+    registry.closed(conn, "gone", 1.0)
+    assert registry.settle(conn) is None
+
+
 def test_simultaneous_open_compares_addresses_numerically() -> None:
     # Lexically "127.0.0.10" < "127.0.0.9"; numerically it is higher.
     registry = make_registry("127.0.0.9")
@@ -449,7 +477,7 @@ def test_admit_rejects_misuse() -> None:
         admit(registry, conn, epoch=2)
     with pytest.raises(ValueError, match="direction must be 'inbound' or 'outbound', got 'up'"):
         admit(registry, Conn(), direction="up")
-    with pytest.raises(ConfigError, match=r"^invalid ip address 'peer'$"):
+    with pytest.raises(InvalidAddress, match=r"^invalid ip address 'peer'$"):
         admit(registry, Conn(), ip="peer")
 
 
@@ -573,10 +601,10 @@ def test_learn_prunes_full_table_first() -> None:
 
 def test_learn_rejects_invalid_address_and_port() -> None:
     registry = make_registry()
-    with pytest.raises(ConfigError, match=r"^invalid ip address 'bad'$"):
+    with pytest.raises(InvalidAddress, match=r"^invalid ip address 'bad'$"):
         registry.learn("bad", 7000, None, now=0.0)
     with pytest.raises(
-        ConfigError, match=r"^invalid port 0 for 127\.0\.0\.3: expected 1\.\.65535$"
+        InvalidAddress, match=r"^invalid port 0 for 127\.0\.0\.3: expected 1\.\.65535$"
     ):
         registry.learn(PEER, 0, None, now=0.0)
 
@@ -629,7 +657,7 @@ def test_lookups_normalise_and_index() -> None:
     assert len(registry) == 1
     assert registry.by_conn(Conn()) is None
     assert registry.by_node_id("nobody") is None
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidAddress):
         registry.get("nope")
 
 
@@ -769,3 +797,16 @@ RegistryMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None
 )
 TestRegistryInvariants = RegistryMachine.TestCase
+
+
+def test_a_peers_bad_address_is_never_blamed_on_the_configuration() -> None:
+    """Data from a peer (a peer list, a beacon) never raises ConfigError; a
+    configured peer's bad address does."""
+    registry = make_registry()
+    assert not issubclass(InvalidAddress, ConfigError)
+    with pytest.raises(InvalidAddress) as from_peer:
+        registry.learn("10.0.0.999", 7300, None, 0.0)
+    assert not isinstance(from_peer.value, ConfigError)
+    bad_port = r"^invalid port 0 for 127\.0\.0\.3: expected 1\.\.65535$"
+    with pytest.raises(ConfigError, match=bad_port):
+        registry.add_configured("127.0.0.3", 0, 0.0)

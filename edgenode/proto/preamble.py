@@ -20,6 +20,8 @@ from ..errors import BadPreamble, hexdump
 MAGIC = b"EDGN"
 PREAMBLE_VERSION = 1
 HEAD_BYTES = 7
+#: The largest certificate a node accepts, in a preamble or anywhere else (an
+#: Ed25519 self-signed certificate is about 300 bytes). Defined once, here.
 MAX_CERT_BYTES = 2048
 _TLS_HANDSHAKE_RECORD = 0x16
 
