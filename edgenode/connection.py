@@ -66,12 +66,22 @@ class Connection:
         "ready_sent",
         "restarted",
         "scope",
+        "started_at",
         "stream",
         "tg",
     )
 
-    def __init__(self, link: Link, direction: str, proto: PeerProtocol, outbox_frames: int):
+    def __init__(
+        self,
+        link: Link,
+        direction: str,
+        proto: PeerProtocol,
+        outbox_frames: int,
+        started_at: float,
+    ) -> None:
         self.stream: ByteStream = link.stream
+        #: When its TCP connection was accepted or dialled (registry rule 4e).
+        self.started_at = started_at
         self.ip = link.peer_ip
         self.port = link.peer_port
         self.local_ip = link.local_ip

@@ -46,7 +46,7 @@ from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Shutdown
 from .keepalive import DEAD, DIAL, PING, Keepalive
 from .proto.connection import PeerProtocol
 from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
-from .registry import DOWN, INBOUND, UP, PeerEntry, Registry, ip_sort_key
+from .registry import DOWN, INBOUND, UP, PeerEntry, Registry
 from .requests import Requests, clip
 
 if TYPE_CHECKING:
@@ -298,9 +298,20 @@ class Dispatcher:
         old_epoch = before.epoch if before is not None and before.state == UP else None
         hello = conn.hello
         admission = self.registry.admit(
-            conn, conn.ip, conn.node_id, hello.epoch, conn.direction, hello.listen_port or None, now
+            conn,
+            conn.ip,
+            conn.node_id,
+            hello.epoch,
+            conn.direction,
+            hello.listen_port or None,
+            now,
+            started_at=conn.started_at,
         )
         self.learning.forget_pruned()
+        if conn.direction != INBOUND:
+            # Our dial has ended, whatever admission says of it: a connection
+            # the peer dialled may have waited for it before we said ready.
+            self._after_own_dial(conn.ip, now)
         if not admission.accepted:
             reason = admission.reason or "refused"
             self.refused += 1
@@ -346,26 +357,35 @@ class Dispatcher:
         self._send_ready(conn, now)
 
     def _send_ready(self, conn: Connection, now: float) -> None:
-        """Say ready on ``conn`` unless our own dial to its peer could still
-        displace it (we are the higher IP and that dial is on its way)."""
+        """Say ready on ``conn`` unless a dial of ours to its peer is on its way.
+
+        That dial may yet become a connection that settles the tie (rule 4d),
+        so neither side says ready while it has one: then, once both have,
+        neither has a dial that could arrive later, and a connection that
+        does arrive later was dialled after a loss (rule 4e). When the dial
+        ends, :meth:`_after_own_dial` says ready on whichever connection
+        is the peer's then.
+        """
         if conn.ready_sent or conn.closing or not conn.admitted:
             return
-        if (
-            conn.direction == INBOUND
-            and conn.ip in self.dialing
-            and ip_sort_key(conn.local_ip) > ip_sort_key(conn.ip)
-        ):
-            return  # _on_opened (our dial won) or _on_failed (it did not) decides
+        if conn.direction == INBOUND and conn.ip in self.dialing:
+            return
         if not self.queue(conn, _READY_FRAME, now):
             return
         conn.ready_sent = True
         self._settle(conn, now)
 
+    def _after_own_dial(self, ip: str, now: float) -> None:
+        """Our dial to ``ip`` ended: say ready on the peer's connection now."""
+        entry = self.registry.get(ip)
+        if entry is not None and isinstance(entry.conn, Connection):
+            self._send_ready(entry.conn, now)
+
     def _settle(self, conn: Connection, now: float) -> None:
         """Both readies are sent: the connection is up for the application."""
         if not conn.settled or conn.closing:
             return
-        entry = self.registry.settle(conn)
+        entry = self.registry.settle(conn, now)
         if entry is None:
             return
         for frame in conn.carried:
@@ -520,10 +540,9 @@ class Dispatcher:
         entry = self.registry.get(ip)
         if entry is None or self.closing:
             return
-        if isinstance(entry.conn, Connection):
-            # Our dial lost to the peer's, or failed while the peer's connection
-            # waited for it: that one is ours to keep now.
-            self._send_ready(entry.conn, now)
+        # Our dial failed while the peer's connection waited for it: that one
+        # is ours to keep now.
+        self._after_own_dial(ip, now)
         if entry.state == DOWN:
             delay = self.keepalive.dial_failed(ip, now)
             log.info(

@@ -142,6 +142,7 @@ class Handshakes:
     async def _accept(self, sock: socket.socket, ip: str) -> None:
         # The accept loop counted this handshake in; count it out however it ends.
         admission = self.admission
+        started_at = monotonic()
         try:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -155,7 +156,7 @@ class Handshakes:
                 admission.in_progress_from(ip),
                 admission.in_progress,
             )
-            conn = await self._handshake(ip, stream, None)
+            conn = await self._handshake(ip, stream, None, started_at)
         finally:
             admission.finished(ip)
         if conn is not None:
@@ -165,14 +166,14 @@ class Handshakes:
 
     async def dial(self, ip: str, port: int) -> None:
         """Dial ``ip:port``; run the connection, or post why it failed."""
-        conn = await self._handshake(ip, None, port)
+        conn = await self._handshake(ip, None, port, monotonic())
         if conn is not None:
             await self.run_connection(conn)
 
     # -- both sides ----------------------------------------------------------------------
 
     async def _handshake(
-        self, ip: str, stream: ByteStream | None, port: int | None
+        self, ip: str, stream: ByteStream | None, port: int | None, started_at: float
     ) -> Connection | None:
         """Run one side of the handshake under the handshake timeout.
 
@@ -202,7 +203,7 @@ class Handshakes:
                         is_authorised=self.is_authorised,
                     )
                 return await self._exchange_hellos(
-                    link, INBOUND if stream is not None else OUTBOUND
+                    link, INBOUND if stream is not None else OUTBOUND, started_at
                 )
         except TimeoutError:
             what = "handshake" if stream is not None else f"dial to {ip}:{port}"
@@ -223,7 +224,7 @@ class Handshakes:
         await self.inbox.post(Failed(ip, error, stream is None))
         return None
 
-    async def _exchange_hellos(self, link: Link, direction: str) -> Connection:
+    async def _exchange_hellos(self, link: Link, direction: str, started_at: float) -> Connection:
         proto = PeerProtocol(
             expected_node_id=link.peer_node_id, limits=self.limits, name=link.peer_ip
         )
@@ -236,6 +237,6 @@ class Handshakes:
             except EndOfStream:
                 raise HandshakeError(f"{link.peer_ip}: connection closed before hello") from None
             messages = proto.receive_data(data)
-        conn = Connection(link, direction, proto, self.config.outbox_frames)
+        conn = Connection(link, direction, proto, self.config.outbox_frames, started_at)
         conn.early = messages[1:]
         return conn

@@ -61,8 +61,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .config import NodeConfig
+from .config_keys import BY_KEY, PROFILE_KEYS, format_table, parse_sections, parse_toml
 from .errors import ConfigError
-from .settings import BY_KEY, PROFILE_KEYS, format_table, parse_sections, parse_toml
 
 NODE = "node"
 MICROCONTROLLER = "microcontroller"

@@ -44,14 +44,18 @@ ID. Admission is decided in that one method, in this order:
       dialled an INBOUND one). Each node computes the same answer from the
       same two addresses, so both keep the same TCP connection and close the
       other, whichever order the two connections arrive in.
-   e. Except when X is *settled* (:meth:`Registry.settle`: both sides have
-      said, with a ready message, that they keep X), or was made longer ago
-      than ``simultaneous_window_s`` (when set; the node sets two handshake
-      timeouts). A peer that agreed to keep X, or that dials so long after
-      X was made that no simultaneous open explains it, dialled because it
-      lost X, which is half-open here. The new connection wins, as in c;
-      without this, the higher address would refuse every redial of the
-      lower until its keepalive gave X up.
+   e. Except when the new connection was *started* (its TCP connection
+      accepted or dialled, ``started_at``) after X *settled*
+      (:meth:`Registry.settle`: both sides said, with a ready message, that
+      they keep X, and neither had a dial of its own on its way then), or
+      when X was made longer ago than ``simultaneous_window_s`` (when set;
+      the node sets two handshake timeouts). A peer that agreed to keep X
+      and dials afterwards, or that dials so long after X was made that no
+      simultaneous open explains it, dialled because it lost X, which is
+      half-open here. The new connection wins, as in c; without this, the
+      higher address would refuse every redial of the lower until its
+      keepalive gave X up. A connection started before X settled is an
+      ordinary simultaneous open (d), however late it arrives.
 
 A replaced connection leaves the registry's index at once. The node must
 close it, sending ``Admission.replaced_reason`` in its bye; when its
@@ -164,6 +168,7 @@ class PeerEntry:
         "listen_port",
         "node_id",
         "settled",
+        "settled_at",
         "state",
         "times_up",
         "up_since",
@@ -185,6 +190,7 @@ class PeerEntry:
         self.conn: object | None = None
         #: Both sides have said they keep ``conn`` (rule 4e).
         self.settled: bool = False
+        self.settled_at: float | None = None
         self.direction: str | None = None
         self.listen_port: int | None = listen_port
         self.configured: bool = configured
@@ -343,8 +349,12 @@ class Registry:
         direction: str,
         listen_port: int | None,
         now: float,
+        started_at: float | None = None,
     ) -> Admission:
         """Decide whether ``conn``, a verified connection from ``ip``, becomes its peer's.
+
+        ``started_at`` is when its TCP connection was accepted or dialled
+        (rule 4e); None counts as "before anything settled".
 
         Returns an :class:`Admission`; when it names a ``replaced``
         connection, the node must close that one with ``replaced_reason``.
@@ -400,7 +410,11 @@ class Registry:
         # wins, as in 4c.
         window = self.simultaneous_window_s
         aged = window is not None and entry.up_since is not None and now - entry.up_since > window
-        if entry.settled or aged:
+        settled_at = entry.settled_at
+        dialled_after_settling = (
+            settled_at is not None and started_at is not None and started_at > settled_at
+        )
+        if dialled_after_settling or aged:
             reason = "superseded by a newer connection: the peer had lost this one"
             return self._accept(
                 entry, conn, node_id, epoch, direction, listen_port, now, current, reason
@@ -434,6 +448,7 @@ class Registry:
         self._set_node_id(entry, node_id)
         entry.conn = conn
         entry.settled = False
+        entry.settled_at = None
         entry.state = UP
         entry.direction = direction
         entry.epoch = epoch
@@ -459,21 +474,24 @@ class Registry:
             return None
         entry.conn = None
         entry.settled = False
+        entry.settled_at = None
         entry.state = DOWN
         entry.up_since = None
         entry.last_change = now
         entry.down_reason = reason
         return entry
 
-    def settle(self, conn: object) -> PeerEntry | None:
+    def settle(self, conn: object, now: float) -> PeerEntry | None:
         """Record that both sides keep ``conn`` (each sent a ready message).
 
         Returns its entry, or ``None`` if ``conn`` is not an entry's current
-        connection. From now on no simultaneous open displaces it (rule 4e).
+        connection. A connection started after ``now`` that arrives for the
+        same session replaces it: the peer lost it (rule 4e).
         """
         entry = self._by_conn.get(id(conn))
-        if entry is not None:
+        if entry is not None and not entry.settled:
             entry.settled = True
+            entry.settled_at = now
         return entry
 
     # -- lookups ----------------------------------------------------------

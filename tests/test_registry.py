@@ -415,10 +415,17 @@ def test_settled_connection_is_not_displaced_by_a_simultaneous_open() -> None:
     registry = make_registry("127.0.0.9")
     inbound = Conn()
     admit(registry, inbound, ip="127.0.0.10", direction=INBOUND)  # dialled by the higher
-    assert registry.settle(inbound) is registry.get("127.0.0.10")
+    assert registry.settle(inbound, 1.0) is registry.get("127.0.0.10")
     assert registry.get("127.0.0.10").settled  # type: ignore[union-attr]
+    # A dial started before it settled is a simultaneous open's, however late.
+    late = registry.admit(Conn(), "127.0.0.10", NODE_A, 1, OUTBOUND, 7000, 1.5, started_at=0.9)
+    assert not late.accepted
+    assert late.reason == "simultaneous open: keeping the connection dialled by 127.0.0.10"
+    # One started after it settled: the peer lost the settled one.
     newcomer = Conn()
-    admission = admit(registry, newcomer, ip="127.0.0.10", direction=OUTBOUND)
+    admission = registry.admit(
+        newcomer, "127.0.0.10", NODE_A, 1, OUTBOUND, 7000, 2.0, started_at=1.5
+    )
     assert admission.accepted and admission.replaced is inbound
     assert admission.replaced_reason == (
         "superseded by a newer connection: the peer had lost this one"
@@ -429,11 +436,11 @@ def test_settled_connection_is_not_displaced_by_a_simultaneous_open() -> None:
 
 def test_settle_knows_only_current_connections() -> None:
     registry = make_registry()
-    assert registry.settle(Conn()) is None
+    assert registry.settle(Conn(), 0.0) is None
     conn = Conn()
     admit(registry, conn)
     registry.closed(conn, "gone", 1.0)
-    assert registry.settle(conn) is None
+    assert registry.settle(conn, 1.0) is None
 
 
 def test_simultaneous_open_compares_addresses_numerically() -> None:
