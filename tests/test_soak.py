@@ -342,9 +342,7 @@ def test_soak_nodes_record_each_acknowledged_request_and_sent_message_once(
             proc.close()
     logs = {ip: tmp_path / n for n, ip in (("a", A_IP), ("b", B_IP))}
     sent = {ip: (state / "sent.log").read_text().splitlines() for ip, state in logs.items()}
-    received = {
-        ip: (state / "received.log").read_text().splitlines() for ip, state in logs.items()
-    }
+    received = {ip: (state / "received.log").read_text().splitlines() for ip, state in logs.items()}
     # A peer that says bye is noticed at once: a second covers what was in flight.
     sends = check_sends(sent, received, ended, window_s=1.0)
     assert sends.ok, sends.troubles()

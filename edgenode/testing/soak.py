@@ -804,6 +804,10 @@ class Soak:
     def _check_sends(self) -> Check:
         r = self._sends()
         details = r.troubles()
+        if r.lost:
+            details.insert(
+                0, "(times from the start of the chaos; negative: while the fleet started)"
+            )
         if r.sent == 0 or r.delivered == 0:
             details.append("no message was sent and delivered: the check means nothing")
         return Check(
