@@ -569,14 +569,16 @@ def test_check_sends_rejects_a_loss_no_fault_explains_with_its_id_and_nearest_fa
     sent = {S: [*_sent("as1.1", 10.0), *_sent("as1.2", 20.0), *_sent("as1.3", 30.0)]}
     faults = {R: [(6.9, "kill"), (40.0, "stop")], T: [(20.0, "kill")]}  # T is neither end
     received = {R: [_got("as1.3", 30.1)]}
-    result = check_sends(sent, received, faults, WINDOW_S, origin=5.0)
+    # A start is shown beside a loss, but a new process's connections lose nothing.
+    starts = {R: [0.0, 19.5]}
+    result = check_sends(sent, received, faults, WINDOW_S, origin=5.0, starts=starts)
     assert not result.ok
     assert result.lost == [
-        "as1.1 from 10.0.0.2 to 10.0.0.3, send() returned at 5.00 s; nearest faults: "
-        "sender 10.0.0.2: no fault; receiver 10.0.0.3: kill at 1.90 s (-3.10 s), "
-        "stop at 35.00 s (+30.00 s)",
-        "as1.2 from 10.0.0.2 to 10.0.0.3, send() returned at 15.00 s; nearest faults: "
-        "sender 10.0.0.2: no fault; receiver 10.0.0.3: kill at 1.90 s (-13.10 s), "
+        "as1.1 from 10.0.0.2 to 10.0.0.3, send() returned at 5.00 s; nearest events: "
+        "sender 10.0.0.2: none; receiver 10.0.0.3: kill at 1.90 s (-3.10 s), "
+        "start at 14.50 s (+9.50 s)",
+        "as1.2 from 10.0.0.2 to 10.0.0.3, send() returned at 15.00 s; nearest events: "
+        "sender 10.0.0.2: none; receiver 10.0.0.3: start at 14.50 s (-0.50 s), "
         "stop at 35.00 s (+20.00 s)",
     ]
     assert result.troubles()[0].startswith("lost, no fault explains it: as1.1 from 10.0.0.2")

@@ -53,7 +53,8 @@ The checks, all along the run:
   with the soak) within the loss window of the moment ``send()`` returned
   (the keepalive timeout plus the poll margin, 3 s by default; why is at
   :attr:`SoakOptions.send_loss_window_s`). A loss that no fault explains
-  fails the check, listed with its message ID and the faults nearest it.
+  fails the check, listed with its message ID and the faults and process
+  starts of its two nodes nearest it.
 * **RSS flat.** The survivors (never killed or stopped) are sampled every
   second; the median of the first five samples after the warm-up and of
   five at the end, with the fleet whole again, may differ by less than 2 MB.
@@ -276,6 +277,8 @@ class Soak:
         self.actions: list[Action] = []
         #: What was done to each node (by IP) that may cost it messages, and when.
         self.faults: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        #: When each node's processes were started (by IP): context, not faults.
+        self.starts: dict[str, list[float]] = defaultdict(list)
         self.agreement = AgreementTracker(options.bound_s)
         self.duplicates = DuplicateTracker(options.duplicate_grace_s)
         self.rss: dict[str, list[tuple[float, int]]] = defaultdict(list)
@@ -370,6 +373,7 @@ class Soak:
         member.proc.start(wait=False)
         member.state = STARTING
         member.starting_since = now
+        self.starts[member.ip].append(now)
 
     def _fault(self, member: Member, what: str, at: float) -> None:
         """Record something done to ``member`` that may lose messages in flight."""
@@ -798,6 +802,7 @@ class Soak:
                 self.faults,
                 self.options.send_loss_window_s,
                 origin=self.t0,
+                starts=self.starts,
             )
         return self._sends_result
 

@@ -384,6 +384,7 @@ def check_sends(
     faults: Mapping[str, Iterable[Fault]],
     window_s: float,
     origin: float = 0.0,
+    starts: Mapping[str, Iterable[float]] | None = None,
 ) -> Sends:
     """Check the soak nodes' sent and received logs against the faults the soak made.
 
@@ -394,6 +395,9 @@ def check_sends(
     trouble); an ID is ``SENDER.SEQ``. ``faults`` maps a node's IP to what
     was done to it and when. Times are ``time.monotonic()`` (one clock for
     every process on the machine); ``origin`` is subtracted in messages.
+    ``starts`` maps a node's IP to when its processes were started: shown
+    beside a loss that no fault explains, never an excuse (a new process's
+    connections are new, and carry everything ``send()`` queues on them).
 
     Checked: no message is delivered twice, or anywhere but to the node it
     was sent to from the node that sent it; per (sender, receiver) the
@@ -415,6 +419,9 @@ def check_sends(
         for line in lines:
             _read_received_line(result, messages, highest, receiver_ip, line)
     by_ip = {ip: sorted(events) for ip, events in faults.items()}
+    context = {ip: list(events) for ip, events in by_ip.items()}
+    for ip, times in (starts or {}).items():
+        context[ip] = sorted([*context.get(ip, []), *((t, "start") for t in times)])
     for message_id, m in sorted(messages.items(), key=lambda item: item[1].called_at):
         if m.returned_at is None:
             if m.refused is None:
@@ -431,7 +438,7 @@ def check_sends(
             continue
         result.lost.append(
             f"{message_id} from {m.sender} to {m.to}, send() returned at "
-            f"{m.returned_at - origin:.2f} s; {_faults_around(by_ip, m, origin)}"
+            f"{m.returned_at - origin:.2f} s; {_faults_around(context, m, origin)}"
         )
     return result
 
@@ -546,7 +553,7 @@ def _around(faults: list[Fault], at: float, window_s: float) -> list[Fault]:
 
 
 def _faults_around(faults: Mapping[str, list[Fault]], m: _Message, origin: float) -> str:
-    """The faults of ``m``'s two nodes nearest its send, one either side, for a report."""
+    """The events of ``m``'s two nodes nearest its send, one either side, for a report."""
     assert m.returned_at is not None
     parts = []
     for ip, role in ((m.sender, "sender"), (m.to, "receiver")):
@@ -556,5 +563,5 @@ def _faults_around(faults: Mapping[str, list[Fault]], m: _Message, origin: float
             f"{what} at {t - origin:.2f} s ({t - m.returned_at:+.2f} s)"
             for t, what in events[max(0, at - 1) : at + 1]
         )
-        parts.append(f"{role} {ip}: {described or 'no fault'}")
-    return "nearest faults: " + "; ".join(parts)
+        parts.append(f"{role} {ip}: {described or 'none'}")
+    return "nearest events: " + "; ".join(parts)
