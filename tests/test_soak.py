@@ -42,6 +42,7 @@ from edgenode.testing.soak_checks import (
     DuplicateTracker,
     Expected,
     check_exactly_once,
+    check_sends,
     parse_proc_net_tcp,
     read_connections,
 )
@@ -283,7 +284,9 @@ def test_toml_text_writes_strings_numbers_lists_and_booleans() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_soak_nodes_record_each_acknowledged_request_once(tmp_path: Path) -> None:
+def test_soak_nodes_record_each_acknowledged_request_and_sent_message_once(
+    tmp_path: Path,
+) -> None:
     ids = {name: create_identity(tmp_path / name).node_id for name in ("a", "b")}
     ports = {A_IP: free_port(A_IP), B_IP: free_port(B_IP)}
     procs = []
@@ -302,10 +305,18 @@ def test_soak_nodes_record_each_acknowledged_request_once(tmp_path: Path) -> Non
                     str(state / "handled.log"),
                     "--acked-log",
                     str(state / "acked.log"),
+                    "--sent-log",
+                    str(state / "sent.log"),
+                    "--received-log",
+                    str(state / "received.log"),
                     "--tag",
                     f"{name}s1",
                     "--rate",
                     "50",
+                    "--send-rate",
+                    "100",
+                    "--send-burst",
+                    "5",
                     "--report-every",
                     "0.2",
                 ],
@@ -317,14 +328,27 @@ def test_soak_nodes_record_each_acknowledged_request_once(tmp_path: Path) -> Non
             proc.start(wait=False)
         for proc in procs:
             proc.wait_ready(EVENT_TIMEOUT_S)
-        # Each soak node logs its figures: wait until it has ten answers.
+        # Each soak node logs its figures: wait until it has ten answers and
+        # has received a hundred messages.
         for proc in procs:
             proc.wait_for(r"soak: sent \d+, .*\b[1-9]\d+ acknowledged", EVENT_TIMEOUT_S)
+            proc.wait_for(r"soak messages: .*received [1-9]\d\d+,", EVENT_TIMEOUT_S)
+        ended: dict[str, list[tuple[float, str]]] = {}
         for proc in procs:
+            ended[proc.ip] = [(time.monotonic(), "end")]
             assert proc.terminate() == 0
     finally:
         for proc in procs:
             proc.close()
+    logs = {ip: tmp_path / n for n, ip in (("a", A_IP), ("b", B_IP))}
+    sent = {ip: (state / "sent.log").read_text().splitlines() for ip, state in logs.items()}
+    received = {ip: (state / "received.log").read_text().splitlines() for ip, state in logs.items()}
+    # A peer that says bye is noticed at once: a second covers what was in flight.
+    sends = check_sends(sent, received, ended, window_s=1.0)
+    assert sends.ok, sends.troubles()
+    assert sends.delivered >= 200 and sends.sent - sum(sends.excused.values()) >= 200
+    assert all(line.split()[2] == B_IP for line in sent[A_IP])
+    assert all(line.split()[1] == A_IP for line in received[B_IP])
     handled = {
         ip: (tmp_path / n / "handled.log").read_text().splitlines()
         for n, ip in (("a", A_IP), ("b", B_IP))
@@ -494,6 +518,150 @@ def test_check_exactly_once_needs_at_least_one_acknowledged_request() -> None:
     assert not check_exactly_once({"10.0.0.2": []}, {"10.0.0.3": []}).ok
 
 
+# The send check: S sends from 10.0.0.2, R receives at 10.0.0.3; times in seconds.
+S, R, T = "10.0.0.2", "10.0.0.3", "10.0.0.4"
+WINDOW_S = 3.0
+
+
+def _sent(message_id: str, at: float, to: str = R) -> list[str]:
+    """The sent-log lines of a send() that returned ``at``."""
+    return [f"> {message_id} {to} {at - 0.001:.6f}", f"= {message_id} {to} {at:.6f}"]
+
+
+def _got(message_id: str, at: float, sender: str = S) -> str:
+    return f"{message_id} {sender} {at:.6f}"
+
+
+def test_check_sends_accepts_each_message_delivered_once_in_order() -> None:
+    sent = {S: [*_sent("as1.1", 10.0), *_sent("as1.2", 10.1), *_sent("as1.3", 10.2, to=T)]}
+    sent[S] += ["> as1.4 10.0.0.3 10.3", "x as1.4 10.0.0.3 PeerUnavailable"]
+    sent[S] += ["> as1.5 10.0.0.3 10.4"]  # the process ended inside the call
+    received = {
+        R: [_got("as1.1", 10.05), _got("as1.2", 10.9)],
+        T: [_got("as1.3", 10.25)],
+    }
+    result = check_sends(sent, received, {}, WINDOW_S)
+    assert result.ok, result.troubles()
+    assert (result.called, result.sent, result.delivered) == (5, 3, 3)
+    assert result.refused == {"PeerUnavailable": 1}
+    assert (result.unfinished, result.delivered_unfinished) == (1, 0)
+    assert result.slowest == "as1.2" and abs(result.slowest_s - 0.8) < 1e-6
+    # A message delivered although its process ended before logging that send() returned.
+    received[R].append(_got("as1.5", 10.5))
+    result = check_sends(sent, received, {}, WINDOW_S)
+    assert result.ok and (result.unfinished, result.delivered_unfinished) == (1, 1)
+
+
+def test_check_sends_excuses_a_loss_within_the_window_of_either_nodes_fault() -> None:
+    sent = {S: [*_sent("as1.1", 10.0), *_sent("as1.2", 20.0), *_sent("as1.3", 30.0)]}
+    faults = {
+        R: [(12.9, "kill")],  # 2.9 s after as1.1 was sent: it was in flight
+        S: [(17.0, "stop"), (33.0, "end of the soak")],  # 3.0 s before as1.2, 3.0 s after as1.3
+    }
+    result = check_sends(sent, {R: []}, faults, WINDOW_S)
+    assert result.lost == [] and result.sent == 3
+    assert result.excused == {"receiver kill": 1, "sender stop": 1, "sender end of the soak": 1}
+    # No message delivered: the check means nothing.
+    assert not result.ok and result.troubles() == []
+
+
+def test_check_sends_rejects_a_loss_no_fault_explains_with_its_id_and_nearest_faults() -> None:
+    sent = {S: [*_sent("as1.1", 10.0), *_sent("as1.2", 20.0), *_sent("as1.3", 30.0)]}
+    faults = {R: [(6.9, "kill"), (40.0, "stop")], T: [(20.0, "kill")]}  # T is neither end
+    received = {R: [_got("as1.3", 30.1)]}
+    # A start is shown beside a loss, but a new process's connections lose nothing.
+    starts = {R: [0.0, 19.5]}
+    result = check_sends(sent, received, faults, WINDOW_S, origin=5.0, starts=starts)
+    assert not result.ok
+    assert result.lost == [
+        "as1.1 from 10.0.0.2 to 10.0.0.3, send() returned at 5.00 s; nearest events: "
+        "sender 10.0.0.2: none; receiver 10.0.0.3: kill at 1.90 s (-3.10 s), "
+        "start at 14.50 s (+9.50 s)",
+        "as1.2 from 10.0.0.2 to 10.0.0.3, send() returned at 15.00 s; nearest events: "
+        "sender 10.0.0.2: none; receiver 10.0.0.3: start at 14.50 s (-0.50 s), "
+        "stop at 35.00 s (+20.00 s)",
+    ]
+    assert result.troubles()[0].startswith("lost, no fault explains it: as1.1 from 10.0.0.2")
+    assert result.excused == {}
+
+
+def test_check_sends_rejects_duplicates_disorder_phantoms_and_misroutes() -> None:
+    sent = {
+        S: [*(line for n in range(1, 6) for line in _sent(f"as1.{n}", 10.0 + n))],
+        T: [*_sent("ts1.1", 10.0, to=S), "> ts1.2 10.0.0.2 11.0", "x ts1.2 10.0.0.2 NodeClosed"],
+    }
+    received = {
+        R: [
+            _got("as1.1", 11.1),
+            _got("as1.1", 11.2),  # twice
+            _got("as1.3", 13.1),
+            _got("as1.2", 13.2),  # after 3
+            _got("as1.4", 14.1, sender=T),  # from the wrong node
+            _got("bs1.1", 14.2),  # never sent
+        ],
+        T: [_got("as1.5", 15.1)],  # sent to R
+        S: [_got("ts1.1", 10.1, sender=T), _got("ts1.2", 11.1, sender=T), "! stalled", "torn"],
+    }
+    result = check_sends(sent, received, {}, WINDOW_S)
+    assert not result.ok
+    assert result.duplicates == ["as1.1 from 10.0.0.2 to 10.0.0.3: delivery 2, at 10.0.0.3"]
+    assert result.out_of_order == ["as1.2 delivered at 10.0.0.3 after as1.3"]
+    assert result.phantoms == ["bs1.1 from 10.0.0.2 at 10.0.0.3"]
+    assert result.misrouted == [
+        "as1.4 sent from 10.0.0.2 to 10.0.0.3, delivered at 10.0.0.3 as from 10.0.0.4",
+        "as1.5 sent from 10.0.0.2 to 10.0.0.3, delivered at 10.0.0.4 as from 10.0.0.2",
+    ]
+    assert result.delivered_refused == ["ts1.2 from 10.0.0.4 to 10.0.0.2: send() raised NodeClosed"]
+    assert result.receiver_troubles == ["10.0.0.2: stalled"]
+    assert result.malformed == ["received log of 10.0.0.2: 'torn'"]
+    assert result.lost == []
+    assert result.delivered == 9
+
+
+def test_check_sends_orders_per_sender_and_receiver_across_restarts() -> None:
+    # Two processes of one node are two senders; each numbers from 1.
+    sent = {S: [*_sent("as1.7", 10.0), *_sent("as2.1", 20.0), *_sent("as2.2", 21.0, to=T)]}
+    received = {R: [_got("as1.7", 10.1), _got("as2.1", 20.1)], T: [_got("as2.2", 21.1)]}
+    assert check_sends(sent, received, {}, WINDOW_S).ok
+
+
+def test_check_sends_reports_malformed_sent_lines() -> None:
+    sent = {
+        S: [
+            *_sent("as1.1", 10.0),
+            "> as1.1 10.0.0.3 11.0",  # an ID used twice
+            "= as1.9 10.0.0.3 11.0",  # no call
+            "= as1.1 10.0.0.4 11.0",  # another receiver than the call's
+            "> as1 10.0.0.3 11.0",  # no sequence number
+            "> as1.2 10.0.0.3 soon",
+        ]
+    }
+    result = check_sends(sent, {R: [_got("as1.1", 10.1)]}, {}, WINDOW_S)
+    assert result.malformed == [
+        "sent log of 10.0.0.2: '> as1.1 10.0.0.3 11.0'",
+        "sent log of 10.0.0.2: '= as1.9 10.0.0.3 11.0'",
+        "sent log of 10.0.0.2: '= as1.1 10.0.0.4 11.0'",
+        "sent log of 10.0.0.2: '> as1 10.0.0.3 11.0'",
+        "sent log of 10.0.0.2: '> as1.2 10.0.0.3 soon'",
+    ]
+    assert not result.ok and result.sent == 1
+
+
+def test_check_sends_describes_its_figures() -> None:
+    sent = {S: [*_sent("as1.1", 10.0), *_sent("as1.2", 11.0)]}
+    sent[S] += ["> as1.3 10.0.0.3 12.0", "x as1.3 10.0.0.3 PeerUnavailable"]
+    result = check_sends(sent, {R: [_got("as1.1", 10.5)]}, {R: [(12.0, "kill")]}, WINDOW_S)
+    assert result.ok
+    assert result.describe() == (
+        "2 messages sent (send() returned), 1 deliveries; lost to a fault within 3.00 s of "
+        "the send 1 (receiver kill 1); lost with no fault to explain it 0, delivered more "
+        "than once 0, out of order 0, never sent 0, delivered although send() raised 0, "
+        "misrouted 0, receiver troubles 0, malformed lines 0; send() raised 1 "
+        "(PeerUnavailable 1), 0 calls cut by their process's end (0 of them delivered); "
+        "slowest delivery 0.50 s (as1.1)"
+    )
+
+
 # -- the command line -------------------------------------------------------------------------
 
 
@@ -503,6 +671,7 @@ def test_check_exactly_once_needs_at_least_one_acknowledged_request() -> None:
         (["--first-ip", "10.0.0.1"], "leave 127.0.0.0/8"),
         (["--first-ip", "127.255.255.250"], "leave 127.0.0.0/8"),
         (["--nodes", "1"], "--nodes: expected at least 2, got 1"),
+        (["--send-burst", "0"], "--send-burst: expected at least 1, got 0"),
         (["--keepalive-interval", "2", "--keepalive-timeout", "1"], "must be more than"),
         (["--workdir", "{used}"], "is not empty"),
     ],
@@ -560,7 +729,7 @@ def test_soak_short_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with capsys.disabled():  # the figures belong in the CI log, pass or fail
         print("\n" + out[out.find("== soak summary") :].rstrip())
     assert result.returncode == 0, out
-    assert re.search(r"^result: PASS \(5 of 5 checks held\)$", out, re.M), out
+    assert re.search(r"^result: PASS \(6 of 6 checks held\)$", out, re.M), out
     summary = json.loads(summary_path.read_text())
     assert summary["ok"] and all(check["ok"] for check in summary["checks"]), out
     assert summary["nodes"] == 20
@@ -570,3 +739,9 @@ def test_soak_short_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert {"kill", "stop", "restart"} <= kinds, out
     measured = [s for s in summary["agreement_s"] if s is not None]
     assert measured and max(measured) <= summary["bound_s"], out
+    # send(): thousands of messages checked, each delivered once and in order or
+    # lost to a fault of its sender or receiver near its send.
+    sends = summary["sends"]
+    assert sends["sent"] >= 2000 and sends["delivered"] >= 2000, out
+    assert sends["lost"] == sends["duplicates"] == sends["out_of_order"] == 0, out
+    assert sends["window_s"] == summary["bound_s"], out

@@ -41,6 +41,20 @@ The checks, all along the run:
   matched) must appear exactly once in the handled logs, in the log of the
   node it was sent to, recorded as coming from the node that sent it. No
   request ID may be handled twice, acknowledged or not.
+* **send() exactly once, in order.** Each node also sends one-way messages
+  (``await node.send()``, paced bursts to random up peers), each carrying
+  its sender (the process's tag) and a per-sender sequence number, and logs
+  every call and every message its default subscription delivers. No
+  message may be delivered twice, to a node it was not sent to, or at all
+  if it was never sent or its ``send()`` raised; per (sender, receiver) the
+  sequence numbers delivered must strictly increase; and every message
+  whose ``send()`` returned must be delivered, unless its sender or its
+  receiver had a fault (killed, stopped, continued, restarted, or ended
+  with the soak) within the loss window of the moment ``send()`` returned
+  (the keepalive timeout plus the poll margin, 3 s by default; why is at
+  :attr:`SoakOptions.send_loss_window_s`). A loss that no fault explains
+  fails the check, listed with its message ID and the faults and process
+  starts of its two nodes nearest it.
 * **RSS flat.** The survivors (never killed or stopped) are sampled every
   second; the median of the first five samples after the warm-up and of
   five at the end, with the fleet whole again, may differ by less than 2 MB.
@@ -81,7 +95,9 @@ from .soak_checks import (
     AgreementTracker,
     DuplicateTracker,
     Expected,
+    Sends,
     check_exactly_once,
+    check_sends,
     read_connections,
 )
 
@@ -127,6 +143,8 @@ class SoakOptions:
     hold_s: tuple[float, float] = (1.0, 3.0)
     request_rate: float = 2.0
     request_timeout_s: float = 5.0
+    send_rate: float = 8.0
+    send_burst: int = 4
     warmup_s: float | None = None
     rss_limit_bytes: int = RSS_LIMIT_BYTES
     round_s: float = 0.25
@@ -150,6 +168,34 @@ class SoakOptions:
         """Longest two connections of one pair may be established together."""
         slowest = max(self.keepalive_timeout_s, self.handshake_timeout_s)
         return slowest + self.shutdown_grace_s + self.tcp_every_s + self.margin_s
+
+    @property
+    def send_loss_window_s(self) -> float:
+        """How near a fault of its sender or receiver a message's send must be for
+        that fault to explain its loss, either side of the moment ``send()``
+        returned (the message was queued on the connection then).
+
+        The keepalive timeout, plus the poll margin for a loaded machine:
+
+        * A fault *before* the send: after its peer dies, a node's ``send()``
+          still queues on the dead connection until it declares the peer
+          down: at once for a closed socket (a kill, a SIGTERM), after the
+          keepalive timeout for a silent one (a stop); and a node resumed
+          from a stop sends on connections its peers have closed until it
+          reads that they did. The registry check holds every node to
+          declaring a change within the keepalive timeout plus the margin;
+          so a message queued later than that went on a live connection
+          (to the peer's new process, if it restarted) and must arrive.
+        * A fault *after* the send: a message on a live connection arrives
+          unless the connection dies first. The receiver reads in order, so
+          while the message has not arrived nothing sent after it has, and a
+          peer heard nothing from for the keepalive timeout is declared dead
+          (our consumer never fills its subscription, the one thing that
+          holds a silent peer). So a message not delivered a keepalive
+          timeout (plus the margin) after its send was lost by a connection
+          that died while both ends were well: a failure, not a fault's.
+        """
+        return self.keepalive_timeout_s + self.margin_s
 
     @property
     def warmup(self) -> float:
@@ -212,6 +258,8 @@ class Soak:
             raise SoakError(f"--nodes: expected at least 2, got {options.nodes}")
         if not 0 <= options.survivors < options.nodes:
             raise SoakError(f"--survivors: expected 0..{options.nodes - 1}")
+        if options.send_burst < 1:
+            raise SoakError(f"--send-burst: expected at least 1, got {options.send_burst}")
         first = ipaddress.IPv4Address(options.first_ip)
         self.ips = [str(first + i) for i in range(options.nodes)]
         loopback = ipaddress.IPv4Network("127.0.0.0/8")
@@ -227,6 +275,10 @@ class Soak:
         self.rng = random.Random(self.seed)
         self.members: list[Member] = []
         self.actions: list[Action] = []
+        #: What was done to each node (by IP) that may cost it messages, and when.
+        self.faults: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        #: When each node's processes were started (by IP): context, not faults.
+        self.starts: dict[str, list[float]] = defaultdict(list)
         self.agreement = AgreementTracker(options.bound_s)
         self.duplicates = DuplicateTracker(options.duplicate_grace_s)
         self.rss: dict[str, list[tuple[float, int]]] = defaultdict(list)
@@ -246,6 +298,7 @@ class Soak:
         self.final_agreement_s: float | None = None
         self.baseline_from: float | None = None
         self.final_from: float | None = None
+        self._sends_result: Sends | None = None
         self._next_tcp = 0.0
         self._next_rss = 0.0
         self._next_progress = 0.0
@@ -300,6 +353,14 @@ class Soak:
             str(state / "handled.log"),
             "--acked-log",
             str(state / "acked.log"),
+            "--sent-log",
+            str(state / "sent.log"),
+            "--received-log",
+            str(state / "received.log"),
+            "--send-rate",
+            str(opts.send_rate),
+            "--send-burst",
+            str(opts.send_burst),
             "--tag",
             f"{member.name}s{member.proc.starts + 1}",
             "--rate",
@@ -312,6 +373,11 @@ class Soak:
         member.proc.start(wait=False)
         member.state = STARTING
         member.starting_since = now
+        self.starts[member.ip].append(now)
+
+    def _fault(self, member: Member, what: str, at: float) -> None:
+        """Record something done to ``member`` that may lose messages in flight."""
+        self.faults[member.ip].append((at, what))
 
     # -- watching ------------------------------------------------------------------------
 
@@ -326,6 +392,7 @@ class Soak:
                     f"{m.name} exited by itself with status {code} while {m.state}; "
                     f"log: {m.proc.log_path}"
                 )
+                self._fault(m, "exit by itself", now)
                 m.state, m.changed_at = DEAD, now
                 continue
             # Only the soak signals its nodes: anything else makes its expectations wrong.
@@ -336,6 +403,7 @@ class Soak:
                     f"{m.name} was {what} by something outside the soak (pid {m.proc.pid}); "
                     "the checks of this run are not to be trusted"
                 )
+                self._fault(m, f"{what} outside the soak", now)
                 m.state, m.changed_at = (STOPPED if frozen else LIVE), now
                 continue
             if m.state == STARTING:
@@ -347,6 +415,7 @@ class Soak:
                         f"log: {m.proc.log_path}"
                     )
                     m.proc.kill()
+                    self._fault(m, "kill (not listening)", now)
                     m.state, m.changed_at = DEAD, now
 
     def _round(self) -> tuple[bool, float]:
@@ -441,6 +510,7 @@ class Soak:
         agreed = [a.agreed_after_s for a in self.actions if a.agreed_after_s is not None]
         worst = f"{max(agreed):.2f}" if agreed else "-"
         acked = sum(len(_read_lines(m.proc.state_dir / "acked.log")) for m in self.members)
+        delivered = sum(len(_read_lines(m.proc.state_dir / "received.log")) for m in self.members)
         violations = (
             len(self.agreement.violations)
             + len(self.duplicates.violations)
@@ -456,7 +526,8 @@ class Soak:
             f"{len(self.actions)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}) | "
             f"live {states[LIVE]} stopped {states[STOPPED]} dead {states[DEAD]} "
             f"starting {states[STARTING]} | agreement worst {worst}/"
-            f"{self.options.bound_s:.2f} s | acked {acked} | conns per pair max "
+            f"{self.options.bound_s:.2f} s | acked {acked} | messages delivered {delivered} | "
+            f"conns per pair max "
             f"{self.duplicates.most_at_once} | survivors' RSS MB {rss or '-'} | "
             f"violations {violations}"
         )
@@ -499,6 +570,7 @@ class Soak:
         except NodeProcessError as exc:
             # It exited by itself, or would not obey: a finding, and the run goes on.
             self.process_troubles.append(f"{kind} of {member.name}: {str(exc).splitlines()[0]}")
+            self._fault(member, f"{kind} failed", time.monotonic())
             if not member.proc.running:
                 member.state, member.changed_at = DEAD, time.monotonic()
                 action.effective_at = member.changed_at
@@ -506,6 +578,8 @@ class Soak:
 
     def _do(self, action: Action, member: Member, now: float) -> None:
         kind = action.kind
+        if kind != "start":  # a start loses nothing: a new connection carries everything
+            self._fault(member, kind, now)
         if kind == "kill":
             member.proc.kill()
             member.state, member.changed_at = DEAD, now
@@ -592,6 +666,7 @@ class Soak:
         now = time.monotonic()
         for m in self.members:
             if m.state == STOPPED:
+                self._fault(m, "cont (chaos over)", time.monotonic())
                 m.proc.cont()
                 m.state, m.changed_at = LIVE, time.monotonic()
             elif m.state == DEAD:
@@ -609,6 +684,7 @@ class Soak:
     def _shutdown(self) -> None:
         for m in self.members:
             if m.proc.running:
+                self._fault(m, "end of the soak", time.monotonic())
                 try:
                     self.exit_codes[m.name] = m.proc.terminate(timeout_s=10.0)
                 except NodeProcessError as exc:
@@ -623,6 +699,7 @@ class Soak:
             self._check_agreement(),
             self._check_connections(),
             self._check_exactly_once(),
+            self._check_sends(),
             self._check_rss(),
             self._check_clean(),
         ]
@@ -716,6 +793,35 @@ class Soak:
             details.append("no request was acknowledged: the check means nothing")
         return Check("every acknowledged request handled exactly once", r.ok, summary, details)
 
+    def _sends(self) -> Sends:
+        if self._sends_result is None:
+            logs = {m.ip: m.proc.state_dir for m in self.members}
+            self._sends_result = check_sends(
+                {ip: _read_lines(state / "sent.log") for ip, state in logs.items()},
+                {ip: _read_lines(state / "received.log") for ip, state in logs.items()},
+                self.faults,
+                self.options.send_loss_window_s,
+                origin=self.t0,
+                starts=self.starts,
+            )
+        return self._sends_result
+
+    def _check_sends(self) -> Check:
+        r = self._sends()
+        details = r.troubles()
+        if r.lost:
+            details.insert(
+                0, "(times from the start of the chaos; negative: while the fleet started)"
+            )
+        if r.sent == 0 or r.delivered == 0:
+            details.append("no message was sent and delivered: the check means nothing")
+        return Check(
+            "every message whose send() returned delivered once and in order, or lost to a fault",
+            r.ok,
+            r.describe(),
+            details,
+        )
+
     def _check_rss(self) -> Check:
         limit = self.options.rss_limit_bytes
         details: list[str] = []
@@ -791,6 +897,7 @@ class Soak:
                 for a in self.actions
             ],
             "bound_s": self.options.bound_s,
+            "sends": self._send_figures(),
             # Every tenth sample: enough to see a trend.
             "rss_bytes": {
                 name: [[round(t - self.t0, 1), b] for t, b in samples[::10]]
@@ -801,6 +908,21 @@ class Soak:
                 for c in checks
             ],
             "ok": all(c.ok for c in checks),
+        }
+
+    def _send_figures(self) -> dict[str, Any]:
+        r = self._sends()
+        return {
+            "sent": r.sent,
+            "delivered": r.delivered,
+            "refused": dict(r.refused),
+            "unfinished": r.unfinished,
+            "excused": dict(r.excused),
+            "lost": len(r.lost),
+            "duplicates": len(r.duplicates),
+            "out_of_order": len(r.out_of_order),
+            "window_s": r.window_s,
+            "slowest_s": round(r.slowest_s, 3),
         }
 
     def report(self, checks: Sequence[Check]) -> None:
@@ -861,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m edgenode.testing.soak",
         description="Run a fleet of nodes while a random one is killed, stopped or restarted "
         "every few seconds, and check the registry, the connections, exactly-once requests "
-        "and memory all along. Exit status 0 only if every check held.",
+        "and messages, and memory all along. Exit status 0 only if every check held.",
     )
     p.add_argument("--nodes", type=int, default=defaults.nodes, help="fleet size (default 20)")
     p.add_argument(
@@ -908,6 +1030,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per second each node makes (default 2)",
     )
     p.add_argument(
+        "--send-rate",
+        type=_positive,
+        default=defaults.send_rate,
+        help="one-way messages per second each node sends (default 8)",
+    )
+    p.add_argument(
+        "--send-burst",
+        type=int,
+        default=defaults.send_burst,
+        help="messages each send burst sends to one peer in a row (default 4)",
+    )
+    p.add_argument(
         "--warmup",
         type=_positive,
         default=None,
@@ -939,6 +1073,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handshake_timeout_s=args.handshake_timeout,
         margin_s=args.margin,
         request_rate=args.rate,
+        send_rate=args.send_rate,
+        send_burst=args.send_burst,
         warmup_s=args.warmup,
         rss_limit_bytes=int(args.rss_limit_mb * 1e6),
         workdir=args.workdir,

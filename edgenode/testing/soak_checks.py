@@ -10,15 +10,18 @@
 * :class:`AgreementTracker`: a node's peer table against which processes
   are alive, within a bound.
 * :func:`check_exactly_once`: the soak nodes' handled and acked logs.
+* :func:`check_sends`: the soak nodes' sent and received logs, against the
+  faults the soak made.
 
 No clock and no randomness: times come in as arguments.
 """
 
 from __future__ import annotations
 
+import bisect
 import socket
 import struct
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,3 +287,281 @@ def check_exactly_once(
                 )
     result.handled_not_acknowledged = sum(1 for r in seen if r not in acknowledged)
     return result
+
+
+# -- exactly once, in order, for send() -----------------------------------------------------------
+
+#: Something that happened to a node that may cost it messages: (``time.monotonic()``, what).
+Fault = tuple[float, str]
+
+
+class _Message:
+    """What the logs say of one message."""
+
+    __slots__ = ("called_at", "deliveries", "refused", "returned_at", "sender", "to")
+
+    def __init__(self, sender: str, to: str, called_at: float) -> None:
+        self.sender = sender
+        self.to = to
+        self.called_at = called_at
+        self.returned_at: float | None = None
+        self.refused: str | None = None
+        self.deliveries = 0
+
+
+@dataclass
+class Sends:
+    """The send check's figures; ``ok`` when every list of trouble is empty."""
+
+    #: How far from a fault a message's send may be for the fault to explain its loss.
+    window_s: float
+    #: ``send()`` calls logged, and those that returned (the messages checked).
+    called: int = 0
+    sent: int = 0
+    #: Calls that raised, by error.
+    refused: Counter[str] = field(default_factory=Counter)
+    #: Calls whose process ended inside them (neither returned nor raised in the log).
+    unfinished: int = 0
+    #: Deliveries logged, and how many of them were of unfinished calls.
+    delivered: int = 0
+    delivered_unfinished: int = 0
+    #: Lost messages that a fault explains, by whose fault and which.
+    excused: Counter[str] = field(default_factory=Counter)
+    #: Longest from ``send()`` returning to the delivery, and of which message.
+    slowest_s: float = 0.0
+    slowest: str = ""
+    lost: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    out_of_order: list[str] = field(default_factory=list)
+    phantoms: list[str] = field(default_factory=list)
+    delivered_refused: list[str] = field(default_factory=list)
+    misrouted: list[str] = field(default_factory=list)
+    receiver_troubles: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)
+
+    def troubles(self) -> list[str]:
+        """Every finding, one line each, prefixed with its kind."""
+        return [
+            *(f"lost, no fault explains it: {x}" for x in self.lost),
+            *(f"delivered more than once: {x}" for x in self.duplicates),
+            *(f"out of order: {x}" for x in self.out_of_order),
+            *(f"delivered, never sent: {x}" for x in self.phantoms),
+            *(f"delivered although send() raised: {x}" for x in self.delivered_refused),
+            *(f"misrouted: {x}" for x in self.misrouted),
+            *(f"receiver: {x}" for x in self.receiver_troubles),
+            *(f"malformed: {x}" for x in self.malformed),
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.delivered > 0 and not self.troubles()
+
+    def describe(self) -> str:
+        """One line of figures for the soak's report."""
+        excused = sum(self.excused.values())
+        why = ", ".join(f"{what} {n}" for what, n in self.excused.most_common())
+        refused = ", ".join(f"{what} {n}" for what, n in self.refused.most_common())
+        return (
+            f"{self.sent} messages sent (send() returned), {self.delivered} deliveries; "
+            f"lost to a fault within {self.window_s:.2f} s of the send {excused}"
+            + (f" ({why})" if why else "")
+            + f"; lost with no fault to explain it {len(self.lost)}, delivered more than once "
+            f"{len(self.duplicates)}, out of order {len(self.out_of_order)}, never sent "
+            f"{len(self.phantoms)}, delivered although send() raised "
+            f"{len(self.delivered_refused)}, misrouted {len(self.misrouted)}, receiver troubles "
+            f"{len(self.receiver_troubles)}, malformed lines {len(self.malformed)}; "
+            f"send() raised {sum(self.refused.values())}"
+            + (f" ({refused})" if refused else "")
+            + f", {self.unfinished} calls cut by their process's end "
+            f"({self.delivered_unfinished} of them delivered); slowest delivery "
+            f"{self.slowest_s:.2f} s" + (f" ({self.slowest})" if self.slowest else "")
+        )
+
+
+def check_sends(
+    sent: Mapping[str, Iterable[str]],
+    received: Mapping[str, Iterable[str]],
+    faults: Mapping[str, Iterable[Fault]],
+    window_s: float,
+    origin: float = 0.0,
+    starts: Mapping[str, Iterable[float]] | None = None,
+) -> Sends:
+    """Check the soak nodes' sent and received logs against the faults the soak made.
+
+    ``sent`` maps a node's IP to the lines of its sent log (``> ID TO_IP T``
+    before a ``send()``, then ``= ID TO_IP T`` once it returned or ``x ID
+    TO_IP ERROR`` if it raised); ``received`` maps a node's IP to its
+    received log, in arrival order (``ID FROM_IP T``, or ``! WHAT`` for
+    trouble); an ID is ``SENDER.SEQ``. ``faults`` maps a node's IP to what
+    was done to it and when. Times are ``time.monotonic()`` (one clock for
+    every process on the machine); ``origin`` is subtracted in messages.
+    ``starts`` maps a node's IP to when its processes were started: shown
+    beside a loss that no fault explains, never an excuse (a new process's
+    connections are new, and carry everything ``send()`` queues on them).
+
+    Checked: no message is delivered twice, or anywhere but to the node it
+    was sent to from the node that sent it; per (sender, receiver) the
+    sequence numbers delivered strictly increase; nothing is delivered that
+    was never sent or whose ``send()`` raised; and every message whose
+    ``send()`` returned is delivered, unless its sender or its receiver had
+    a fault within ``window_s`` of the moment ``send()`` returned, either
+    side (see :class:`~edgenode.testing.soak.SoakOptions.send_loss_window_s`
+    for why such a fault explains a loss and a later or earlier one does
+    not).
+    """
+    result = Sends(window_s)
+    messages: dict[str, _Message] = {}
+    for sender_ip, lines in sent.items():
+        for line in lines:
+            _read_sent_line(result, messages, sender_ip, line)
+    highest: dict[tuple[str, str], tuple[int, str]] = {}  # (sender, receiver) -> seq, id
+    for receiver_ip, lines in received.items():
+        for line in lines:
+            _read_received_line(result, messages, highest, receiver_ip, line)
+    by_ip = {ip: sorted(events) for ip, events in faults.items()}
+    context = {ip: list(events) for ip, events in by_ip.items()}
+    for ip, times in (starts or {}).items():
+        context[ip] = sorted([*context.get(ip, []), *((t, "start") for t in times)])
+    for message_id, m in sorted(messages.items(), key=lambda item: item[1].called_at):
+        if m.returned_at is None:
+            if m.refused is None:
+                result.unfinished += 1
+                result.delivered_unfinished += m.deliveries > 0
+            continue
+        result.sent += 1
+        if m.deliveries:
+            continue
+        near = _nearest(by_ip, m, window_s)
+        if near is not None:
+            (_, what), role = near
+            result.excused[f"{role} {what}"] += 1
+            continue
+        result.lost.append(
+            f"{message_id} from {m.sender} to {m.to}, send() returned at "
+            f"{m.returned_at - origin:.2f} s; {_faults_around(context, m, origin)}"
+        )
+    return result
+
+
+def _read_sent_line(
+    result: Sends, messages: dict[str, _Message], sender_ip: str, line: str
+) -> None:
+    fields = line.split()
+    try:
+        mark, message_id, to = fields[0], fields[1], fields[2]
+        if len(fields) != 4 or mark not in (">", "=", "x") or not _parse_id(message_id):
+            raise ValueError(line)
+        if mark == ">":
+            if message_id in messages:
+                raise ValueError("a message ID used twice")
+            messages[message_id] = _Message(sender_ip, to, float(fields[3]))
+            result.called += 1
+            return
+        m = messages[message_id]
+        if (
+            m.sender != sender_ip
+            or m.to != to
+            or m.returned_at is not None
+            or m.refused is not None
+        ):
+            raise ValueError("an outcome that does not match its call")
+        if mark == "=":
+            m.returned_at = float(fields[3])
+        else:
+            m.refused = fields[3]
+            result.refused[fields[3]] += 1
+    except (IndexError, KeyError, ValueError):
+        result.malformed.append(f"sent log of {sender_ip}: {line!r:.80}")
+
+
+def _read_received_line(
+    result: Sends,
+    messages: dict[str, _Message],
+    highest: dict[tuple[str, str], tuple[int, str]],
+    receiver_ip: str,
+    line: str,
+) -> None:
+    if line.startswith("!"):
+        result.receiver_troubles.append(f"{receiver_ip}: {line[1:].strip():.200}")
+        return
+    fields = line.split()
+    parsed = _parse_id(fields[0]) if len(fields) == 3 else None
+    try:
+        delivered_at = float(fields[2])
+    except (IndexError, ValueError):
+        parsed = None
+    if parsed is None:
+        result.malformed.append(f"received log of {receiver_ip}: {line!r:.80}")
+        return
+    message_id, from_ip = fields[0], fields[1]
+    sender, seq = parsed
+    result.delivered += 1
+    m = messages.get(message_id)
+    if m is None:
+        result.phantoms.append(f"{message_id} from {from_ip} at {receiver_ip}")
+        return
+    m.deliveries += 1
+    if m.deliveries > 1:
+        result.duplicates.append(
+            f"{message_id} from {m.sender} to {m.to}: delivery {m.deliveries}, at {receiver_ip}"
+        )
+        return
+    if m.refused is not None:
+        result.delivered_refused.append(
+            f"{message_id} from {m.sender} to {m.to}: send() raised {m.refused}"
+        )
+    if receiver_ip != m.to or from_ip != m.sender:
+        result.misrouted.append(
+            f"{message_id} sent from {m.sender} to {m.to}, delivered at {receiver_ip} "
+            f"as from {from_ip}"
+        )
+    key = (sender, receiver_ip)
+    before = highest.get(key)
+    if before is not None and seq < before[0]:
+        result.out_of_order.append(f"{message_id} delivered at {receiver_ip} after {before[1]}")
+    else:
+        highest[key] = (seq, message_id)
+    if m.returned_at is not None and delivered_at - m.returned_at > result.slowest_s:
+        result.slowest_s = delivered_at - m.returned_at
+        result.slowest = message_id
+
+
+def _parse_id(message_id: str) -> tuple[str, int] | None:
+    """(sender, sequence number) of ``SENDER.SEQ``, or None."""
+    sender, dot, seq = message_id.rpartition(".")
+    if not dot or not sender or not seq.isdigit():
+        return None
+    return sender, int(seq)
+
+
+def _nearest(
+    faults: Mapping[str, list[Fault]], m: _Message, window_s: float
+) -> tuple[Fault, str] | None:
+    """The fault of ``m``'s sender or receiver nearest its send within the window."""
+    assert m.returned_at is not None
+    best: tuple[Fault, str] | None = None
+    for ip, role in ((m.sender, "sender"), (m.to, "receiver")):
+        for fault in _around(faults.get(ip, []), m.returned_at, window_s):
+            if best is None or abs(fault[0] - m.returned_at) < abs(best[0][0] - m.returned_at):
+                best = (fault, role)
+    return best
+
+
+def _around(faults: list[Fault], at: float, window_s: float) -> list[Fault]:
+    start = bisect.bisect_left(faults, (at - window_s, ""))
+    return [f for f in faults[start:] if f[0] <= at + window_s]
+
+
+def _faults_around(faults: Mapping[str, list[Fault]], m: _Message, origin: float) -> str:
+    """The events of ``m``'s two nodes nearest its send, one either side, for a report."""
+    assert m.returned_at is not None
+    parts = []
+    for ip, role in ((m.sender, "sender"), (m.to, "receiver")):
+        events = faults.get(ip, [])
+        at = bisect.bisect_left(events, (m.returned_at, ""))
+        described = ", ".join(
+            f"{what} at {t - origin:.2f} s ({t - m.returned_at:+.2f} s)"
+            for t, what in events[max(0, at - 1) : at + 1]
+        )
+        parts.append(f"{role} {ip}: {described or 'none'}")
+    return "nearest events: " + "; ".join(parts)

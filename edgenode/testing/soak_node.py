@@ -1,9 +1,10 @@
-"""The node the soak runs: answers requests durably and asks random peers.
+"""The node the soak runs: answers requests, asks and messages random peers, all logged.
 
 Run as ``python -m edgenode.testing.soak_node --config FILE --handled-log H
---acked-log A --tag T``, one process per node, by :mod:`edgenode.testing.soak`
-through :class:`~edgenode.testing.procs.NodeProcess`. It is ``edgenode run``
-plus a small application:
+--acked-log A --sent-log S --received-log R --tag T``, one process per node,
+by :mod:`edgenode.testing.soak` through
+:class:`~edgenode.testing.procs.NodeProcess`. It is ``edgenode run`` plus a
+small application:
 
 * A handler on :data:`SOAK_TOPIC` records each request's ID in the handled
   log *before* answering. Each record is one ``write(2)`` to a file opened
@@ -15,10 +16,27 @@ plus a small application:
   paced rate with a bound on requests in flight, and records each
   acknowledged ID, after the answer arrived and matched, in the acked log.
 
+* A sender (:class:`SoakSender`) sends one-way messages with ``await
+  node.send()`` on :data:`SEND_TOPIC`, in paced bursts to random up peers,
+  at most one burst in flight per peer (so that "the order sent" to a peer
+  is one sequence) and a bounded number in all. Each payload is its
+  message ID, ``TAG.SEQ``: the sender (the tag of this process start) and
+  its sequence number, counted over all peers. The sent log gets ``> ID
+  TO_IP T`` before the call, then ``= ID TO_IP T`` once it returned, or
+  ``x ID TO_IP ERROR`` if it raised, each before the next send.
+* A default ``subscribe(SEND_TOPIC)`` logs each message it delivers, in
+  arrival order, in the received log: ``ID FROM_IP T``; a payload that is
+  not a message ID, or the subscription ending, as ``! WHAT``.
+
+``T`` is ``time.monotonic()``, the system-wide CLOCK_MONOTONIC on Linux: the
+runner's fault times are on the same clock.
+
 The soak then checks that every acknowledged ID was handled exactly once,
-by the peer it was sent to. Lines: handled ``ID FROM_IP``; acked ``ID
-TO_IP``; an answer that does not match its request is recorded in the
-acked log as ``! ID TO_IP REPLY`` and fails the soak.
+by the peer it was sent to (handled ``ID FROM_IP``; acked ``ID TO_IP``; an
+answer that does not match its request is recorded in the acked log as
+``! ID TO_IP REPLY`` and fails the soak), and that every message whose
+``send()`` returned was delivered exactly once and in order, or lost to a
+fault (:func:`edgenode.testing.soak_checks.check_sends`).
 """
 
 from __future__ import annotations
@@ -29,13 +47,14 @@ import os
 import random
 import signal
 import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import anyio
 
-from ..errors import ConfigError, EdgeNodeError
+from ..errors import ConfigError, EdgeNodeError, SubscriberStalled
 
 log = logging.getLogger("edgenode.soak")
 
@@ -43,7 +62,17 @@ log = logging.getLogger("edgenode.soak")
 SOAK_TOPIC = "soak/request"
 #: What a handler answers: this prefix and the request ID.
 REPLY_PREFIX = b"handled "
+#: The topic of the soak's one-way messages.
+SEND_TOPIC = "soak/send"
 _MAX_ID_BYTES = 64
+
+
+def _valid_id(payload: bytes) -> bool:
+    """Whether ``payload`` is a soak ID: printable ASCII, no spaces, not too long."""
+    if not 0 < len(payload) <= _MAX_ID_BYTES:
+        return False
+    text = payload.decode("ascii", errors="replace")
+    return text.isprintable() and " " not in text and "\ufffd" not in text
 
 
 def _append(fd: int, line: str) -> None:
@@ -56,6 +85,30 @@ def _append(fd: int, line: str) -> None:
 
 def _open_log(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+async def _paced(period_s: float, rng: random.Random) -> AsyncIterator[None]:
+    """Yield every ``period_s`` on average, with jitter so that nodes do not act in
+    step; after a long pause (a SIGSTOP) carry on from now instead of bursting."""
+    due = anyio.current_time()
+    while True:
+        due += period_s * rng.uniform(0.5, 1.5)
+        await anyio.sleep_until(due)
+        now = anyio.current_time()
+        if now - due > 5 * period_s:
+            due = now
+        yield
+
+
+async def _report_every(every_s: float, line: Callable[[], str]) -> None:
+    """Log ``line()`` every ``every_s`` seconds, until cancelled."""
+    while True:
+        await anyio.sleep(every_s)
+        log.info("%s", line())
+
+
+def _outcomes(outcomes: Counter[str]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items())) or "no outcomes yet"
 
 
 class SoakApp:
@@ -92,11 +145,7 @@ class SoakApp:
         """The request handler: record the ID durably, then answer."""
         payload: bytes = request.payload  # type: ignore[attr-defined]
         request_id = payload.decode("ascii", errors="replace")
-        if (
-            not 0 < len(payload) <= _MAX_ID_BYTES
-            or not request_id.isprintable()
-            or " " in request_id
-        ):
+        if not _valid_id(payload):
             raise ValueError(f"bad soak request id {payload[:_MAX_ID_BYTES]!r}")
         _append(self.handled_fd, f"{request_id} {request.peer}\n")  # type: ignore[attr-defined]
         self.handled += 1
@@ -104,17 +153,9 @@ class SoakApp:
 
     async def run_client(self) -> None:
         """Send requests to random up peers until cancelled."""
-        period_s = 1.0 / self.rate_per_s
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._report)
-            due = anyio.current_time()
-            while True:
-                # Paced, with jitter so that nodes do not ask in step.
-                due += period_s * self.rng.uniform(0.5, 1.5)
-                await anyio.sleep_until(due)
-                now = anyio.current_time()
-                if now - due > 5 * period_s:  # fell behind (a SIGSTOP): do not burst
-                    due = now
+            tg.start_soon(_report_every, self.report_every_s, self._figures)
+            async for _ in _paced(1.0 / self.rate_per_s, self.rng):
                 if self.inflight >= self.max_inflight:
                     self.outcomes["skipped: too many in flight"] += 1
                     continue
@@ -148,24 +189,121 @@ class SoakApp:
             _append(self.acked_fd, f"! {request_id} {ip} {reply[:80].hex()}\n")
             self.outcomes["wrong answer"] += 1
 
-    async def _report(self) -> None:
+    def _figures(self) -> str:
+        return (
+            f"soak: sent {self.sent}, handled {self.handled}, in flight {self.inflight}; "
+            + _outcomes(self.outcomes)
+        )
+
+
+class SoakSender:
+    """The soak's one-way messages on one node: sends them and logs what arrives."""
+
+    def __init__(
+        self,
+        node: object,
+        *,
+        sent_fd: int,
+        received_fd: int,
+        tag: str,
+        rate_per_s: float,
+        burst: int,
+        max_inflight: int,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+        report_every_s: float = 10.0,
+    ) -> None:
+        self.node = node
+        self.sent_fd = sent_fd
+        self.received_fd = received_fd
+        self.tag = tag
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_inflight = max_inflight
+        self.rng = rng
+        self.clock = clock
+        self.report_every_s = report_every_s
+        #: The last sequence number used (one count over every peer).
+        self.seq = 0
+        #: Peers with a burst in flight: one at a time each, so that the order
+        #: sent to a peer is the order of its sequence numbers.
+        self.busy: set[str] = set()
+        self.outcomes: Counter[str] = Counter()
+        self.received = 0
+
+    async def run(self) -> None:
+        """Send bursts to random up peers until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_report_every, self.report_every_s, self._figures)
+            async for _ in _paced(self.burst / self.rate_per_s, self.rng):
+                if len(self.busy) >= self.max_inflight:
+                    self.outcomes["bursts skipped: too many in flight"] += 1
+                    continue
+                idle = [
+                    row.ip
+                    for row in self.node.peers()  # type: ignore[attr-defined]
+                    if row.state == "up" and "/" not in row.ip and row.ip not in self.busy
+                ]
+                if not idle:
+                    self.outcomes["bursts skipped: no idle peer up"] += 1
+                    continue
+                ip = self.rng.choice(idle)
+                self.busy.add(ip)
+                tg.start_soon(self._send_burst, ip)
+
+    async def _send_burst(self, ip: str) -> None:
+        try:
+            for _ in range(self.burst):
+                self.seq += 1
+                message_id = f"{self.tag}.{self.seq}"
+                _append(self.sent_fd, f"> {message_id} {ip} {self.clock():.6f}\n")
+                try:
+                    await self.node.send(ip, SEND_TOPIC, message_id.encode())  # type: ignore[attr-defined]
+                except EdgeNodeError as exc:
+                    _append(self.sent_fd, f"x {message_id} {ip} {type(exc).__name__}\n")
+                    self.outcomes[f"refused: {type(exc).__name__}"] += 1
+                    return  # the peer is down: the rest of the burst would be refused too
+                _append(self.sent_fd, f"= {message_id} {ip} {self.clock():.6f}\n")
+                self.outcomes["sent"] += 1
+        finally:
+            self.busy.discard(ip)
+
+    async def receive(self, stream: object) -> None:
+        """Log each message the default subscription ``stream`` delivers, in arrival order."""
         while True:
-            await anyio.sleep(self.report_every_s)
-            figures = ", ".join(f"{n} {what}" for what, n in sorted(self.outcomes.items()))
-            log.info(
-                "soak: sent %d, handled %d, in flight %d; %s",
-                self.sent,
-                self.handled,
-                self.inflight,
-                figures or "no outcomes yet",
-            )
+            try:
+                async for msg in stream:  # type: ignore[attr-defined]
+                    payload: bytes = msg.payload
+                    if _valid_id(payload):
+                        line = f"{payload.decode()} {msg.peer} {self.clock():.6f}\n"
+                    else:
+                        line = f"! bad payload from {msg.peer}: {payload[:_MAX_ID_BYTES].hex()}\n"
+                    _append(self.received_fd, line)
+                    self.received += 1
+                return  # closed: the node is closing
+            except SubscriberStalled as exc:
+                # The node's documented outcome for a stuck consumer; this one only
+                # writes a line, so it is a finding: recorded, then subscribe again.
+                _append(self.received_fd, f"! {exc}\n")
+                log.error("soak: %s", exc)
+            finally:
+                stream.close()  # type: ignore[attr-defined]
+            stream = self.node.subscribe(SEND_TOPIC)  # type: ignore[attr-defined]
+
+    def _figures(self) -> str:
+        return (
+            f"soak messages: sequence {self.seq}, received {self.received}, bursts in flight "
+            f"{len(self.busy)}; " + _outcomes(self.outcomes)
+        )
 
 
 async def _run(args: argparse.Namespace, config: object, identity: object) -> None:
     from ..node import Node
 
-    handled_fd = _open_log(args.handled_log)
-    acked_fd = _open_log(args.acked_log)
+    fds = [_open_log(path) for path in (args.handled_log, args.acked_log)]
+    fds += [_open_log(path) for path in (args.sent_log, args.received_log)]
+    handled_fd, acked_fd, sent_fd, received_fd = fds
+    rng = random.Random(args.seed)
     try:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with Node(config, identity=identity) as node:  # type: ignore[arg-type]
@@ -177,19 +315,35 @@ async def _run(args: argparse.Namespace, config: object, identity: object) -> No
                     rate_per_s=args.rate,
                     max_inflight=args.max_inflight,
                     request_timeout_s=args.request_timeout,
-                    rng=random.Random(args.seed),
+                    rng=rng,
                     report_every_s=args.report_every,
                 )
+                sender = SoakSender(
+                    node,
+                    sent_fd=sent_fd,
+                    received_fd=received_fd,
+                    tag=args.tag,
+                    rate_per_s=args.send_rate,
+                    burst=args.send_burst,
+                    max_inflight=args.send_max_inflight,
+                    rng=random.Random(rng.getrandbits(32)),
+                    report_every_s=args.report_every,
+                )
+                # Before any await: a message that came before the subscription
+                # would have nowhere to go.
+                stream = node.subscribe(SEND_TOPIC)
                 node.handle(SOAK_TOPIC, app.answer)
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(sender.receive, stream)
                     tg.start_soon(app.run_client)
+                    tg.start_soon(sender.run)
                     async for signum in signals:
                         log.info("received %s: saying bye to peers", signal.Signals(signum).name)
                         break
                     tg.cancel_scope.cancel()
     finally:
-        os.close(handled_fd)
-        os.close(acked_fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _positive(text: str) -> float:
@@ -199,18 +353,39 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m edgenode.testing.soak_node",
-        description="A node for the soak: answers requests durably and asks random peers.",
+        description="A node for the soak: answers requests, asks and messages random peers, "
+        "and logs it all durably.",
     )
     parser.add_argument("--config", type=Path, required=True, metavar="FILE")
     parser.add_argument("--handled-log", type=Path, required=True, metavar="FILE")
     parser.add_argument("--acked-log", type=Path, required=True, metavar="FILE")
-    parser.add_argument("--tag", required=True, help="prefix of this process's request IDs")
+    parser.add_argument("--sent-log", type=Path, required=True, metavar="FILE")
+    parser.add_argument("--received-log", type=Path, required=True, metavar="FILE")
+    parser.add_argument(
+        "--tag", required=True, help="prefix of this process's request and message IDs"
+    )
     parser.add_argument("--rate", type=_positive, default=2.0, help="requests per second")
     parser.add_argument("--max-inflight", type=int, default=8)
     parser.add_argument("--request-timeout", type=_positive, default=5.0, metavar="S")
+    parser.add_argument(
+        "--send-rate", type=_positive, default=8.0, help="one-way messages per second"
+    )
+    parser.add_argument(
+        "--send-burst", type=_count, default=4, help="messages sent to one peer in a row"
+    )
+    parser.add_argument(
+        "--send-max-inflight", type=_count, default=4, help="most bursts in flight at once"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--report-every", type=_positive, default=10.0, metavar="S", help="log figures this often"
