@@ -107,6 +107,7 @@ from .proto.messages import (
 from .proto.messages import (
     PING as MSG_PING,
 )
+from .refusals import RefusalLog
 from .registry import DOWN, INBOUND, OUTBOUND, UP, PeerEntry, Registry, ip_sort_key, normalise_ip
 from .state import KNOWN_PEERS_FILENAME, KnownPeer, KnownPeers, save_known_peers
 from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
@@ -366,12 +367,19 @@ class _Closed(_Ev):
 
 
 class _Failed(_Ev):
-    """A handshake (inbound) or dial (outbound, ``dialled``) failed."""
+    """A handshake (inbound) or dial (outbound, ``dialled``) failed.
 
-    __slots__ = ("dialled", "error", "ip")
+    ``recorded``: the accept loop has already counted (and logged) it in
+    the node's refusal log.
+    """
 
-    def __init__(self, ip: str, error: EdgeNodeError, dialled: bool) -> None:
+    __slots__ = ("dialled", "error", "ip", "recorded")
+
+    def __init__(
+        self, ip: str, error: EdgeNodeError, dialled: bool, recorded: bool = False
+    ) -> None:
         self.ip, self.error, self.dialled, self.t = ip, error, dialled, monotonic()
+        self.recorded = recorded
 
 
 class _Send(_Ev):
@@ -428,6 +436,7 @@ _REQUEST_DEADLINE = 1
 _HOUSEKEEPING = 2
 _LINK_TICK = 3
 _BEACON = 4
+_REFUSAL_SUMMARY = 5
 
 
 class Node:
@@ -517,6 +526,10 @@ class Node:
         self.unrouted = 0
         self.lost_sends = 0
         self.refused = 0
+        #: Refused connections and failed inbound handshakes: exact counts,
+        #: and the ration of log lines about them (edgenode/refusals.py).
+        self.refusals = RefusalLog()
+        self._refusal_timer: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -1018,6 +1031,7 @@ class Node:
             max_total=config.max_handshakes,
             rate_per_ip=config.max_handshake_rate_per_ip,
         )
+        refusals = self.refusals
         accept_batch = 8  # connections taken per wake-up; other tasks run in between
         backoff_s = 0.1  # after running out of descriptors, as trio does
         out_of_resources = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -1026,12 +1040,12 @@ class Node:
         async def accept_from(sock: socket.socket) -> None:
             nonlocal failures
             while True:
-                due = admission.next_report_at()
+                # Wake for the refusal log's summary of what this loop refused.
+                due = refusals.next_summary_at()
                 with anyio.move_on_after(None if due is None else max(0.0, due - monotonic())):
                     await anyio.wait_readable(sock)
                 now = monotonic()
-                for ip, message in admission.due_reports(now):
-                    await self._post(_Failed(ip, HandshakeError(message), False))
+                self._log_refusal_summary(now)
                 for _ in range(accept_batch):
                     try:
                         client, address = sock.accept()
@@ -1056,9 +1070,13 @@ class Node:
                         tg.start_soon(self._accept, client, ip, admission)
                         continue
                     refuse_socket(client)
-                    message = admission.refused(ip, refusal, now)
-                    if message is not None:
-                        await self._post(_Failed(ip, HandshakeError(message), False))
+                    # Counted exactly; a line (and an event) only while the log's
+                    # budget lasts, the rest summarised across all addresses.
+                    line = refusals.record(ip, refusal, now)
+                    if line is not None:
+                        log.warning(line, extra={"peer": ip, "reason": refusal})
+                        error = HandshakeError(f"{ip}: {refusal}")
+                        await self._post(_Failed(ip, error, False, recorded=True))
 
         sockets = [
             one.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -1352,6 +1370,10 @@ class Node:
                             f"on {pending.topic!r} within {pending.timeout_s} s"
                         ),
                     )
+            elif kind == _REFUSAL_SUMMARY:
+                self._refusal_timer = None
+                self._log_refusal_summary(now)
+                self._arm_refusal_summary()
             elif kind == _HOUSEKEEPING:
                 for entry in self.registry.prune(now):
                     self.keepalive.forget(entry.ip)
@@ -1920,13 +1942,25 @@ class Node:
                     delay,
                     extra={"peer": ip, "reason": str(error)},
                 )
-        else:
-            log.warning(
-                "refused connection from %s: %s",
-                ip,
-                error,
-                extra={"peer": ip, "reason": str(error)},
-            )
+        elif not ev.recorded:
+            reason = str(error)
+            line = self.refusals.record(ip, reason, now)
+            if line is not None:
+                log.warning(line, extra={"peer": ip, "reason": reason})
+            else:
+                self._arm_refusal_summary()
+
+    def _arm_refusal_summary(self) -> None:
+        """Wake the dispatcher when the refusal log's summary falls due."""
+        due = self.refusals.next_summary_at()
+        if due is not None and self._refusal_timer is None:
+            self._refusal_timer = due
+            self._push_timer(due, _REFUSAL_SUMMARY, None)
+
+    def _log_refusal_summary(self, now: float) -> None:
+        line = self.refusals.summary(now)
+        if line is not None:
+            log.warning(line)
 
     def _learn(self, msg: Peers, now: float) -> None:
         if not self.config.learn_peers:
