@@ -27,6 +27,14 @@ from ..refusals import address_group
 from ..registry import normalise_ip
 
 
+class Unreachable(HandshakeError):
+    """A dial found no listener: the connect was refused, unreachable or unanswered.
+
+    It cost the peer nothing, unlike a failure after the connect: the
+    redial rules retry it soon (:mod:`edgenode.redial`, rule 3).
+    """
+
+
 class Link:
     """An authenticated TLS stream and what the handshake proved."""
 
@@ -242,20 +250,30 @@ async def dial_link(
     cert_der: bytes,
     local_host: str | None,
     is_authorised: Callable[[str], bool],
+    connect_timeout_s: float | None = None,
 ) -> Link:
     """Connect to a peer, send the preamble and complete TLS 1.3.
 
-    Raises :class:`NotAuthorised` if the listener's node ID is not
-    authorised and :class:`HandshakeError` when the connection or TLS fails.
-    The caller bounds it with a timeout.
+    Raises :class:`Unreachable` when the connect fails or is not answered
+    within ``connect_timeout_s`` (nothing listens: the peer is away),
+    :class:`NotAuthorised` if the listener's node ID is not authorised and
+    :class:`HandshakeError` when the connection or TLS fails after the
+    connect. The caller bounds the whole dial with a timeout; make
+    ``connect_timeout_s`` shorter than that, or a connect that is never
+    answered is reported as the whole dial's timeout instead.
     """
     try:
-        stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+        with anyio.fail_after(connect_timeout_s):
+            stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+    except TimeoutError:
+        raise Unreachable(
+            f"{ip}:{port}: cannot connect: no answer within {connect_timeout_s} s"
+        ) from None
     except OSError as exc:
         # anyio reports "all connection attempts failed"; the cause says why.
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
         detail = (os.strerror(cause.errno) if cause.errno else str(cause)).lower()
-        raise HandshakeError(f"{ip}:{port}: cannot connect: {detail}") from None
+        raise Unreachable(f"{ip}:{port}: cannot connect: {detail}") from None
     try:
         peer_ip, peer_port, local_ip = addresses(stream, f"{ip}:{port}")
         await stream.send(encode_preamble(cert_der))
