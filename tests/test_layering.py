@@ -18,6 +18,8 @@ PURE = [
     *sorted((ROOT / "edgenode" / "proto").glob("*.py")),
     ROOT / "edgenode" / "registry.py",
     ROOT / "edgenode" / "keepalive.py",
+    ROOT / "edgenode" / "redial.py",
+    ROOT / "edgenode" / "refusals.py",
     ROOT / "edgenode" / "errors.py",
     # The board driver (driver.py) is the one firmware_bridge module allowed I/O.
     *sorted(p for p in (ROOT / "firmware_bridge").glob("*.py") if p.name != "driver.py"),
