@@ -96,51 +96,48 @@ def _run(*command: str) -> None:
     subprocess.run(command, check=True, capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def make_user() -> Iterator[Any]:
-    """``make_user(groups=[...])`` -> a new system user; every one is removed after the test."""
-    reason = _cannot_make_users()
-    if reason is not None:
-        pytest.skip(reason)
-    made: list[str] = []
+class Accounts:
+    """Real users and groups made for one test; :meth:`remove` deletes them all."""
 
-    def make(groups: tuple[str, ...] = ()) -> User:
+    def __init__(self) -> None:
+        self.made: list[tuple[str, str]] = []  # (the del command, name), newest last
+
+    def user(self, groups: tuple[str, ...] = ()) -> User:
+        """A new system user with a primary group of its own, and ``groups`` besides."""
         name = f"en15-{uuid.uuid4().hex[:10]}"
         command = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
         if groups:
             command += ["--groups", ",".join(groups)]
         _run(*command, "--user-group", name)
-        made.append(name)
+        self.made.append(("userdel", name))
         return User(name)
 
-    try:
-        yield make
-    finally:
-        for name in made:
-            subprocess.run(["userdel", name], capture_output=True, timeout=30, check=False)
+    def group(self) -> tuple[str, int]:
+        """(name, gid) of a new system group."""
+        import grp
+
+        name = f"en15g-{uuid.uuid4().hex[:10]}"
+        _run("groupadd", "--system", name)
+        self.made.append(("groupdel", name))
+        return name, grp.getgrnam(name).gr_gid
+
+    def remove(self) -> None:
+        # Users first: a group is not removed while it is a user's primary group.
+        for command, name in reversed(self.made):
+            subprocess.run([command, name], capture_output=True, timeout=30, check=False)
 
 
 @pytest.fixture
-def make_group() -> Iterator[Any]:
-    """``make_group()`` -> (name, gid) of a new system group, removed after the test."""
+def accounts() -> Iterator[Accounts]:
+    """Real users and groups (root only; skipped with the reason elsewhere)."""
     reason = _cannot_make_users()
     if reason is not None:
         pytest.skip(reason)
-    import grp
-
-    made: list[str] = []
-
-    def make() -> tuple[str, int]:
-        name = f"en15g-{uuid.uuid4().hex[:10]}"
-        _run("groupadd", "--system", name)
-        made.append(name)
-        return name, grp.getgrnam(name).gr_gid
-
+    made = Accounts()
     try:
-        yield make
+        yield made
     finally:
-        for name in made:
-            subprocess.run(["groupdel", name], capture_output=True, timeout=30, check=False)
+        made.remove()
 
 
 @pytest.fixture
@@ -218,10 +215,10 @@ def _refused_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_control_socket_refuses_another_user_even_if_its_mode_was_widened(
-    make_config: Any, make_user: Any, open_dir: Path, caplog: pytest.LogCaptureFixture
+    make_config: Any, accounts: Accounts, open_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="edgenode.control")
-    other = make_user()
+    other = accounts.user()
     path = open_dir / "control.sock"
     async with serving(make_config, path):
         path.chmod(0o666)  # the mistake: every local user may connect now
@@ -241,11 +238,11 @@ async def test_control_socket_refuses_another_user_even_if_its_mode_was_widened(
 
 
 async def test_control_socket_rations_its_log_of_refused_users(
-    make_config: Any, make_user: Any, open_dir: Path, caplog: pytest.LogCaptureFixture
+    make_config: Any, accounts: Accounts, open_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A local user looping on the socket must not fill the journal either.
     caplog.set_level(logging.INFO, logger="edgenode.control")
-    other = make_user()
+    other = accounts.user()
     path = open_dir / "control.sock"
     async with serving(make_config, path):
         path.chmod(0o666)
@@ -266,11 +263,11 @@ async def test_control_socket_rations_its_log_of_refused_users(
 
 
 async def test_control_group_members_may_use_the_socket(
-    make_config: Any, make_user: Any, make_group: Any, open_dir: Path
+    make_config: Any, accounts: Accounts, open_dir: Path
 ) -> None:
-    group, gid = make_group()
-    member = make_user(groups=(group,))  # a supplementary group (SO_PEERGROUPS)
-    outsider = make_user()
+    group, gid = accounts.group()
+    member = accounts.user(groups=(group,))  # a supplementary group (SO_PEERGROUPS)
+    outsider = accounts.user()
     path = open_dir / "control.sock"
     async with serving(make_config, path, control_group=group) as node:
         st = path.stat()
@@ -287,9 +284,9 @@ async def test_control_group_members_may_use_the_socket(
 
 
 async def test_control_group_as_primary_group_is_enough(
-    make_config: Any, make_user: Any, open_dir: Path
+    make_config: Any, accounts: Accounts, open_dir: Path
 ) -> None:
-    user = make_user()  # its own primary group, which it alone is in
+    user = accounts.user()  # its own primary group, which it alone is in
     path = open_dir / "control.sock"
     async with serving(make_config, path, control_group=user.gid):
         [answer] = await status_as(user, path)
@@ -378,11 +375,11 @@ def test_config_file_takes_a_control_group_by_name_or_number(tmp_path: Path) -> 
 
 
 async def test_control_socket_refuses_to_start_when_its_group_is_gone(
-    make_config: Any, make_group: Any, open_dir: Path
+    make_config: Any, accounts: Accounts, open_dir: Path
 ) -> None:
     # The configuration was checked when the node was made; the group was
     # removed before the control socket started.
-    group, gid = make_group()
+    group, gid = accounts.group()
     node = Node(make_config("a", "127.0.0.2", control_group=gid))
     subprocess.run(["groupdel", group], check=True, capture_output=True, timeout=30)
     path = open_dir / "control.sock"
