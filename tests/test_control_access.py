@@ -10,6 +10,7 @@ skip; the pure checks of :class:`ControlAccess` run everywhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -177,14 +178,21 @@ async def status_as(
     user: User, path: Path, *, count: int = 1, groups: tuple[int, ...] = ()
 ) -> list[dict[str, Any]]:
     """Ask the node on ``path`` for its status ``count`` times, as ``user``; the answers."""
-    with anyio.fail_after(CLIENT_TIMEOUT_S):
-        result = await anyio.run_process(
-            [user.python, "-c", CLIENT, str(path), str(count)],
+    # In a worker thread, not anyio.run_process: with extra_groups, that
+    # fails on Python 3.9 (anyio 4.12) with a TypeError inside Popen.
+    command = [user.python, "-c", CLIENT, str(path), str(count)]
+    result = await anyio.to_thread.run_sync(
+        functools.partial(
+            subprocess.run,
+            command,
             user=user.uid,
             group=user.gid,
             extra_groups=list(groups),
+            capture_output=True,
+            timeout=CLIENT_TIMEOUT_S,
             check=False,
         )
+    )
     assert result.returncode == 0, result.stderr.decode()
     return [json.loads(line) for line in result.stdout.decode().splitlines()]
 
