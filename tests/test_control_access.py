@@ -31,14 +31,8 @@ import anyio
 import pytest
 
 from edgenode.config import NodeConfig
-from edgenode.control import (
-    ControlAccess,
-    NoNodeRunning,
-    PeerCredentials,
-    control_request,
-    peer_credentials,
-    serve_control,
-)
+from edgenode.control import NoNodeRunning, control_request, serve_control
+from edgenode.control_access import ControlAccess, PeerCredentials, peer_credentials
 from edgenode.errors import ConfigError
 from edgenode.node import Node
 from edgenode.settings import resolve
