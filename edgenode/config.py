@@ -87,6 +87,9 @@ class NodeConfig:
     serial_keepalive_timeout_s: float = 3.0
     #: The control socket (``edgenode status``/``send``), or None for none.
     control_socket: Path | None = None
+    #: A group (name or number) whose members may use the control socket,
+    #: besides root and the node's own user; None for none.
+    control_group: str | int | None = None
     #: Find authorised peers on the local subnet by UDP broadcast beacons.
     discovery: bool = False
     discovery_port: int = 7301
@@ -207,6 +210,34 @@ class NodeConfig:
                 raise ConfigError(
                     f"listen_host: expected an ip address, got {self.listen_host!r:.60}"
                 ) from None
+        if self.control_group is not None:
+            resolve_group(self.control_group, "control_group")
         if self.uplink is not None:
             self.uplink.validate()
         return self
+
+
+def resolve_group(group: str | int, what: str = "group") -> tuple[int, str]:
+    """Return (gid, name) of ``group``, a group name or number, from the system's groups.
+
+    Raises :class:`ConfigError` naming ``what`` if it is neither, or no such
+    group exists, or the platform has no groups.
+    """
+    try:
+        import grp
+    except ImportError:  # pragma: no cover - not on Unix
+        raise ConfigError(f"{what}: this platform has no unix groups") from None
+    if isinstance(group, bool) or not isinstance(group, (str, int)):
+        raise ConfigError(f"{what}: expected a group name or number, got {group!r:.40}")
+    try:
+        if isinstance(group, int):
+            entry = grp.getgrgid(group)
+        elif group.strip().isdigit():
+            entry = grp.getgrgid(int(group.strip()))
+        else:
+            entry = grp.getgrnam(group.strip())
+    except (KeyError, OverflowError, ValueError):
+        raise ConfigError(
+            f"{what}: expected a group of this system (getent group), got {group!r:.40}"
+        ) from None
+    return entry.gr_gid, entry.gr_name

@@ -165,6 +165,12 @@ def _psk_file(value: object, base: Path | None) -> tuple[Path, bytes]:
     return path, key
 
 
+def _group(value: object, base: Path | None) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return _text(value, "a group name or number")
+
+
 def _ipv4(value: object, base: Path | None) -> str:
     text = _text(value, "an IPv4 address")
     try:
@@ -343,6 +349,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node.memory_budget_mb", "memory_budget_mb", _integer(16, 1_048_576), profile=True),
     Setting("node.shutdown_grace_s", "shutdown_grace_s", _non_negative),
     Setting("node.control_socket", "control_socket", _path),
+    Setting("node.control_group", "control_group", _group),
     Setting("peers.connect", "peers", _peer_list, flag="--peer"),
     Setting("peers.authorised", "authorised", _node_ids, flag="--authorise"),
     Setting("peers.learn", "learn_peers", _boolean),

@@ -6,6 +6,17 @@ connecting to it needs write permission on the file, so only the node's own
 user can ask it anything. A socket left behind by a node that died is
 replaced; a live one, or anything that is not a socket, is refused.
 
+The file mode is not the only guard: a mode widened by mistake (or a
+directory others can reach) must not open the node to every local user.
+Each connecting process's credentials are checked with ``SO_PEERCRED``
+(and its groups with ``SO_PEERGROUPS``, Linux 4.13+) as it is accepted:
+root, the node's own user and, with ``control_group`` set, that group's
+members may use the socket (the socket is then given to the group, mode
+0660). Anyone else is answered with one ``NotPermitted`` error line and
+closed, and the refusal is logged (rationed as network refusals are, by a
+:class:`~edgenode.refusals.RefusalLog`). Where the platform cannot tell
+a peer's credentials (not Linux), the file mode alone guards the socket.
+
 Protocol: one JSON object per line each way. Requests:
 
 * ``{"op": "status"}`` -> ``{"ok": true, "node": {...}, "peers": [...]}``:
@@ -36,6 +47,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,7 +57,9 @@ import anyio.lowlevel
 from anyio import EndOfStream
 from anyio.abc import TaskStatus
 
+from .control_access import ControlAccess, peer_credentials
 from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
+from .refusals import RefusalLog
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -110,6 +124,10 @@ class RequestTooLarge(BadRequest):
     """A control request line exceeds :data:`MAX_REQUEST_BYTES`."""
 
 
+class NotPermitted(ControlError):
+    """The connecting process's credentials do not allow it to use the control socket."""
+
+
 def default_control_path(state_dir: str | os.PathLike[str]) -> Path:
     """The node's control socket in ``state_dir``."""
     return Path(state_dir) / CONTROL_SOCKET_NAME
@@ -143,14 +161,23 @@ async def serve_control(
     created.
     """
     path = Path(path)
-    listener, created = _create_listener(path)
+    access = ControlAccess.for_config(node.config.control_group)
+    listener, created = _create_listener(path, access.gid)
     clients = _Clients()
+    refusals = RefusalLog(noun="control connection", source="user")
     try:
         async with anyio.create_task_group() as tg:
             log.info("control socket listening on %s", path)
             task_status.started(path)
             while True:
-                await anyio.wait_readable(listener)
+                # Wake for the summary of refused clients, if one is due.
+                due = refusals.next_summary_at()
+                delay = None if due is None else max(0.0, due - time.monotonic())
+                with anyio.move_on_after(delay):
+                    await anyio.wait_readable(listener)
+                summary = refusals.summary(time.monotonic())
+                if summary is not None:
+                    log.warning("control socket %s: %s", path, summary)
                 try:
                     sock, _ = listener.accept()
                 except BlockingIOError:
@@ -160,13 +187,45 @@ async def serve_control(
                     await anyio.sleep(_ACCEPT_RETRY_S)
                     continue
                 sock.setblocking(False)
-                tg.start_soon(_serve_client, node, sock, clients)
+                if _admit(sock, access, refusals, path):
+                    tg.start_soon(_serve_client, node, sock, clients)
     finally:
         listener.close()
         _remove_socket(path, created)
 
 
-def _create_listener(path: Path) -> tuple[socket.socket, os.stat_result]:
+def _admit(
+    sock: socket.socket, access: ControlAccess, refusals: RefusalLog, path: Path
+) -> bool:
+    """Check a new client's credentials; answer and close it if it is not allowed.
+
+    Done in the accept loop, before a task or a read is spent on the client:
+    a refused client cannot hold one of the :data:`MAX_CLIENTS` places.
+    """
+    try:
+        peer = peer_credentials(sock)
+    except OSError:  # gone already
+        sock.close()
+        return False
+    refusal = None if peer is None else access.refusal(peer)
+    if refusal is None:
+        return True
+    assert peer is not None
+    reason = f"pid {peer.pid} {refusal}"
+    line = refusals.record(f"uid {peer.uid}", reason, time.monotonic())
+    if line is not None:
+        log.warning("control socket %s: %s", path, line, extra={"reason": reason})
+    error = NotPermitted(f"uid {peer.uid} (pid {peer.pid}) {refusal}")
+    reply = json.dumps(_failure(error, None), separators=(",", ":"))
+    try:
+        sock.send(reply.encode() + b"\n")  # a short line into an empty buffer: never blocks
+    except OSError:
+        pass
+    sock.close()
+    return False
+
+
+def _create_listener(path: Path, gid: int | None) -> tuple[socket.socket, os.stat_result]:
     size = len(os.fsencode(path))
     if size > _MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
@@ -189,14 +248,33 @@ def _create_listener(path: Path) -> tuple[socket.socket, os.stat_result]:
             listener.bind(os.fspath(path))
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o600)
+        if gid is None:
+            os.chmod(path, 0o600)
+        else:
+            _give_to_group(path, gid)
         listener.listen(MAX_CLIENTS)
         listener.setblocking(False)
         created = os.stat(path)
+    except ConfigError:
+        listener.close()
+        path.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         listener.close()
         raise ConfigError(f"control socket {path}: cannot listen: {exc.strerror or exc}") from None
     return listener, created
+
+
+def _give_to_group(path: Path, gid: int) -> None:
+    """Let group ``gid`` connect: its members need write permission on the socket."""
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        raise ConfigError(
+            f"control socket {path}: cannot give it to control_group {gid}: "
+            f"{(exc.strerror or str(exc)).lower()} (the node's user must be a member of the group)"
+        ) from None
+    os.chmod(path, 0o660)
 
 
 def _clear_stale(path: Path) -> None:
@@ -466,6 +544,8 @@ def node_status(node: Node) -> dict[str, Any]:
         listen_port=node.listen_port,
         rss_bytes=rss_bytes(),
         peers_by_state=dict(Counter(row.state for row in rows)),
+        # Exact counts of refused connections and failed inbound handshakes.
+        refusals=node.refusals.counters(time.monotonic()),
     )
     status = {
         "ok": True,
@@ -513,7 +593,10 @@ def control_request(
         sock.settimeout(timeout_s)
         try:
             sock.connect(os.fspath(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused as it connected (NotPermitted): the answer is waiting
             data = _receive_line(sock, path)
         except FileNotFoundError:
             raise NoNodeRunning(f"no node is running (control socket {path} not found)") from None
@@ -601,6 +684,7 @@ def format_status(response: dict[str, Any]) -> str:
         f"  rss        {_size(node.get('rss_bytes'))}",
         f"  peers      {_by_state(node.get('peers_by_state') or {})}",
         *_uplink_lines(response.get("uplink")),
+        *_refused(node.get("refusals")),
         "",
     ]
     if not peers:
@@ -627,8 +711,12 @@ def format_status(response: dict[str, Any]) -> str:
                 str(peer.get("drops", 0)),
             )
         )
-        if not up and peer.get("down_reason"):
-            notes.append(f"{peer.get('ip')}: {peer['down_reason']}")
+        redial = peer.get("redial_in_s")
+        if not up and (peer.get("down_reason") or redial is not None):
+            note = f"{peer.get('ip')}: {peer.get('down_reason') or 'down'}"
+            if redial is not None:
+                note += f"; redial in {max(0.0, redial):.1f} s"
+            notes.append(note)
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -671,6 +759,24 @@ def _uplink_lines(uplink: dict[str, Any] | None) -> list[str]:
         f"{uplink.get('delivered')} delivered, {uplink.get('undeliverable')} undeliverable, "
         f"{uplink.get('unrouted')} unrouted"
     )
+def _refused(refusals: dict[str, Any] | None) -> list[str]:
+    """The status lines about refused connections (exact counts; see edgenode.refusals)."""
+    if not refusals:
+        return []
+    total = refusals.get("total", 0)
+    if not total:
+        return ["  refused    none"]
+    top = ", ".join(f"{ip} ({count:,})" for ip, count in refusals.get("top_addresses", []))
+    lines = [f"  refused    {total:,} connections, most from {top}"]
+    reasons = sorted((refusals.get("by_reason") or {}).items(), key=lambda item: -item[1])
+    for kind, count in reasons[:3]:
+        lines.append(f"             {count:,} {kind}")
+    if len(reasons) > 3:
+        lines.append(f"             {sum(c for _, c in reasons[3:]):,} for other reasons")
+    last = refusals.get("last")
+    if last:
+        age = _duration(last.get("age_s"))
+        lines.append(f"  last       {age} ago, {last.get('ip')}: {last.get('reason')}")
     return lines
 
 

@@ -42,12 +42,16 @@ from anyio import WouldBlock
 from .api import PeerDown, PeerUp, Refused
 from .connection import Connection
 from .errors import AdmissionRefused, EdgeNodeError, NodeClosed, PeerUnavailable, SlowPeer
+from .handshake import log_refusal_summary
 from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Shutdown
 from .keepalive import DEAD, DIAL, PING, Keepalive
+from .memtrim import trim as trim_heap
 from .proto.connection import PeerProtocol
 from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
+from .refusals import RefusalLog
 from .registry import DOWN, INBOUND, UP, PeerEntry, Registry
 from .requests import Requests, clip
+from .transports.tcp import Unreachable
 
 if TYPE_CHECKING:
     from .devices import DeviceRouter
@@ -83,6 +87,7 @@ class Dispatcher:
         spawn: Callable[..., None],
         wildcard: bool,
         max_peers_listed: int,
+        refusals: RefusalLog,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -97,6 +102,10 @@ class Dispatcher:
         self._spawn = spawn
         self.wildcard = wildcard
         self.max_peers_listed = max_peers_listed
+        #: Refused connections and failed inbound handshakes (edgenode.refusals).
+        self.refusals = refusals
+        self._refusal_summary_due: float | None = None
+        self.dials_failed = 0
         self.handlers: dict[type, Callable[[Any, float], None]] = {
             Opened: self._on_opened,
             Control: self._on_control,
@@ -213,6 +222,10 @@ class Dispatcher:
         due = self.learning.due_save(now)
         if due is not None:
             self._spawn(self.learning.save, due)
+        # Give the heap that floods and restarts freed back to the OS (glibc
+        # keeps it otherwise): the soak's survivors' drift fell from about
+        # 1.5 to 0.5 MB with it.
+        trim_heap()
         self.schedule(now + HOUSEKEEPING_S, self.housekeeping)
 
     # -- up and down, for the application ------------------------------------------
@@ -526,16 +539,23 @@ class Dispatcher:
 
     def _on_failed(self, ev: Failed, now: float) -> None:
         ip, error = ev.ip, ev.error
-        self.refused += 1
         self.events.publish(Refused(ip, error))
         if not ev.dialled:
-            log.warning(
-                "refused connection from %s: %s",
-                ip,
-                error,
-                extra={"peer": ip, "reason": str(error)},
-            )
+            self.refused += 1
+            if not ev.recorded:
+                # Counted exactly; logged while the log's budget lasts, the
+                # rest summarised across all addresses (bounded under a flood).
+                line = self.refusals.record(ip, str(error), now)
+                if line is not None:
+                    log.warning(line, extra={"peer": ip, "reason": str(error)})
+                else:
+                    self._arm_refusal_summary()
+            entry = self.registry.get(ip)
+            if entry is not None and entry.state == DOWN:
+                # Its address tried to reach us: it is back, dial it soon.
+                self.keepalive.peer_alive(ip, now)
             return
+        self.dials_failed += 1
         self.dialing.discard(ip)
         entry = self.registry.get(ip)
         if entry is None or self.closing:
@@ -544,7 +564,9 @@ class Dispatcher:
         # is ours to keep now.
         self._after_own_dial(ip, now)
         if entry.state == DOWN:
-            delay = self.keepalive.dial_failed(ip, now)
+            # A connect nobody answered is not a flap: the peer is away.
+            reached = not isinstance(error, Unreachable)
+            delay = self.keepalive.dial_failed(ip, now, reached=reached)
             log.info(
                 "dial %s failed: %s; retry in %.1f s",
                 ip,
@@ -552,6 +574,20 @@ class Dispatcher:
                 delay,
                 extra={"peer": ip, "reason": str(error)},
             )
+
+    def _arm_refusal_summary(self) -> None:
+        """Wake the dispatcher when the refusal log's summary falls due."""
+        due = self.refusals.next_summary_at()
+        if due is None or self._refusal_summary_due is not None:
+            return
+        self._refusal_summary_due = due
+
+        def summary(now: float) -> None:
+            self._refusal_summary_due = None
+            log_refusal_summary(self.refusals, now)
+            self._arm_refusal_summary()
+
+        self.schedule(due, summary)
 
     def _on_add_peer(self, ev: AddPeer, now: float) -> None:
         try:

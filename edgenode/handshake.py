@@ -31,6 +31,7 @@ from .identity import Identity, PinnedContexts
 from .inbox import Failed, Inbox
 from .proto.connection import PeerProtocol
 from .proto.messages import AnyMessage, Hello, Limits
+from .refusals import RefusalLog
 from .registry import INBOUND, OUTBOUND, normalise_ip
 from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
 
@@ -60,6 +61,7 @@ class Handshakes:
         inbox: Inbox,
         run_connection: Callable[[Connection], Awaitable[None]],
         client_context: Any,
+        refusals: RefusalLog,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -69,6 +71,8 @@ class Handshakes:
         self.inbox = inbox
         self.run_connection = run_connection
         self.client_context = client_context
+        #: Every refused connection, counted exactly; what may be logged of them.
+        self.refusals = refusals
         self.server_contexts = PinnedContexts(identity, max_entries=config.max_peers)
         self.wildcard = config.listen_host in ("0.0.0.0", "::", "")
         #: The port our hello names (the listener's, once it listens).
@@ -102,14 +106,14 @@ class Handshakes:
                         accepting.start_soon(self._accept_from, sock, tg)
 
     async def _accept_from(self, sock: socket.socket, tg: TaskGroup) -> None:
-        admission = self.admission
+        admission, refusals = self.admission, self.refusals
         while True:
-            due = admission.next_report_at()
+            # Wake for the refusal log's summary of what this loop refused.
+            due = refusals.next_summary_at()
             with anyio.move_on_after(None if due is None else max(0.0, due - monotonic())):
                 await anyio.wait_readable(sock)
             now = monotonic()
-            for ip, message in admission.due_reports(now):
-                await self.inbox.post(Failed(ip, HandshakeError(message), False))
+            log_refusal_summary(refusals, now)
             for _ in range(_ACCEPT_BATCH):
                 try:
                     client, address = sock.accept()
@@ -135,9 +139,13 @@ class Handshakes:
                     tg.start_soon(self._accept, client, ip)
                     continue
                 refuse_socket(client)
-                message = admission.refused(ip, refusal, now)
-                if message is not None:
-                    await self.inbox.post(Failed(ip, HandshakeError(message), False))
+                # Counted exactly; a line (and an event) only while the log's
+                # budget lasts, the rest summarised across all addresses.
+                line = refusals.record(ip, refusal, now)
+                if line is not None:
+                    log.warning(line, extra={"peer": ip, "reason": refusal})
+                    error = HandshakeError(f"{ip}: {refusal}")
+                    await self.inbox.post(Failed(ip, error, False, recorded=True))
 
     async def _accept(self, sock: socket.socket, ip: str) -> None:
         # The accept loop counted this handshake in; count it out however it ends.
@@ -201,6 +209,9 @@ class Handshakes:
                         cert_der=self.identity.cert_der,
                         local_host=None if self.wildcard else self.config.listen_host,
                         is_authorised=self.is_authorised,
+                        # A connect not answered in half the handshake's time:
+                        # nothing listens, the peer is away (not a flap).
+                        connect_timeout_s=timeout / 2,
                     )
                 return await self._exchange_hellos(
                     link, INBOUND if stream is not None else OUTBOUND, started_at
@@ -240,3 +251,10 @@ class Handshakes:
         conn = Connection(link, direction, proto, self.config.outbox_frames, started_at)
         conn.early = messages[1:]
         return conn
+
+
+def log_refusal_summary(refusals: RefusalLog, now: float) -> None:
+    """Log the refusal log's summary if one is due."""
+    line = refusals.summary(now)
+    if line is not None:
+        log.warning(line)

@@ -61,12 +61,19 @@ class Closed(Event):
 
 
 class Failed(Event):
-    """A handshake (inbound) or dial (outbound, ``dialled``) failed."""
+    """A handshake (inbound) or dial (outbound, ``dialled``) failed.
 
-    __slots__ = ("dialled", "error", "ip")
+    ``recorded``: the listener already counted it in the node's refusal
+    log (and logged the line the log allowed).
+    """
 
-    def __init__(self, ip: str, error: EdgeNodeError, dialled: bool) -> None:
+    __slots__ = ("dialled", "error", "ip", "recorded")
+
+    def __init__(
+        self, ip: str, error: EdgeNodeError, dialled: bool, recorded: bool = False
+    ) -> None:
         self.ip, self.error, self.dialled, self.t = ip, error, dialled, monotonic()
+        self.recorded = recorded
 
 
 class AddPeer(Event):

@@ -24,11 +24,14 @@ Inbound and outbound links are one type with one code path (DESIGN failure
 reports liveness per direction instead (:meth:`Keepalive.liveness`): whether
 our pings are answered, and whether the peer's frames are arriving.
 
-Redials use capped exponential backoff with jitter (:class:`Backoff`), one
-per key. The backoff survives a link that went up and down again quickly, so
-a flapping peer is not hammered; it is reset only when a link goes down after
-it had been alive for ``stable_after_s``, where alive means frames kept
-arriving (a link that is accepted and then says nothing is not stable).
+Redials follow the rules of :mod:`edgenode.redial`, one state per key:
+flaps (links that went down, dials that reached the peer and failed) grow
+an exponential backoff, links that carried frames pay it back at one step
+per ``stable_after_s`` of life, a dial that found no listener is retried
+after a tenth of the peer's absence whatever the backoff, and a sign of
+life (:meth:`Keepalive.peer_alive`: a beacon, a connection from the peer)
+pulls a pending dial in. :meth:`Keepalive.pending_dial` says when the next
+dial is due, for status displays.
 
 How it stays cheap
 ------------------
@@ -66,6 +69,7 @@ import math
 from collections.abc import Callable, Hashable
 
 from edgenode.errors import ConfigError
+from edgenode.redial import RedialPolicy, RedialState, check_backoff
 
 PING = "ping"
 DEAD = "dead"
@@ -78,25 +82,19 @@ _MAX_BACKOFF_EXPONENT = 60
 _MAX_NONCE = 0xFFFFFFFF
 # Stale heap entries tolerated beyond twice the live ones before compacting.
 _COMPACT_SLACK = 64
-
-
-def _check_backoff(base_s: float, cap_s: float) -> None:
-    if not (base_s > 0 and math.isfinite(base_s)):
-        raise ConfigError(f"backoff base must be a positive number of seconds, got {base_s!r}")
-    if not (cap_s >= base_s and math.isfinite(cap_s)):
-        raise ConfigError(
-            f"backoff cap must be at least the base ({base_s!r} s) and finite, got {cap_s!r}"
-        )
+#: The default of ``stable_after_s`` (or the timeout, if shorter): a link
+#: that carried frames this long pays for its own end (edgenode.redial).
+STABLE_AFTER_S = 2.0
 
 
 class Backoff:
-    """Capped exponential backoff with jitter, for redialling one peer."""
+    """Capped exponential backoff with jitter (the serial bridge reopens ports with it)."""
 
     __slots__ = ("attempt", "base_s", "cap_s")
 
     def __init__(self, base_s: float, cap_s: float) -> None:
         """Raises :class:`ConfigError` unless ``0 < base_s <= cap_s`` (both finite)."""
-        _check_backoff(base_s, cap_s)
+        check_backoff(base_s, cap_s)
         self.base_s: float = base_s
         self.cap_s: float = cap_s
         self.attempt: int = 0
@@ -213,16 +211,21 @@ class Keepalive:
         backoff_cap_s: float = 30.0,
         stable_after_s: float | None = None,
         ping_slack_s: float = 0.0,
+        probe_fraction: float = 0.1,
+        hint_interval_s: float = 5.0,
     ) -> None:
         """Create a scheduler with nothing scheduled.
 
         ``rand`` returns a float in [0, 1). ``stable_after_s`` defaults to
-        ``timeout_s``. Raises :class:`ConfigError` if ``interval_s`` is not
-        positive, ``timeout_s`` is not greater than ``interval_s``,
-        ``jitter`` is not in [0, 0.5), the backoff base is not positive or
-        the cap is below it, ``stable_after_s`` is negative, or
-        ``ping_slack_s`` is negative or not below ``interval_s * (1 - jitter)``
-        (the shortest ping interval).
+        :data:`STABLE_AFTER_S` or ``timeout_s``, whichever is shorter; it,
+        ``probe_fraction`` and ``hint_interval_s`` are the redial rules'
+        (:mod:`edgenode.redial`). Raises :class:`ConfigError` if
+        ``interval_s`` is not positive, ``timeout_s`` is not greater than
+        ``interval_s``, ``jitter`` is not in [0, 0.5), the backoff base is
+        not positive or the cap is below it, ``stable_after_s`` is negative,
+        ``ping_slack_s`` is negative or not below ``interval_s * (1 -
+        jitter)`` (the shortest ping interval), or a redial setting is out
+        of its range.
         """
         if not (interval_s > 0 and math.isfinite(interval_s)):
             raise ConfigError(
@@ -235,13 +238,15 @@ class Keepalive:
             )
         if not 0 <= jitter < 0.5:
             raise ConfigError(f"keepalive jitter must be in [0, 0.5), got {jitter!r}")
-        _check_backoff(backoff_base_s, backoff_cap_s)
         if stable_after_s is None:
-            stable_after_s = timeout_s
-        elif not stable_after_s >= 0:
-            raise ConfigError(
-                f"keepalive stable_after_s must be >= 0 seconds, got {stable_after_s!r}"
-            )
+            stable_after_s = min(STABLE_AFTER_S, timeout_s)
+        self.redial_policy = RedialPolicy(
+            base_s=backoff_base_s,
+            cap_s=backoff_cap_s,
+            stable_after_s=stable_after_s,
+            probe_fraction=probe_fraction,
+            hint_interval_s=hint_interval_s,
+        )
         if not 0 <= ping_slack_s < interval_s * (1 - jitter):
             raise ConfigError(
                 f"keepalive ping slack must be >= 0 and below the shortest ping interval "
@@ -265,7 +270,7 @@ class Keepalive:
         self._nonce: int = 0
         self._links: dict[Hashable, _Link] = {}
         self._dials: dict[Hashable, tuple[int, float]] = {}  # key -> (seq, when)
-        self._backoffs: dict[Hashable, Backoff] = {}
+        self._redials: dict[Hashable, RedialState] = {}
 
     # -- links ------------------------------------------------------------
 
@@ -276,6 +281,9 @@ class Keepalive:
         the old one).
         """
         self._dials.pop(key, None)
+        state = self._redials.get(key)
+        if state is not None:
+            self.redial_policy.link_up(state)
         link = _Link(now, self._ping_after_s())
         self._links[key] = link
         self._push(self._deadline(link), key, link)
@@ -283,21 +291,46 @@ class Keepalive:
     def link_down(self, key: Hashable, now: float, *, redial: bool) -> float | None:
         """Stop tracking ``key``; if ``redial``, schedule a dial and return its delay.
 
-        The key's backoff is reset first if the link had been alive (frames
-        arriving) for at least ``stable_after_s``.
+        The time the link was alive (frames arriving) pays back the key's
+        backoff, and its end counts as a flap (:mod:`edgenode.redial`,
+        rules 1 and 2).
         """
         link = self._links.pop(key, None)
-        if link is not None and link.last_received - link.up_since >= self.stable_after_s:
-            backoff = self._backoffs.get(key)
-            if backoff is not None:
-                backoff.reset()
-        if redial:
-            return self._schedule_backoff_dial(key, now)
-        return None
+        lived_s = 0.0 if link is None else link.last_received - link.up_since
+        delay = self.redial_policy.link_down(self.redial_state(key), lived_s, now, self._rand())
+        if not redial:
+            return None
+        self.schedule_dial(key, now, delay)
+        return delay
 
-    def dial_failed(self, key: Hashable, now: float) -> float:
-        """Schedule the next dial of ``key`` after the next backoff delay; return it."""
-        return self._schedule_backoff_dial(key, now)
+    def dial_failed(self, key: Hashable, now: float, *, reached: bool = True) -> float:
+        """Schedule the next dial of ``key`` after a failed one; return its delay.
+
+        ``reached``: the peer's listener answered the connect, so the failure
+        is a flap (backoff); False when the connect was refused, unreachable
+        or unanswered (retried after a tenth of the peer's absence).
+        """
+        state = self.redial_state(key)
+        delay = self.redial_policy.dial_failed(state, now, self._rand(), reached=reached)
+        self.schedule_dial(key, now, delay)
+        return delay
+
+    def peer_alive(self, key: Hashable, now: float) -> float | None:
+        """A sign that ``key`` is back (its beacon, a connection from its address).
+
+        Pulls its pending dial in to now plus up to ``backoff_base_s``, at
+        most once per ``hint_interval_s``; returns when the dial is now due,
+        or None if nothing changed (no dial pending, one due as soon anyway,
+        or a sign of life came too lately before).
+        """
+        dial = self._dials.get(key)
+        if dial is None or dial[1] <= now + self.backoff_base_s:
+            return None
+        delay = self.redial_policy.hint(self.redial_state(key), now, self._rand())
+        if delay is None:
+            return None
+        self.schedule_dial(key, now, delay)
+        return now + delay
 
     def schedule_dial(self, key: Hashable, now: float, delay_s: float = 0.0) -> None:
         """Schedule a dial of ``key`` at ``now + delay_s``, replacing any pending one."""
@@ -314,19 +347,18 @@ class Keepalive:
         dial = self._dials.get(key)
         return None if dial is None else dial[1]
 
-    def backoff(self, key: Hashable) -> Backoff:
-        """Return the redial backoff of ``key`` (created on first use)."""
-        backoff = self._backoffs.get(key)
-        if backoff is None:
-            backoff = Backoff(self.backoff_base_s, self.backoff_cap_s)
-            self._backoffs[key] = backoff
-        return backoff
+    def redial_state(self, key: Hashable) -> RedialState:
+        """Return what the redial rules remember of ``key`` (created on first use)."""
+        state = self._redials.get(key)
+        if state is None:
+            state = self._redials[key] = RedialState()
+        return state
 
     def forget(self, key: Hashable) -> None:
         """Drop everything known about ``key`` (a pruned peer)."""
         self._links.pop(key, None)
         self._dials.pop(key, None)
-        self._backoffs.pop(key, None)
+        self._redials.pop(key, None)
 
     # -- traffic: the hot path, timestamps only -----------------------------
 
@@ -516,8 +548,3 @@ class Keepalive:
     def _next_nonce(self) -> int:
         self._nonce = self._nonce % _MAX_NONCE + 1
         return self._nonce
-
-    def _schedule_backoff_dial(self, key: Hashable, now: float) -> float:
-        delay = self.backoff(key).next_delay(self._rand())
-        self.schedule_dial(key, now, delay)
-        return delay

@@ -23,7 +23,7 @@ import anyio
 from .errors import EdgeNodeError
 from .keepalive import Keepalive
 from .proto.messages import Peers
-from .registry import PeerEntry, Registry, normalise_ip
+from .registry import DOWN, PeerEntry, Registry, normalise_ip
 from .state import KNOWN_PEERS_FILENAME, KnownPeer, KnownPeers, save_known_peers
 
 log = logging.getLogger("edgenode.node")
@@ -122,7 +122,11 @@ class PeerLearning:
         except EdgeNodeError:
             self.ignored_beacons += 1
             return
-        if ip in self.registry:
+        known = self.registry.get(ip)
+        if known is not None:
+            if known.state == DOWN and known.node_id == node_id:
+                # It is back: dial it soon, whatever its backoff says.
+                self.keepalive.peer_alive(ip, now)
             return
         holder = self.registry.by_node_id(node_id)
         if holder is not None and holder.state == "up":

@@ -56,6 +56,7 @@ from .learning import PeerLearning
 from .mailbox import WAIT
 from .proto.framing import encode_frame
 from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
+from .refusals import RefusalLog
 from .registry import Registry, normalise_ip
 from .requests import Requests
 from .sending import Sending
@@ -122,6 +123,9 @@ class Node:
             ping_slack_s=config.keepalive_interval_s * _PING_SLACK,
         )
         self.inbox = Inbox(config.inbox_size)
+        #: Refused connections and failed inbound handshakes: exact counts, and
+        #: the ration of log lines about them (edgenode.refusals).
+        self.refusals = RefusalLog()
         self.subscriptions = Subscriptions(stall_timeout_s=config.subscriber_stall_timeout_s)
         self._events = EventFeed()
         self.requests = Requests(
@@ -167,6 +171,7 @@ class Node:
             spawn=self._spawn,
             wildcard=self._wildcard,
             max_peers_listed=self._limits.max_peers_listed,
+            refusals=self.refusals,
         )
         self.devices.on_up = self.dispatcher.wake
         self.sending = Sending(
@@ -199,6 +204,7 @@ class Node:
             inbox=self.inbox,
             run_connection=self.datapath.run,
             client_context=client_context(self.identity),
+            refusals=self.refusals,
         )
         self.discovery: DiscoveryWiring | None = None
         self.bridge: SerialBridge | None = None

@@ -24,6 +24,7 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     memory_budget_mb = 40
     shutdown_grace_s = 2.0
     control_socket = "/run/edgenode/control.sock"   # for `edgenode status`
+    control_group = "edgenode"        # its members may use the control socket too
 
     [peers]
     connect = ["192.168.1.20:7300", "192.168.1.21"]   # port 7300 if omitted

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .devices import DeviceRouter
     from .dispatcher import Dispatcher
     from .keepalive import Keepalive
+    from .refusals import RefusalLog
     from .registry import Registry
     from .requests import Requests
     from .sending import Sending
@@ -40,6 +41,7 @@ class NodeParts(Protocol):
     sending: Sending
     devices: DeviceRouter
     bridge: SerialBridge | None
+    refusals: RefusalLog
     event_drops: int
 
     def peers(self) -> list[PeerSnapshot]:
@@ -127,7 +129,8 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
         "event_drops": node.event_drops,
         "broadcast_dropped": d.broadcast_dropped,
         "device_messages_lost": node.devices.lost,
-        "refused_connections": d.refused,
+        "refused_connections": node.refusals.total,
+        "dials_failed": d.dials_failed,
     }
 
 

@@ -598,6 +598,75 @@ def test_format_status_lists_devices_and_down_peers() -> None:
     assert "10.0.0.6: dial 10.0.0.6:7300 failed: connection refused" in lines
 
 
+def test_format_status_shows_refusals_and_when_a_down_peer_is_redialled() -> None:
+    response = {
+        "ok": True,
+        "node": {
+            "peers_by_state": {"down": 1},
+            "refusals": {
+                "total": 11200,
+                "by_reason": {
+                    "N handshakes already in progress (limit N)": 6770,
+                    "handshakes arriving faster than N a second (bursts of up to N)": 4190,
+                    "connection closed by the peer during the handshake": 200,
+                    "handshake not finished within N s": 30,
+                    "expected preamble magic N ('EDGN')": 10,
+                },
+                "top_addresses": [["127.0.0.112", 570], ["2001:db8::/64", 565]],
+                "last": {
+                    "ip": "127.0.0.101",
+                    "reason": "handshake not finished within 5.0 s",
+                    "age_s": 3.25,
+                },
+            },
+        },
+        "peers": [
+            {
+                "ip": "10.0.0.6",
+                "state": "down",
+                "down_reason": "connection refused",
+                "redial_in_s": 1.234,
+            }
+        ],
+    }
+    lines = format_status(response).splitlines()
+    at = lines.index(
+        "  refused    11,200 connections, most from 127.0.0.112 (570), 2001:db8::/64 (565)"
+    )
+    assert lines[at + 1 : at + 6] == [
+        "             6,770 N handshakes already in progress (limit N)",
+        "             4,190 handshakes arriving faster than N a second (bursts of up to N)",
+        "             200 connection closed by the peer during the handshake",
+        "             40 for other reasons",
+        "  last       3.2 s ago, 127.0.0.101: handshake not finished within 5.0 s",
+    ]
+    assert "10.0.0.6: connection refused; redial in 1.2 s" in lines
+    quiet = format_status({"ok": True, "node": {"refusals": {"total": 0}}, "peers": []})
+    assert "  refused    none" in quiet.splitlines()
+
+
+async def test_status_counts_refused_connections_exactly(
+    make_config: Any, sock_dir: Path, tmp_path: Path
+) -> None:
+    path = sock_dir / "control.sock"
+    async with node_with_peer(make_config, path) as (a, _):
+        for _ in range(3):
+            stream = await anyio.connect_tcp("127.0.0.2", a.listen_port, local_host="127.0.0.60")
+            await stream.send(b"X")
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                with anyio.fail_after(ANSWER_TIMEOUT_S):
+                    await stream.receive()
+            await stream.aclose()
+        await wait_until(lambda: a.refusals.total == 3)
+        result = await edgenode(tmp_path, "status", "--socket", str(path), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    refusals = json.loads(result.stdout)["node"]["refusals"]
+    assert refusals["total"] == 3
+    assert refusals["by_reason"] == {"expected preamble magic N ('EDGN')": 3}
+    assert refusals["top_addresses"] == [["127.0.0.60", 3]]
+    assert refusals["last"]["reason"] == "expected preamble magic 45 44 47 4e ('EDGN'), got 58"
+
+
 def test_format_status_without_peers() -> None:
     text = format_status({"ok": True, "node": {"peers_by_state": {}}, "peers": []})
     assert text.endswith("no peers")

@@ -1,4 +1,4 @@
-"""Floods and slow clients (issue 6, part 4): the limits hold and the peer carries on.
+"""Floods and slow clients (issues 6, 15): the limits hold, the peer carries on, the log is bounded.
 
 Node A (127.0.0.2) has a connected real peer, node B (127.0.0.3). An
 attacker floods A from other loopback addresses with raw sockets
@@ -7,8 +7,9 @@ stall before or inside the preamble, valid-looking preambles followed by a
 TLS handshake left half done, oversized preambles and hellos. Each test
 checks that A's limits hold (the per-IP and global handshake caps, the
 per-IP handshake rate, the handshake timeout), that every refusal has the
-right error type and message, and that A and B keep exchanging requests
-during and after the flood.
+right error type and message, that A counts every refusal exactly and
+writes a bounded number of lines about them (edgenode/refusals.py), and
+that A and B keep exchanging requests during and after the flood.
 
 How fast A answers under a flood is a timing figure: the tool
 ``python -m edgenode.testing.flood`` measures it, these tests do not.
@@ -37,6 +38,7 @@ from edgenode.config import NodeConfig
 from edgenode.errors import BadPreamble, ConfigError, FrameTooLarge, HandshakeError
 from edgenode.identity import node_id_from_cert_der
 from edgenode.node import Incoming, Node, PeerDown, PeerUp, Refused
+from edgenode.refusals import reason_kind
 from edgenode.testing.flood import FloodError, forged_certificate, oversized_preamble, run_flood
 from edgenode.transports.tcp import HandshakeAdmission, addresses
 
@@ -154,12 +156,49 @@ def _handshake_starts(caplog: pytest.LogCaptureFixture, ip: str) -> list[tuple[i
     ]
 
 
+SINGLE_LINE = re.compile(r"refused connection from (\S+): (.+)")
+SUMMARY_LINE = re.compile(
+    r"refused ([\d,]+) more connections? in (\d+\.\d) s from (?:over )?[\d,]+ address(?:es)?: "
+    r"(.+); most from (.+)"
+)
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[Any], list[Any]]:
+    """A's lines about refusals: (single lines, summary lines), as regex matches."""
+    singles, summaries = [], []
+    for record in caplog.records:
+        if record.name != "edgenode.node":
+            continue
+        text = record.getMessage()
+        single, summary = SINGLE_LINE.fullmatch(text), SUMMARY_LINE.fullmatch(text)
+        if single:
+            singles.append(single)
+        elif summary:
+            summaries.append(summary)
+    return singles, summaries
+
+
+async def all_counted(node: Node, attempts: int) -> dict[str, Any]:
+    """Wait until ``node`` has counted ``attempts`` refusals and summarised them all."""
+    refusals = node.refusals
+    await wait_until(
+        lambda: refusals.total == attempts and refusals.next_summary_at() is None, timeout=10
+    )
+    return refusals.counters(time.monotonic())
+
+
+def assert_each_refusal_in_one_line(caplog: pytest.LogCaptureFixture, total: int) -> None:
+    """Every refusal is in exactly one line: its own, or one summary's count."""
+    singles, summaries = refusal_lines(caplog)
+    covered = sum(int(m.group(1).replace(",", "")) for m in summaries)
+    assert len(singles) + covered == total, (len(singles), covered, total)
+
+
 # Every refusal the mixed flood may cause, by error type, as a full-match pattern.
 A = re.escape(ATTACKER)
 CAP = r"4 handshakes already in progress \(limit 4\)"
 MIXED_REFUSALS = [
     (HandshakeError, rf"{A}: {CAP}"),
-    (HandshakeError, rf"{A}: \d+ more connections refused in \d+\.\d s, the last: {CAP}"),
     (HandshakeError, rf"{A}: handshake not finished within {TIMEOUT_S} s"),
     # connect-close: the attacker's close reaches A during the preamble.
     (HandshakeError, rf"{A}: connection closed by the peer during the handshake"),
@@ -210,8 +249,13 @@ async def test_flood_from_one_ip_holds_the_cap_and_the_timeout_and_costs_nothing
             for kind, pattern in MIXED_REFUSALS
         ), f"unexpected refusal: {type(event.error).__name__}: {event.error}"
     messages = [str(e.error) for e in refused]
-    assert f"{ATTACKER}: 4 handshakes already in progress (limit 4)" in messages
     assert f"{ATTACKER}: handshake not finished within {TIMEOUT_S} s" in messages
+    # Every connection refused or failed is counted, exactly, once.
+    counters = await all_counted(rig.a, result.attempts)
+    assert counters["by_reason"]["N handshakes already in progress (limit N)"] >= 1
+    assert counters["by_reason"]["handshake not finished within N s"] >= 1
+    assert counters["top_addresses"] == [[ATTACKER, 1000]]
+    assert_each_refusal_in_one_line(caplog, 1000)
 
     # Nothing leaked: every socket is closed, memory came back near where it was.
     await wait_until(lambda: open_fds() <= fds_before)
@@ -248,20 +292,22 @@ async def test_many_ips_each_under_their_cap_meet_the_global_cap(
             assert counts["round_trips"] >= 1
             await rig.still_working()
         assert result.still_open == 0, result.as_dict()
-        in_all = [total for ip in sources for _, total in _handshake_starts(caplog, ip)]
-        assert in_all and max(in_all) == 8
+        started = [total for ip in sources for _, total in _handshake_starts(caplog, ip)]
+        assert started and max(started) == 8
         busy = [e for e in refusals(seen, *sources) if "from all addresses" in str(e.error)]
-        assert busy
+        assert busy  # the first refusals have lines, and events
         for event in busy:
             assert type(event.error) is HandshakeError
-            assert re.fullmatch(
-                rf"{re.escape(event.peer)}: (\d+ more connections refused in \d+\.\d s, "
-                r"the last: )?8 handshakes in progress from all addresses \(limit 8\)",
-                str(event.error),
-            ), str(event.error)
+            assert str(event.error) == (
+                f"{event.peer}: 8 handshakes in progress from all addresses (limit 8)"
+            )
+        counters = await all_counted(rig.a, 64)
+        busy_count = counters["by_reason"]["N handshakes in progress from all addresses (limit N)"]
+        assert busy_count + len(started) == 64
+        assert_each_refusal_in_one_line(caplog, 64)
 
 
-async def test_connect_close_flood_is_rate_limited_and_reported_once_a_second(
+async def test_connect_close_flood_is_rate_limited_counted_and_summarised(
     make_config: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Regression: a connection closed at once frees its slot at once, so the
@@ -269,14 +315,10 @@ async def test_connect_close_flood_is_rate_limited_and_reported_once_a_second(
     # connect (the tool measured the peer's round trips at over 2x).
     caplog.set_level(logging.DEBUG, logger="edgenode.node")
     source = "127.0.0.51"
-    reason = (
-        r"(handshakes arriving faster than 4 a second \(bursts of up to 8\)"
-        r"|4 handshakes already in progress \(limit 4\))"
-    )
-    first = re.compile(rf"{re.escape(source)}: {reason}")
-    later = re.compile(
-        rf"{re.escape(source)}: (\d+) more connections refused in (\d+\.\d) s, the last: {reason}"
-    )
+    limits = {
+        "handshakes arriving faster than N a second (bursts of up to N)",
+        "N handshakes already in progress (limit N)",
+    }
     async with running_rig(make_config) as rig:  # the default limits: 4 a second, bursts of 8
         async with collecting(rig) as seen:
             started = time.monotonic()
@@ -288,37 +330,79 @@ async def test_connect_close_flood_is_rate_limited_and_reported_once_a_second(
             # At most the burst of 8 and 4 a second since: the bucket's bound.
             admitted = len(_handshake_starts(caplog, source))
             assert admitted <= 8 + 4 * elapsed + 1, (admitted, elapsed)
-
-            def all_reported() -> bool:
-                texts = [str(e.error) for e in refusals(seen, source)]
-                firsts = sum(1 for text in texts if first.fullmatch(text))
-                counted = sum(int(m.group(1)) for m in map(later.fullmatch, texts) if m)
-                return firsts + counted == result.attempts - admitted
-
-            # The refusals after the first are counted, and reported a second later.
-            await wait_until(all_reported, timeout=5)
+            # Every connection is counted: refused at the limits, or admitted
+            # and ended when the attacker closed.
+            counters = await all_counted(rig.a, result.attempts)
             await rig.still_working()
+        by_reason = counters["by_reason"]
+        assert set(by_reason) <= limits | {
+            "connection closed by the peer during the handshake",
+            "connection failed during handshake",
+            "connection reset before it could be used",
+        }, by_reason
+        assert sum(by_reason[kind] for kind in limits if kind in by_reason) == (
+            result.attempts - admitted
+        )
+        assert by_reason["handshakes arriving faster than N a second (bursts of up to N)"] >= 1
+        # The first few refusals have lines of their own (one more per
+        # refill_s on a slow run), the rest are summarised at most once a second.
+        singles, summaries = refusal_lines(caplog)
+        log_ = rig.a.refusals
+        lasted = time.monotonic() - started
+        assert 1 <= len(singles) <= log_.burst + lasted / log_.refill_s + 1, (singles, lasted)
+        assert summaries
+        for match in summaries:
+            assert float(match.group(2)) >= 1.0, match.group(0)
+            assert match.group(4).startswith(f"{source} ("), match.group(0)
+        assert_each_refusal_in_one_line(caplog, result.attempts)
+        # An event for each failed handshake, and for each refusal with a line.
         refused = refusals(seen, source)
         assert all(type(e.error) is HandshakeError for e in refused)
-        reports = [
-            str(e.error)
-            for e in refused
-            if "refused" in str(e.error) or first.fullmatch(str(e.error))
-        ]
-        assert any("faster than" in text for text in reports)
-        assert first.fullmatch(reports[0]), reports[0]
-        assert len(reports) >= 2
-        for text in reports[1:]:
-            match = later.fullmatch(text)
-            assert match and float(match.group(2)) >= 1.0, text
-        # Each admitted handshake ended when the attacker closed: one refusal each.
-        ended = [str(e.error) for e in refused if str(e.error) not in reports]
-        assert len(ended) == admitted
-        assert set(ended) <= {
-            f"{source}: connection closed by the peer during the handshake",
-            f"{source}: connection failed during handshake: connection reset by peer",
-            f"{source}: connection reset before it could be used",
-        }, set(ended)
+        assert len(refused) == admitted + sum(
+            1 for m in singles if m.group(1) == source and reason_kind(m.group(2)) in limits
+        )
+
+
+async def test_flood_from_twenty_addresses_writes_a_bounded_log_and_counts_exactly(
+    make_config: Any, identities: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 15: the same mixed flood from 20 addresses wrote ~6,150 warning
+    # lines a minute, one per refused connection plus per-address reports.
+    caplog.set_level(logging.INFO, logger="edgenode")
+    sources = [f"127.0.0.{100 + i}" for i in range(20)]
+    async with running_rig(make_config) as rig:  # the default limits
+        async with collecting(rig) as seen:
+            first = len(caplog.records)
+            started = time.monotonic()
+            result = await run_flood(
+                "mixed",
+                "127.0.0.2",
+                rig.a.listen_port,
+                source_ips=sources,
+                count=2000,
+                concurrency=100,
+                hold_s=10 * TIMEOUT_S,
+                cert_der=identities["b"].cert_der,
+            )
+            counters = await all_counted(rig.a, result.attempts)
+            elapsed = time.monotonic() - started
+            await rig.still_working()
+        warnings = [r for r in caplog.records[first:] if r.levelno >= logging.WARNING]
+        log_ = rig.a.refusals
+        # The budget: the burst, its refill, and one summary a second.
+        bound = log_.burst + elapsed / log_.refill_s + elapsed / log_.interval_s + 1
+        assert len(warnings) <= bound, (len(warnings), elapsed, [r.getMessage() for r in warnings])
+        assert len(warnings) * 20 < result.attempts  # was one or more per refusal
+        # Exact counts for status, by reason and by address.
+        assert counters["total"] == result.attempts == 2000
+        assert sum(counters["by_reason"].values()) == 2000
+        assert sorted(ip for ip, _ in counters["top_addresses"]) <= sources
+        assert_each_refusal_in_one_line(caplog, 2000)
+        _, summaries = refusal_lines(caplog)
+        assert summaries and all("from " in m.group(0) for m in summaries)
+        # Events: one per failed handshake, one per refusal with a line; never
+        # one per refused connection.
+        assert len(refusals(seen, *sources)) < result.attempts
 
 
 @pytest.mark.parametrize(
@@ -438,7 +522,7 @@ async def test_addresses_of_a_reset_connection_is_a_handshake_error() -> None:
         await anyio.aclose_forcefully(stream)
 
 
-def test_handshake_admission_limits_and_reports() -> None:
+def test_handshake_admission_limits() -> None:
     admission = HandshakeAdmission(max_per_ip=2, max_total=3, rate_per_ip=1.0)
     assert [admission.admit("10.0.0.1", 0.0) for _ in range(2)] == [None, None]
     assert admission.admit("10.0.0.1", 0.0) == "2 handshakes already in progress (limit 2)"
@@ -460,18 +544,31 @@ def test_handshake_admission_limits_and_reports() -> None:
     assert admission.admit("10.0.0.1", 0.0) == too_fast
     assert admission.admit("10.0.0.1", 1.0) is None
     admission.finished("10.0.0.1")
-    # Reports: the first at once, the rest counted and due a second later.
-    assert admission.refused("10.0.0.1", too_fast, 1.0) == f"10.0.0.1: {too_fast}"
-    assert admission.refused("10.0.0.1", too_fast, 1.2) is None
-    assert admission.refused("10.0.0.1", too_fast, 1.5) is None
-    assert admission.next_report_at() == 2.0
-    assert admission.due_reports(1.9) == []
-    assert admission.due_reports(2.0) == [
-        ("10.0.0.1", f"10.0.0.1: 2 more connections refused in 1.0 s, the last: {too_fast}")
-    ]
-    assert admission.due_reports(3.0) == []  # a quiet second: forgotten
-    assert admission.next_report_at() is None
-    assert admission.refused("10.0.0.1", too_fast, 3.1) == f"10.0.0.1: {too_fast}"
+
+
+def test_handshake_admission_counts_an_ipv6_slash_64_as_one_address() -> None:
+    # One host on an IPv6 network may use any address of its /64: limits per
+    # single address would not limit it (docs/reliability.md, section 2).
+    admission = HandshakeAdmission(max_per_ip=2, max_total=100, rate_per_ip=1.0)
+    assert admission.admit("2001:db8:1:2::1", 0.0) is None
+    assert admission.admit("2001:db8:1:2:ffff::7", 0.0) is None
+    assert admission.admit("2001:db8:1:2::abcd", 0.0) == (
+        "2 handshakes already in progress from 2001:db8:1:2::/64 (limit 2)"
+    )
+    assert admission.in_progress_from("2001:db8:1:2::99") == 2
+    # Another /64 has its own allowance.
+    assert admission.admit("2001:db8:1:3::1", 0.0) is None
+    for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::7", "2001:db8:1:3::1"):
+        admission.finished(ip)
+    assert admission.in_progress == 0
+    # The rate too: a burst of 4 from the /64 (2 spent above), whichever
+    # addresses it uses.
+    for host in range(3, 5):
+        assert admission.admit(f"2001:db8:1:2::{host}", 0.0) is None
+        admission.finished(f"2001:db8:1:2::{host}")
+    assert admission.admit("2001:db8:1:2::5", 0.0) == (
+        "handshakes from 2001:db8:1:2::/64 arriving faster than 1 a second (bursts of up to 4)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,8 @@ def test_keepalive_rejects_bad_config(kwargs: dict[str, float], message: str) ->
 
 def test_keepalive_defaults() -> None:
     keepalive = make()
-    assert keepalive.stable_after_s == 15.0
+    assert keepalive.stable_after_s == 2.0  # or the timeout, if shorter
+    assert make(interval_s=0.5, timeout_s=1.5).stable_after_s == 1.5
     assert keepalive.jitter == 0.1
     assert (keepalive.backoff_base_s, keepalive.backoff_cap_s) == (0.5, 30.0)
     assert keepalive.next_deadline() is None
@@ -545,26 +546,28 @@ def test_dial_failed_backs_off_exponentially_with_cap() -> None:
     assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
 
 
-def test_backoff_resets_only_after_a_stable_link() -> None:
-    keepalive = make(constant(0.0))  # stable_after_s defaults to timeout_s = 15
+def test_links_pay_the_backoff_back_by_how_long_they_lived() -> None:
+    # The redial rules (edgenode/redial.py, tests/test_redial.py): a link
+    # that carried frames pays back one step per stable_after_s (2 s) of life.
+    keepalive = make(constant(0.0))
     assert [keepalive.dial_failed(PEER, 0.0) for _ in range(3)] == [0.25, 0.5, 1.0]
 
-    # Up for one second: flapping, the backoff carries on.
+    # Up for one second: half a step paid, one added for its end.
     keepalive.link_up(PEER, now=10.0)
     keepalive.received(PEER, 11.0)
-    assert keepalive.link_down(PEER, now=11.0, redial=True) == 2.0
+    assert keepalive.link_down(PEER, now=11.0, redial=True) == pytest.approx(0.25 * 2**2.5)
 
-    # Accepted, then silent until declared dead: never alive, not stable.
+    # Accepted, then silent until declared dead: never alive, pays nothing.
     keepalive.link_up(PEER, now=20.0)
     assert (DEAD, PEER, 0) in [a for _, a in run_until(keepalive, 35.0)]
-    assert keepalive.link_down(PEER, now=35.0, redial=True) == 4.0
+    assert keepalive.link_down(PEER, now=35.0, redial=True) == pytest.approx(0.25 * 2**3.5)
 
-    # Frames kept arriving for stable_after_s: the next redial starts over.
+    # Frames kept arriving for 15 s: the whole debt is paid, the next redial starts over.
     keepalive.link_up(PEER, now=100.0)
     for second in range(101, 116):
         keepalive.received(PEER, float(second))
     assert keepalive.link_down(PEER, now=115.0, redial=True) == 0.25
-    assert keepalive.backoff(PEER).attempt == 1
+    assert keepalive.redial_state(PEER).debt == 1.0
 
 
 def test_stable_after_can_be_configured() -> None:
@@ -572,10 +575,16 @@ def test_stable_after_can_be_configured() -> None:
     keepalive.dial_failed(PEER, 0.0)
     keepalive.link_up(PEER, now=0.0)
     keepalive.received(PEER, 30.0)
-    assert keepalive.link_down(PEER, now=30.0, redial=True) == 0.5  # not reset
+    assert keepalive.link_down(PEER, now=30.0, redial=True) == pytest.approx(0.25 * 2**0.5)
     keepalive.link_up(PEER, now=40.0)
-    keepalive.received(PEER, 100.0)
-    assert keepalive.link_down(PEER, now=100.0, redial=True) == 0.25  # reset
+    keepalive.received(PEER, 200.0)
+    assert keepalive.link_down(PEER, now=200.0, redial=True) == 0.25  # paid back
+    # 0: every link that lived at all clears the debt.
+    keepalive = make(constant(0.0), stable_after_s=0.0)
+    for _ in range(5):
+        keepalive.dial_failed(PEER, 0.0)
+    keepalive.link_up(PEER, now=0.0)
+    assert keepalive.link_down(PEER, now=0.1, redial=True) == 0.25
 
 
 def test_forget_drops_links_dials_and_backoff() -> None:

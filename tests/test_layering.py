@@ -18,6 +18,8 @@ PURE = [
     *sorted((ROOT / "edgenode" / "proto").glob("*.py")),
     ROOT / "edgenode" / "registry.py",
     ROOT / "edgenode" / "keepalive.py",
+    ROOT / "edgenode" / "redial.py",
+    ROOT / "edgenode" / "refusals.py",
     ROOT / "edgenode" / "errors.py",
     # The uplink's pure parts: settings, topic maps, the queue, the spool's records.
     *(

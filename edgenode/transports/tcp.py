@@ -23,7 +23,16 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised
 from ..identity import PinnedContexts, node_id_from_cert_der, ssl_reason
 from ..proto.preamble import HEAD_BYTES, encode_preamble, parse_preamble
+from ..refusals import address_group
 from ..registry import normalise_ip
+
+
+class Unreachable(HandshakeError):
+    """A dial found no listener: the connect was refused, unreachable or unanswered.
+
+    It cost the peer nothing, unlike a failure after the connect: the
+    redial rules retry it soon (:mod:`edgenode.redial`, rule 3).
+    """
 
 
 class Link:
@@ -66,23 +75,29 @@ class HandshakeAdmission:
     before anything is proved about the peer. So each accepted connection
     meets three limits, checked before anything is spent on it:
 
-    - at most ``max_per_ip`` handshakes in progress from one IP;
-    - at most ``max_total`` in progress in all, for many IPs each under
-      its cap (one left half done in TLS holds a descriptor and ~60 KB);
+    - at most ``max_per_ip`` handshakes in progress from one address;
+    - at most ``max_total`` in progress in all, for many addresses each
+      under its cap (one left half done in TLS holds a descriptor and
+      ~60 KB);
     - on average at most ``rate_per_ip`` new handshakes a second from one
-      IP, in bursts of up to ``2 * max_per_ip``. A connection that closes
-      at once frees its slot at once, so the caps alone would let one IP
-      keep the node running handshakes as fast as it can connect.
+      address, in bursts of up to ``2 * max_per_ip``. A connection that
+      closes at once frees its slot at once, so the caps alone would let
+      one address keep the node running handshakes as fast as it can
+      connect.
 
-    A connection over a limit is reset at once. Refusals are reported at
-    most once per ``report_interval_s`` per IP, with their number, so a
-    flood cannot make the node queue an event or log a line per connection.
+    "One address" is an IPv4 address, or an IPv6 address's /64
+    (:func:`~edgenode.refusals.address_group`): a host on an IPv6 network
+    can use any address of its /64, so per-address limits on single
+    addresses would not limit it at all.
+
+    A connection over a limit is reset at once. What is logged about the
+    refusals is the node's :class:`~edgenode.refusals.RefusalLog`'s
+    business: a flood must not make the node log a line, or queue an
+    event, per connection.
     """
 
     __slots__ = (
-        "_by_ip",
-        "_next_report",
-        "_refusals",
+        "_by_group",
         "_tokens",
         "burst",
         "in_progress",
@@ -90,7 +105,6 @@ class HandshakeAdmission:
         "max_total",
         "max_tracked_ips",
         "rate_per_ip",
-        "report_interval_s",
     )
 
     def __init__(
@@ -99,116 +113,63 @@ class HandshakeAdmission:
         max_per_ip: int,
         max_total: int,
         rate_per_ip: float,
-        report_interval_s: float = 1.0,
         max_tracked_ips: int = 1024,
     ) -> None:
         self.max_per_ip = max_per_ip
         self.max_total = max_total
         self.rate_per_ip = rate_per_ip
         self.burst = 2 * max_per_ip
-        self.report_interval_s = report_interval_s
         self.max_tracked_ips = max_tracked_ips
-        #: Handshakes in progress, in all and per IP.
+        #: Handshakes in progress, in all and per address group.
         self.in_progress = 0
-        self._by_ip: dict[str, int] = {}
-        # ip -> [tokens, when counted]; least recently used first.
+        self._by_group: dict[str, int] = {}
+        # group -> [tokens, when counted]; least recently used first.
         self._tokens: OrderedDict[str, list[float]] = OrderedDict()
-        # ip -> [refusals not yet reported, when last reported, the last reason]
-        self._refusals: dict[str, list] = {}
-        self._next_report: float | None = None
 
     def in_progress_from(self, ip: str) -> int:
-        """Handshakes in progress from ``ip``."""
-        return self._by_ip.get(ip, 0)
+        """Handshakes in progress from ``ip`` (from its /64, for IPv6)."""
+        return self._by_group.get(address_group(ip), 0)
 
     def admit(self, ip: str, now: float) -> str | None:
         """Count a handshake from ``ip`` in and return None, or return why not."""
-        count = self._by_ip.get(ip, 0)
+        group = address_group(ip)
+        source = "" if group == ip else f" from {group}"
+        count = self._by_group.get(group, 0)
         if count >= self.max_per_ip:
-            return f"{count} handshakes already in progress (limit {self.max_per_ip})"
+            return f"{count} handshakes already in progress{source} (limit {self.max_per_ip})"
         if self.in_progress >= self.max_total:
             return (
                 f"{self.in_progress} handshakes in progress from all addresses "
                 f"(limit {self.max_total})"
             )
-        bucket = self._tokens.pop(ip, None)
+        bucket = self._tokens.pop(group, None)
         if bucket is None:
             bucket = [float(self.burst), now]
         else:
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_ip)
             bucket[1] = now
-        self._tokens[ip] = bucket
+        self._tokens[group] = bucket
         if len(self._tokens) > self.max_tracked_ips:
             self._tokens.popitem(last=False)
         if bucket[0] < 1.0:
             return (
-                f"handshakes arriving faster than {self.rate_per_ip:g} a second "
+                f"handshakes{source} arriving faster than {self.rate_per_ip:g} a second "
                 f"(bursts of up to {self.burst})"
             )
         bucket[0] -= 1.0
-        self._by_ip[ip] = count + 1
+        self._by_group[group] = count + 1
         self.in_progress += 1
         return None
 
     def finished(self, ip: str) -> None:
         """Count out a handshake :meth:`admit` counted in (it ended either way)."""
-        left = self._by_ip[ip] - 1
+        group = address_group(ip)
+        left = self._by_group[group] - 1
         if left:
-            self._by_ip[ip] = left
+            self._by_group[group] = left
         else:
-            del self._by_ip[ip]
+            del self._by_group[group]
         self.in_progress -= 1
-
-    def refused(self, ip: str, reason: str, now: float) -> str | None:
-        """Record a connection from ``ip`` refused for ``reason``.
-
-        Returns the message to report now (the first refusal after a quiet
-        interval), or None: later ones are counted for :meth:`due_reports`.
-        """
-        entry = self._refusals.get(ip)
-        if entry is not None:
-            entry[0] += 1
-            entry[2] = reason
-            return None
-        if len(self._refusals) < self.max_tracked_ips:
-            self._refusals[ip] = [0, now, reason]
-            due = now + self.report_interval_s
-            if self._next_report is None or due < self._next_report:
-                self._next_report = due
-        return f"{ip}: {reason}"
-
-    def next_report_at(self) -> float | None:
-        """When :meth:`due_reports` next has something to say, or None."""
-        return self._next_report
-
-    def due_reports(self, now: float) -> list[tuple[str, str]]:
-        """(ip, message) for each IP whose counted refusals are due to be reported."""
-        if self._next_report is None or now < self._next_report:
-            return []
-        reports = []
-        next_report = None
-        for ip, entry in list(self._refusals.items()):
-            count, reported_at, reason = entry
-            if now - reported_at < self.report_interval_s:
-                due = reported_at + self.report_interval_s
-            elif count:
-                reports.append(
-                    (
-                        ip,
-                        f"{ip}: {count} more connections refused in "
-                        f"{now - reported_at:.1f} s, the last: {reason}",
-                    )
-                )
-                entry[0], entry[1] = 0, now
-                due = now + self.report_interval_s
-            else:
-                # A quiet interval: the next refusal is reported at once.
-                del self._refusals[ip]
-                continue
-            if next_report is None or due < next_report:
-                next_report = due
-        self._next_report = next_report
-        return reports
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -289,20 +250,30 @@ async def dial_link(
     cert_der: bytes,
     local_host: str | None,
     is_authorised: Callable[[str], bool],
+    connect_timeout_s: float | None = None,
 ) -> Link:
     """Connect to a peer, send the preamble and complete TLS 1.3.
 
-    Raises :class:`NotAuthorised` if the listener's node ID is not
-    authorised and :class:`HandshakeError` when the connection or TLS fails.
-    The caller bounds it with a timeout.
+    Raises :class:`Unreachable` when the connect fails or is not answered
+    within ``connect_timeout_s`` (nothing listens: the peer is away),
+    :class:`NotAuthorised` if the listener's node ID is not authorised and
+    :class:`HandshakeError` when the connection or TLS fails after the
+    connect. The caller bounds the whole dial with a timeout; make
+    ``connect_timeout_s`` shorter than that, or a connect that is never
+    answered is reported as the whole dial's timeout instead.
     """
     try:
-        stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+        with anyio.fail_after(connect_timeout_s):
+            stream = await anyio.connect_tcp(ip, port, local_host=local_host)
+    except TimeoutError:
+        raise Unreachable(
+            f"{ip}:{port}: cannot connect: no answer within {connect_timeout_s} s"
+        ) from None
     except OSError as exc:
         # anyio reports "all connection attempts failed"; the cause says why.
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
         detail = (os.strerror(cause.errno) if cause.errno else str(cause)).lower()
-        raise HandshakeError(f"{ip}:{port}: cannot connect: {detail}") from None
+        raise Unreachable(f"{ip}:{port}: cannot connect: {detail}") from None
     try:
         peer_ip, peer_port, local_ip = addresses(stream, f"{ip}:{port}")
         await stream.send(encode_preamble(cert_der))
