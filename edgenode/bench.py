@@ -40,7 +40,8 @@ import anyio
 
 from firmware_bridge.link import Link
 
-from .cli import BENCH_SECTIONS as SECTIONS
+from .bench_options import BENCH_SECTIONS as SECTIONS
+from .bench_options import add_bench_arguments
 from .testing.procs import free_port, read_rss_bytes
 
 PAYLOAD_SIZES = (16, 64, 200)
@@ -489,7 +490,8 @@ def _print_serial_tables(result: dict[str, Any]) -> None:
 
 
 def run_from_args(args: Any) -> int:
-    """Check the options (``cli.add_bench_arguments``) and run; raises :class:`ConfigError`."""
+    """Check the options (``bench_options.add_bench_arguments``) and run; raises
+    :class:`ConfigError`."""
     from .errors import ConfigError
 
     if args.runs < 1 or args.messages < 1:
@@ -514,7 +516,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m edgenode.bench``: the same as ``edgenode bench``."""
     import argparse
 
-    from .cli import add_bench_arguments
     from .errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m edgenode.bench")

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .bench_options import add_bench_arguments
 from .config import DEFAULT_PORT, NodeConfig, parse_address
 from .errors import ConfigError, EdgeNodeError
 from .settings import default_state_dir
@@ -34,34 +35,6 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
-
-
-#: The parts of ``edgenode bench``, in the order they run.
-BENCH_SECTIONS = ("tls", "serial", "fleet", "uplink")
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench's options, for ``edgenode bench`` and ``python -m edgenode.bench``."""
-    parser.add_argument("--runs", type=int, default=5, help="repeat each measurement (default 5)")
-    parser.add_argument("--messages", type=int, default=2000, help="serial messages per run")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
-    parser.add_argument(
-        "--peers", type=int, default=None, help="fleet peers (default 200, --quick 20)"
-    )
-    parser.add_argument(
-        "--window",
-        type=float,
-        default=None,
-        metavar="S",
-        help="idle CPU / wake-up measuring time per peer behaviour (default 30, --quick 0.5)",
-    )
-    parser.add_argument(
-        "--only",
-        action="append",
-        choices=BENCH_SECTIONS,
-        help="run only this section (repeatable)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

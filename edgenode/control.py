@@ -683,6 +683,7 @@ def format_status(response: dict[str, Any]) -> str:
         f"avg {_ms(node.get('loop_lag_avg_ms'))}, max {_ms(node.get('loop_lag_max_ms'))}",
         f"  rss        {_size(node.get('rss_bytes'))}",
         f"  peers      {_by_state(node.get('peers_by_state') or {})}",
+        *_delivery_lines(node),
         *_uplink_lines(response.get("uplink")),
         *_refused(node.get("refusals")),
         "",
@@ -711,6 +712,10 @@ def format_status(response: dict[str, Any]) -> str:
                 str(peer.get("drops", 0)),
             )
         )
+        if up and (peer.get("paused_s") is not None or peer.get("queued")):
+            paused = peer.get("paused_s")
+            held = f"; reading paused {paused:.1f} s by a full subscriber" if paused else ""
+            notes.append(f"{peer.get('ip')}: {peer.get('queued', 0)} frames queued{held}")
         redial = peer.get("redial_in_s")
         if not up and (peer.get("down_reason") or redial is not None):
             note = f"{peer.get('ip')}: {peer.get('down_reason') or 'down'}"
@@ -724,6 +729,28 @@ def format_status(response: dict[str, Any]) -> str:
         lines.append("")
         lines.extend(notes)
     return "\n".join(lines)
+
+
+def _delivery_lines(node: dict[str, Any]) -> list[str]:
+    """What the node did not deliver, or made wait (docs/architecture.md, Delivery)."""
+    lines = [
+        f"  sends      waited for room {node.get('send_waits', 0):,} times "
+        f"({node.get('send_waited_s', 0.0):.1f} s in all); requests pending "
+        f"{node.get('pending_requests', 0)}, handlers running {node.get('handlers_running', 0)}"
+    ]
+    undelivered = [
+        ("unrouted_messages", "with no subscriber"),
+        ("subscriptions_stalled", "subscriptions ended for stalling"),
+        ("subscription_drops", "dropped by drop-policy subscriptions"),
+        ("broadcast_dropped", "broadcasts skipped (peer full)"),
+        ("event_drops", "node events dropped"),
+        ("device_messages_lost", "device messages lost"),
+        ("handler_timeouts", "handlers timed out"),
+        ("answers_dropped", "answers given up"),
+    ]
+    counts = [f"{node[key]:,} {what}" for key, what in undelivered if node.get(key)]
+    lines.append(f"  not delivered  {'; '.join(counts) if counts else 'nothing'}")
+    return lines
 
 
 def _uplink_lines(uplink: dict[str, Any] | None) -> list[str]:

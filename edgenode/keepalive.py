@@ -19,7 +19,7 @@ it wakes it calls :meth:`Keepalive.due` and carries out what comes back:
   :meth:`Keepalive.link_down`.
 * ``(DIAL, key, 0)``: a scheduled dial is due.
 
-Inbound and outbound links are one type with one code path (DESIGN failure
+Inbound and outbound links are one type with one code path (docs/architecture.md, failure
 2): the scheduler never learns a link's direction, and both ends ping. It
 reports liveness per direction instead (:meth:`Keepalive.liveness`): whether
 our pings are answered, and whether the peer's frames are arriving.

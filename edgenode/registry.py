@@ -8,13 +8,13 @@ I reach right now?". It is keyed by the peer's IP address, normalised so that
 one machine is one key however its address is spelt (an IPv4-mapped IPv6
 address is the IPv4 address; IPv6 is in compressed canonical form; brackets
 and a ``%zone`` are dropped). A registry keyed by ``IP:PORT`` counted one
-machine as many peers and made both sides dial each other (DESIGN failure 3).
+machine as many peers and made both sides dial each other (docs/architecture.md, failure 3).
 
 Each entry is UP or DOWN. UP means exactly one thing: the entry holds a live
 connection (``entry.conn is not None``), and the node's loop changes it only
 from transport events. When a transport closes, the loop calls
 :meth:`Registry.closed` and the entry is DOWN at once, so the registry never
-lists a peer as connected after its transport is gone (DESIGN failure 4).
+lists a peer as connected after its transport is gone (docs/architecture.md, failure 4).
 
 A connection becomes an entry's connection only through :meth:`Registry.admit`,
 after the TLS handshake and the hello exchange have verified the peer's node

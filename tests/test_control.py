@@ -671,3 +671,36 @@ def test_format_status_without_peers() -> None:
     text = format_status({"ok": True, "node": {"peers_by_state": {}}, "peers": []})
     assert text.endswith("no peers")
     assert "  peers      none" in text
+
+
+def test_format_status_says_what_was_not_delivered_and_what_waits() -> None:
+    node = {
+        "node_id": "aaaa-bbbb-cccc-dddd-eeee-ffff-gggg",
+        "send_waits": 1234,
+        "send_waited_s": 5.25,
+        "pending_requests": 2,
+        "handlers_running": 1,
+        "unrouted_messages": 3,
+        "subscriptions_stalled": 1,
+        "subscription_drops": 0,
+        "broadcast_dropped": 7,
+    }
+    peer = {
+        "ip": "10.0.0.5",
+        "state": "up",
+        "queued": 128,
+        "paused_s": 2.5,
+        "devices": [],
+    }
+    lines = format_status({"ok": True, "node": node, "peers": [peer]}).splitlines()
+    assert (
+        "  sends      waited for room 1,234 times (5.2 s in all); requests pending 2, "
+        "handlers running 1"
+    ) in lines
+    assert (
+        "  not delivered  3 with no subscriber; 1 subscriptions ended for stalling; "
+        "7 broadcasts skipped (peer full)"
+    ) in lines
+    assert "10.0.0.5: 128 frames queued; reading paused 2.5 s by a full subscriber" in lines
+    quiet = format_status({"ok": True, "node": {"node_id": "x"}, "peers": []})
+    assert "  not delivered  nothing" in quiet.splitlines()

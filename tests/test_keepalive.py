@@ -398,7 +398,7 @@ def test_liveness_reports_each_direction() -> None:
     assert fresh.our_pings_answered and fresh.their_frames_arriving
     assert (fresh.pings_sent, fresh.pongs_received, fresh.rtt_s) == (0, 0, None)
 
-    # The peer sends data but never answers our pings: DESIGN failure 2, seen
+    # The peer sends data but never answers our pings: failure 2 (docs/architecture.md), seen
     # from our side. Inbound is alive, outbound is not.
     def data_but_no_pongs(action: Action, now: float) -> None:
         assert action[0] == PING
@@ -450,7 +450,7 @@ def test_liveness_repr() -> None:
 def test_both_ends_ping_and_neither_goes_dead() -> None:
     # Two schedulers joined by a fake link with no application data: each
     # end's pings and the other's pongs are the only frames. Neither end
-    # knows which side dialled; neither link cycles (DESIGN failure 2).
+    # knows which side dialled; neither link cycles (failure 2 (docs/architecture.md)).
     rng = random.Random(3)
     ends = {"a": make(rng.random), "b": make(rng.random)}
     other = {"a": "b", "b": "a"}

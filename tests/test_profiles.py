@@ -28,7 +28,7 @@ NODE_BOARDS = ["pi-zero-w", "pi-zero-2-w", "pi-3b", "pi-4b", "pi-5", "generic-ar
 MICROCONTROLLERS = ["esp32", "rp2040"]
 ALL_BOARDS = NODE_BOARDS + MICROCONTROLLERS
 
-# What every node profile must size (DESIGN.md, "Board profiles").
+# What every node profile must size (docs/architecture.md, boards/README.md).
 NODE_KEYS = {
     "peers.max",
     "limits.inbox_size",
