@@ -230,7 +230,7 @@ class FleetNode:
         self.peers = 0
 
     def status(self) -> dict[str, Any] | None:
-        from .control import ControlError, control_request
+        from .control_client import ControlError, control_request
 
         if not self.socket.exists():
             return None

@@ -318,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     authorised = load_authorised(os.path.join(config.state_dir, AUTHORISED_FILE))
     config = config.replace(authorised=authorised | (config.authorised or frozenset()))
     if config.control_socket is None:
-        from .control import default_control_path
+        from .control_client import default_control_path
 
         config = config.replace(control_socket=default_control_path(config.state_dir))
     if resolved.board is not None:
@@ -390,7 +390,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .control import ControlError, control_request, default_control_path, format_status
+    from .control_client import ControlError, control_request, default_control_path
+    from .status_text import format_status
 
     path = args.socket or default_control_path(args.state_dir or default_state_dir())
     response = control_request(path, {"op": "status"})
@@ -401,7 +402,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .control import ControlError, control_request, default_control_path
+    from .control_client import ControlError, control_request, default_control_path
 
     path = args.socket or default_control_path(args.state_dir or default_state_dir())
     request = {"op": "send", "peer": args.peer, "topic": args.topic, "text": args.text}

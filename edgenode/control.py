@@ -40,7 +40,6 @@ the answer, and the number of clients at once.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -58,6 +57,10 @@ from anyio import EndOfStream
 from anyio.abc import TaskStatus
 
 from .control_access import ControlAccess, peer_credentials
+from .control_client import (
+    ControlError,
+    NotPermitted,
+)
 from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
 from .refusals import RefusalLog
 from .version import __version__
@@ -85,11 +88,8 @@ class Node(Protocol):
 
 log = logging.getLogger("edgenode.control")
 
-CONTROL_SOCKET_NAME = "control.sock"
 #: Longest request line a client may send, newline excluded.
 MAX_REQUEST_BYTES = 64 * 1024
-#: Longest response a client accepts (a status of a few hundred peers is ~200 KiB).
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: Time a client has to send each whole request line; an idle client is closed.
 REQUEST_TIMEOUT_S = 30.0
 #: Time a send may wait for room in the node's inbox.
@@ -98,8 +98,6 @@ SEND_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 10.0
 #: Clients served at once; more are answered with an error and closed.
 MAX_CLIENTS = 16
-#: Time a client waits for the node's answer.
-CLIENT_TIMEOUT_S = 15.0
 
 # sun_path is 108 bytes on Linux, with a terminating NUL.
 _MAX_SOCKET_PATH_BYTES = 107
@@ -108,29 +106,12 @@ _ACCEPT_RETRY_S = 0.5
 _OPS = ("status", "send")
 
 
-class ControlError(EdgeNodeError):
-    """The control socket cannot be used, or the node answered with an error."""
-
-
-class NoNodeRunning(ControlError):
-    """No node is listening on the control socket."""
-
-
 class BadRequest(ControlError):
     """A control request is not one JSON object per line with a known op."""
 
 
 class RequestTooLarge(BadRequest):
     """A control request line exceeds :data:`MAX_REQUEST_BYTES`."""
-
-
-class NotPermitted(ControlError):
-    """The connecting process's credentials do not allow it to use the control socket."""
-
-
-def default_control_path(state_dir: str | os.PathLike[str]) -> Path:
-    """The node's control socket in ``state_dir``."""
-    return Path(state_dir) / CONTROL_SOCKET_NAME
 
 
 # -- server -----------------------------------------------------------------------
@@ -575,283 +556,7 @@ def rss_bytes() -> int | None:
         return None
 
 
-# -- client -----------------------------------------------------------------------
-
-
-def control_request(
-    path: str | os.PathLike[str], request: dict[str, Any], *, timeout_s: float = CLIENT_TIMEOUT_S
-) -> dict[str, Any]:
-    """Send one request to the node on ``path`` and return its response object.
-
-    Blocking; for the command line. A response with ``"ok": false`` is
-    returned, not raised. Raises :class:`NoNodeRunning` when nothing
-    listens on ``path``, and :class:`ControlError` when the socket cannot be
-    used or the answer is missing, late or malformed.
-    """
-    path = Path(path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        try:
-            sock.connect(os.fspath(path))
-            try:
-                sock.sendall(json.dumps(request).encode() + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # refused as it connected (NotPermitted): the answer is waiting
-            data = _receive_line(sock, path)
-        except FileNotFoundError:
-            raise NoNodeRunning(f"no node is running (control socket {path} not found)") from None
-        except ConnectionRefusedError:
-            if _is_socket(path):
-                raise NoNodeRunning(
-                    f"no node is running (control socket {path} is left from a node that stopped)"
-                ) from None
-            raise ControlError(f"control socket {path} is not a socket") from None
-        except socket.timeout:
-            raise ControlError(
-                f"the node on control socket {path} did not answer within {timeout_s} s"
-            ) from None
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise ControlError(
-                    f"cannot use control socket {path}: permission denied "
-                    "(run as the user that runs the node)"
-                ) from None
-            raise ControlError(f"cannot use control socket {path}: {exc.strerror or exc}") from None
-    try:
-        response = json.loads(data)
-    except ValueError:
-        response = None
-    if not isinstance(response, dict) or not isinstance(response.get("ok"), bool):
-        raise ControlError(
-            f"control socket {path}: expected a JSON response, got {hexdump(data, 24)}"
-        )
-    return response
-
-
-def _receive_line(sock: socket.socket, path: Path) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ControlError(f"control socket {path}: the node closed without answering")
-        end = chunk.find(b"\n")
-        if end >= 0:
-            chunks.append(chunk[:end])
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise ControlError(
-                f"control socket {path}: response exceeds {MAX_RESPONSE_BYTES}-byte limit"
-            )
-
-
-def _is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 # -- display ------------------------------------------------------------------------
 
-_COLUMNS = (
-    "PEER",
-    "NODE ID",
-    "DEVICES",
-    "DIRECTION",
-    "STATE",
-    "LIVE IN/OUT",
-    "RTT MS",
-    "HEARD",
-    "BYTES IN",
-    "BYTES OUT",
-    "DROPS",
-)
 
-
-def format_status(response: dict[str, Any]) -> str:
-    """Render a status response as text: node figures, then a table of peers."""
-    node = response.get("node", {})
-    peers = response.get("peers", [])
-    lines = [
-        f"node {node.get('node_id')}  (pid {node.get('pid')}, edgenode {node.get('version')})",
-        f"  listening  {node.get('listen_host')}:{node.get('listen_port')}",
-        f"  uptime     {_duration(node.get('uptime_s'))}",
-        f"  loop lag   last {_ms(node.get('loop_lag_last_ms'))}, "
-        f"avg {_ms(node.get('loop_lag_avg_ms'))}, max {_ms(node.get('loop_lag_max_ms'))}",
-        f"  rss        {_size(node.get('rss_bytes'))}",
-        f"  peers      {_by_state(node.get('peers_by_state') or {})}",
-        *_delivery_lines(node),
-        *_uplink_lines(response.get("uplink")),
-        *_refused(node.get("refusals")),
-        "",
-    ]
-    if not peers:
-        lines.append("no peers")
-        return "\n".join(lines)
-    rows = [_COLUMNS]
-    notes = []
-    for peer in peers:
-        up = peer.get("state") == "up"
-        rows.append(
-            (
-                str(peer.get("ip")),
-                _short_id(peer.get("node_id")),
-                ",".join(peer.get("devices") or ()) or "-",
-                peer.get("direction") or "-",
-                str(peer.get("state")),
-                _liveness(peer) if up else "-",
-                "-" if peer.get("rtt_s") is None else f"{peer['rtt_s'] * 1000:.1f}",
-                "-"
-                if peer.get("last_heard_s") is None
-                else _duration(peer["last_heard_s"]) + " ago",
-                _size(peer.get("bytes_in")),
-                _size(peer.get("bytes_out")),
-                str(peer.get("drops", 0)),
-            )
-        )
-        if up and (peer.get("paused_s") is not None or peer.get("queued")):
-            paused = peer.get("paused_s")
-            held = f"; reading paused {paused:.1f} s by a full subscriber" if paused else ""
-            notes.append(f"{peer.get('ip')}: {peer.get('queued', 0)} frames queued{held}")
-        redial = peer.get("redial_in_s")
-        if not up and (peer.get("down_reason") or redial is not None):
-            note = f"{peer.get('ip')}: {peer.get('down_reason') or 'down'}"
-            if redial is not None:
-                note += f"; redial in {max(0.0, redial):.1f} s"
-            notes.append(note)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if notes:
-        lines.append("")
-        lines.extend(notes)
-    return "\n".join(lines)
-
-
-def _delivery_lines(node: dict[str, Any]) -> list[str]:
-    """What the node did not deliver, or made wait (docs/architecture.md, Delivery)."""
-    lines = [
-        f"  sends      waited for room {node.get('send_waits', 0):,} times "
-        f"({node.get('send_waited_s', 0.0):.1f} s in all); requests pending "
-        f"{node.get('pending_requests', 0)}, handlers running {node.get('handlers_running', 0)}"
-    ]
-    undelivered = [
-        ("unrouted_messages", "with no subscriber"),
-        ("subscriptions_stalled", "subscriptions ended for stalling"),
-        ("subscription_drops", "dropped by drop-policy subscriptions"),
-        ("broadcast_dropped", "broadcasts skipped (peer full)"),
-        ("event_drops", "node events dropped"),
-        ("device_messages_lost", "device messages lost"),
-        ("handler_timeouts", "handlers timed out"),
-        ("answers_dropped", "answers given up"),
-    ]
-    counts = [f"{node[key]:,} {what}" for key, what in undelivered if node.get(key)]
-    lines.append(f"  not delivered  {'; '.join(counts) if counts else 'nothing'}")
-    return lines
-
-
-def _uplink_lines(uplink: dict[str, Any] | None) -> list[str]:
-    """The uplink's lines in ``edgenode status`` (edgenode.uplink's ``status()``)."""
-    if not uplink:
-        return []
-    state = str(uplink.get("state"))
-    if state == "connected":
-        state += f" for {_duration(uplink.get('connected_for_s'))}"
-    elif uplink.get("retry_in_s") is not None:
-        state += f", retry in {_duration(uplink['retry_in_s'])}"
-    lines = [f"  uplink     {state}  {uplink.get('broker')} as {uplink.get('client_id')}"]
-    if uplink.get("last_error"):
-        lines.append(
-            f"             last error {_duration(uplink.get('last_error_age_s'))} ago: "
-            f"{uplink['last_error']}"
-        )
-    lines.append(
-        f"             queue {uplink.get('queue_messages')}/{uplink.get('queue_max_messages')} "
-        f"msgs, {_size(uplink.get('queue_bytes'))}/{_size(uplink.get('queue_max_bytes'))} "
-        f"({uplink.get('queue_policy')}: {uplink.get('dropped_oldest')} dropped, "
-        f"{uplink.get('refused_new')} refused; {uplink.get('qos0_dropped_offline')} qos 0 "
-        f"dropped offline)"
-    )
-    if uplink.get("spool_max_bytes"):
-        spool = f"{_size(uplink.get('spool_bytes'))}/{_size(uplink['spool_max_bytes'])}"
-        if uplink.get("spool_error"):
-            spool = f"off: {uplink['spool_error']}"
-        lines.append(f"             spool {spool}")
-    lines.append(
-        f"             out {uplink.get('published')} published, {uplink.get('rejected')} rejected, "
-        f"{uplink.get('unmappable')} unmappable; in {uplink.get('received')} received, "
-        f"{uplink.get('delivered')} delivered, {uplink.get('undeliverable')} undeliverable, "
-        f"{uplink.get('unrouted')} unrouted"
-    )
-def _refused(refusals: dict[str, Any] | None) -> list[str]:
-    """The status lines about refused connections (exact counts; see edgenode.refusals)."""
-    if not refusals:
-        return []
-    total = refusals.get("total", 0)
-    if not total:
-        return ["  refused    none"]
-    top = ", ".join(f"{ip} ({count:,})" for ip, count in refusals.get("top_addresses", []))
-    lines = [f"  refused    {total:,} connections, most from {top}"]
-    reasons = sorted((refusals.get("by_reason") or {}).items(), key=lambda item: -item[1])
-    for kind, count in reasons[:3]:
-        lines.append(f"             {count:,} {kind}")
-    if len(reasons) > 3:
-        lines.append(f"             {sum(c for _, c in reasons[3:]):,} for other reasons")
-    last = refusals.get("last")
-    if last:
-        age = _duration(last.get("age_s"))
-        lines.append(f"  last       {age} ago, {last.get('ip')}: {last.get('reason')}")
-    return lines
-
-
-def _liveness(peer: dict[str, Any]) -> str:
-    """``in/out``: their frames arriving / our pings answered."""
-    arriving = "ok" if peer.get("their_frames_arriving") else "no"
-    answered = "ok" if peer.get("our_pings_answered") else "no"
-    return f"{arriving}/{answered}"
-
-
-def _short_id(node_id: str | None) -> str:
-    if not node_id:
-        return "-"
-    groups = node_id.split("-")
-    return f"{groups[0]}..{groups[-1]}" if len(groups) > 2 else node_id
-
-
-def _by_state(counts: dict[str, int]) -> str:
-    if not counts:
-        return "none"
-    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} ms"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def _size(count: int | None) -> str:
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"  # pragma: no cover
+# The text rendering lives in its own module; importable from here as before.

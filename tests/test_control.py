@@ -26,15 +26,11 @@ import anyio
 import pytest
 
 from edgenode import control
-from edgenode.control import (
-    MAX_REQUEST_BYTES,
-    NoNodeRunning,
-    control_request,
-    format_status,
-    serve_control,
-)
+from edgenode.control import MAX_REQUEST_BYTES, serve_control
+from edgenode.control_client import NoNodeRunning, control_request
 from edgenode.errors import ConfigError
 from edgenode.node import Incoming, Node, PeerUp
+from edgenode.status_text import format_status
 
 from .conftest import wait_event, wait_until
 

@@ -31,8 +31,9 @@ import anyio
 import pytest
 
 from edgenode.config import NodeConfig
-from edgenode.control import NoNodeRunning, control_request, serve_control
+from edgenode.control import serve_control
 from edgenode.control_access import ControlAccess, PeerCredentials, peer_credentials
+from edgenode.control_client import NoNodeRunning, control_request
 from edgenode.errors import ConfigError
 from edgenode.node import Node
 from edgenode.settings import resolve

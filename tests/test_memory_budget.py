@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 
-from edgenode.control import control_request
+from edgenode.control_client import control_request
 from edgenode.identity import Identity, create_identity
 from edgenode.loadgen import LoadGen, load_identities, write_authorised
 from edgenode.profiles import Profile, list_profiles

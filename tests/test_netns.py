@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgenode.control import ControlError, control_request
+from edgenode.control_client import ControlError, control_request
 from edgenode.identity import create_identity
 from edgenode.testing import wait_for
 from edgenode.testing.netns import NetnsError, NetnsPair, skip_reason

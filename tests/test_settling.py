@@ -21,6 +21,7 @@ from edgenode.inbox import Control, Failed, Inbox, Opened
 from edgenode.keepalive import Keepalive
 from edgenode.learning import PeerLearning
 from edgenode.proto.messages import Hello, Ready
+from edgenode.refusals import RefusalLog
 from edgenode.registry import INBOUND, OUTBOUND, Registry
 from edgenode.requests import Requests
 from edgenode.subscriptions import EventFeed, Subscriptions
@@ -76,6 +77,7 @@ class Side:
             spawn=lambda *args: None,
             wildcard=False,
             max_peers_listed=64,
+            refusals=RefusalLog(),
         )
 
     def connection(self, peer: str, direction: str, started_at: float) -> Connection:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from edgenode.control import ControlError
+from edgenode.control_client import ControlError
 from edgenode.identity import create_identity
 from edgenode.testing.procs import (
     READY_RE,

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..control import ControlError, control_request
+from ..control_client import ControlError, control_request
 from ..errors import EdgeNodeError
 from . import signals
 
@@ -606,7 +606,7 @@ class NodeProcess:
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The node's ``status`` response over its control socket (``edgenode status --json``).
 
-        Raises :class:`~edgenode.control.ControlError` if the node does not
+        Raises :class:`~edgenode.control_client.ControlError` if the node does not
         answer within ``timeout_s`` or answers with an error.
         """
         response = control_request(self.control_socket, {"op": "status"}, timeout_s=timeout_s)

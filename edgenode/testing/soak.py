@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..control import ControlError
+from ..control_client import ControlError
 from .procs import NodeProcess, NodeProcessError, free_port
 from .signals import process_state
 from .soak_checks import (

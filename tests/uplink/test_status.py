@@ -9,8 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from edgenode.config import NodeConfig
-from edgenode.control import format_status, node_status
+from edgenode.control import node_status
 from edgenode.node import Node
+from edgenode.status_text import format_status
 from edgenode.testing.procs import free_port
 
 from ..conftest import wait_until
