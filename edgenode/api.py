@@ -110,6 +110,8 @@ class PeerSnapshot:
     paused_s: float | None = None
     #: When the next dial of a peer that is down is due, in seconds from now.
     redial_in_s: float | None = None
+    #: The host name this peer is configured by, if it is (edgenode.names).
+    name: str | None = None
 
 
 #: ``await handler(request) -> bytes``: answers requests on a topic.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,38 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     return host, int(port_text)
 
 
+# RFC 1123 host names: labels of letters, digits and hyphens, not starting or
+# ending with a hyphen, dot-separated, 253 characters at most ("pi-kitchen.local").
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return False
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a syntactically valid DNS host name (not an IP address)."""
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253 or name.replace(".", "").isdigit():
+        return False
+    return all(_LABEL.match(label) for label in name.split("."))
+
+
+def check_peer_host(host: str, what: str) -> str:
+    """Return ``host`` if it is an IP address or a host name; raise :class:`ConfigError`."""
+    if isinstance(host, str):
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return host
+        except ValueError:
+            if is_host_name(host):
+                return host
+    raise ConfigError(f"{what}: expected an ip address or a host name, got {host!r:.60}")
+
+
 @dataclass
 class NodeConfig:
     """Everything a :class:`~edgenode.node.Node` needs to run.
@@ -44,7 +77,8 @@ class NodeConfig:
     state_dir: Path = Path("edgenode-state")
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_PORT
-    #: Peers to dial and keep connected, as (ip, port).
+    #: Peers to dial and keep connected, as (host, port): an IP address, or a
+    #: host name resolved by the system resolver before each dial.
     peers: list[tuple[str, int]] = field(default_factory=list)
     #: Authorised node IDs; None reads ``authorised_nodes`` in the state dir.
     authorised: frozenset[str] | None = None
@@ -210,6 +244,15 @@ class NodeConfig:
                 raise ConfigError(
                     f"listen_host: expected an ip address, got {self.listen_host!r:.60}"
                 ) from None
+        for host, port in self.peers:
+            check_peer_host(host, "peers")
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ConfigError(f"peers: port of {host}: expected 1..65535, got {port!r}")
+            if _same_ip(host, self.listen_host):
+                raise ConfigError(
+                    f"peers: {host} is this node's own listen address; a node does not "
+                    "dial itself"
+                )
         if self.control_group is not None:
             resolve_group(self.control_group, "control_group")
         if self.uplink is not None:

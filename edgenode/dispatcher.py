@@ -46,10 +46,11 @@ from .handshake import log_refusal_summary
 from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Shutdown
 from .keepalive import DEAD, DIAL, PING, Keepalive
 from .memtrim import trim as trim_heap
+from .names import PeerNames, Resolved
 from .proto.connection import PeerProtocol
 from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
 from .refusals import RefusalLog
-from .registry import DOWN, INBOUND, UP, PeerEntry, Registry
+from .registry import DOWN, INBOUND, UP, PeerEntry, Registry, is_ip
 from .requests import Requests, clip
 from .transports.tcp import Unreachable
 
@@ -88,6 +89,7 @@ class Dispatcher:
         wildcard: bool,
         max_peers_listed: int,
         refusals: RefusalLog,
+        names: PeerNames,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -104,6 +106,8 @@ class Dispatcher:
         self.max_peers_listed = max_peers_listed
         #: Refused connections and failed inbound handshakes (edgenode.refusals).
         self.refusals = refusals
+        #: Peers configured by host name (edgenode.names).
+        self.names = names
         self._refusal_summary_due: float | None = None
         self.dials_failed = 0
         self.handlers: dict[type, Callable[[Any, float], None]] = {
@@ -113,6 +117,7 @@ class Dispatcher:
             Failed: self._on_failed,
             AddPeer: self._on_add_peer,
             Shutdown: self._on_shutdown,
+            Resolved: self._on_resolved,
         }
         self._control: dict[type, Callable[[Connection, Any, float], None]] = {
             Ping: self._on_ping,
@@ -198,7 +203,8 @@ class Dispatcher:
 
     def _run_timers(self, now: float) -> None:
         for action, ip, nonce in self.keepalive.due(now):
-            entry = self.registry.get(ip)
+            # Keys are addresses, or names not resolved yet (edgenode.names).
+            entry = self.registry.get(ip) if isinstance(ip, str) else None
             conn = entry.conn if entry is not None else None
             if action == PING:
                 if isinstance(conn, Connection):
@@ -208,7 +214,9 @@ class Dispatcher:
                     timeout = self.config.keepalive_timeout_s
                     self.drop(conn, f"no frames for {timeout} s (keepalive timeout)", now)
             elif action == DIAL:
-                self._start_dial(entry)
+                # A name's peer is resolved again before each dial.
+                if not self.names.dial_due(ip):
+                    self._start_dial(entry)
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
@@ -589,7 +597,16 @@ class Dispatcher:
 
         self.schedule(due, summary)
 
+    def _on_resolved(self, ev: Resolved, now: float) -> None:
+        entry = self.names.on_resolved(ev, now)
+        if entry is not None:
+            self.learning.forget_pruned()
+            self._start_dial(entry)
+
     def _on_add_peer(self, ev: AddPeer, now: float) -> None:
+        if not is_ip(ev.ip):
+            self.names.add(ev.ip, ev.port, now)
+            return
         try:
             self.registry.add_configured(ev.ip, ev.port, now)
         except EdgeNodeError as exc:

@@ -94,6 +94,10 @@ class NotAuthorised(HandshakeError):
     """The peer's node ID is not in the authorised list."""
 
 
+class PeerRefused(HandshakeError):
+    """The peer refused our connection before TLS (it does not trust this node)."""
+
+
 class AdmissionRefused(HandshakeError):
     """The registry refused a connection (duplicate, table full, ID clash)."""
 

@@ -157,6 +157,8 @@ class Handshakes:
                 stream: ByteStream = await anyio.abc.SocketStream.from_socket(sock)
             except (OSError, ValueError):  # reset before we could wrap it
                 sock.close()
+                error = HandshakeError(f"{ip}: connection reset before it could be used")
+                await self.inbox.post(Failed(ip, error, False))  # every refusal is counted
                 return
             log.debug(
                 "handshake with %s started (%d in progress from it, %d in all)",

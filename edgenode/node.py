@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from anyio.abc import TaskStatus
 
 from .addresses import LOCAL, split_address
 from .api import Handler, Incoming, NodeEvent, PeerDown, PeerSnapshot, PeerUp, Refused
-from .config import NodeConfig
+from .config import NodeConfig, check_peer_host
 from .connection import Connection
 from .datapath import DataPath
 from .devices import DeviceRouter, frame_of
@@ -54,10 +55,11 @@ from .inbox import AddPeer, Inbox, Shutdown
 from .keepalive import Keepalive
 from .learning import PeerLearning
 from .mailbox import WAIT
+from .names import PeerNames
 from .proto.framing import encode_frame
 from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
 from .refusals import RefusalLog
-from .registry import Registry, normalise_ip
+from .registry import Registry, is_ip, normalise_ip
 from .requests import Requests
 from .sending import Sending
 from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer
@@ -158,6 +160,15 @@ class Node:
             schedule=lambda when, callback: self.dispatcher.schedule(when, callback),
             task_group=lambda: self._tg,
         )
+        self.names = PeerNames(
+            registry=self.registry,
+            keepalive=self.keepalive,
+            spawn=self._spawn,
+            post=self.inbox.post,
+            timeout_s=2 * config.handshake_timeout_s,
+            prefer_family=socket.AF_INET6 if ":" in our_ip else socket.AF_INET,
+            our_ip=lambda: self.registry.our_ip,
+        )
         self.dispatcher = Dispatcher(
             config=config,
             registry=self.registry,
@@ -172,6 +183,7 @@ class Node:
             wildcard=self._wildcard,
             max_peers_listed=self._limits.max_peers_listed,
             refusals=self.refusals,
+            names=self.names,
         )
         self.devices.on_up = self.dispatcher.wake
         self.sending = Sending(
@@ -336,8 +348,11 @@ class Node:
             tg.start_soon(self.uplink.run)
         now = monotonic()
         for host, port in config.peers:
-            entry = self.registry.add_configured(host, port, now)
-            self.keepalive.schedule_dial(entry.ip, now)
+            if is_ip(host):
+                entry = self.registry.add_configured(host, port, now)
+                self.keepalive.schedule_dial(entry.ip, now)
+            else:  # a host name: resolved off the dispatcher, before each dial
+                self.names.add(host, port, now)
         self.learning.dial_known(now)
         self.dispatcher.schedule(now + HOUSEKEEPING_S, self.dispatcher.housekeeping)
         if self.discovery is not None:
@@ -540,15 +555,21 @@ class Node:
         return await self.subscriptions.deliver(Incoming(source, self.node_id, topic, payload))
 
     async def add_peer(self, host: str, port: int) -> None:
-        """Dial ``host:port`` now and keep it connected, as a configured peer."""
+        """Dial ``host:port`` now and keep it connected, as a configured peer.
+
+        ``host`` is an IP address or a host name; a name is resolved by the
+        system resolver, off the node's loop, and again before each redial.
+        Raises :class:`InvalidArgument` for a host that is neither, or a
+        port outside 1..65535.
+        """
         self.sending.check_open()
         try:
-            ip = normalise_ip(host)
-        except EdgeNodeError:
-            raise InvalidArgument(f"host: expected an ip address, got {host!r:.60}") from None
+            host = check_peer_host(host, "host")
+        except EdgeNodeError as exc:
+            raise InvalidArgument(str(exc)) from None
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
             raise InvalidArgument(f"port: expected 1..65535, got {port!r}")
-        await self.inbox.post(AddPeer(ip, port))
+        await self.inbox.post(AddPeer(normalise_ip(host) if is_ip(host) else host, port))
 
     # -- receiving -------------------------------------------------------------------
 

@@ -129,6 +129,15 @@ def _normalise_text(text: str) -> str:
     return str(address)
 
 
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IP address (as :func:`normalise_ip` reads it)."""
+    try:
+        normalise_ip(text)
+    except InvalidAddress:
+        return False
+    return True
+
+
 def ip_sort_key(ip: str) -> tuple[int, int]:
     """Return ``(version, integer value)`` of ``ip``: a total order over v4 and v6.
 
@@ -314,6 +323,13 @@ class Registry:
             entry.configured = True
             entry.listen_port = port
         return entry
+
+    def unconfigure(self, ip: str) -> None:
+        """A configured peer is no longer (its host name moved to another
+        address): its entry stays as if learned, and is pruned once down."""
+        entry = self._entries.get(normalise_ip(ip))
+        if entry is not None:
+            entry.configured = False
 
     def learn(self, ip: str, port: int, node_id: str | None, now: float) -> PeerEntry | None:
         """Record a peer heard of in a peer list; return its entry.

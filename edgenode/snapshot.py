@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .devices import DeviceRouter
     from .dispatcher import Dispatcher
     from .keepalive import Keepalive
+    from .names import PeerNames
     from .refusals import RefusalLog
     from .registry import Registry
     from .requests import Requests
@@ -42,6 +43,7 @@ class NodeParts(Protocol):
     devices: DeviceRouter
     bridge: SerialBridge | None
     refusals: RefusalLog
+    names: PeerNames
     event_drops: int
 
     def peers(self) -> list[PeerSnapshot]:
@@ -89,6 +91,7 @@ def peer_rows(node: NodeParts) -> list[PeerSnapshot]:
                 queued=len(conn.outbox) if conn else 0,
                 paused_s=None if paused is None else now - paused,
                 redial_in_s=None if redial is None else max(0.0, redial - now),
+                name=node.names.name_of(entry.ip),
             )
         )
     if node.bridge is not None:
@@ -129,6 +132,7 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
         "event_drops": node.event_drops,
         "broadcast_dropped": d.broadcast_dropped,
         "device_messages_lost": node.devices.lost,
+        "peer_names": node.names.rows(monotonic()),
         "refused_connections": node.refusals.total,
         "dials_failed": d.dials_failed,
     }

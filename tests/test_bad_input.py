@@ -30,7 +30,7 @@ from edgenode.node import PeerDown, PeerUp, Refused
 from edgenode.proto.connection import PeerProtocol
 from edgenode.proto.framing import encode_frame
 from edgenode.proto.messages import Bye, Data, Hello
-from edgenode.proto.preamble import encode_preamble
+from edgenode.proto.preamble import ACCEPTED, encode_preamble
 
 from .conftest import Pair, RawPeer, wait_event
 
@@ -180,6 +180,7 @@ async def test_node_rejects_tls_certificate_other_than_the_preamble_one(
     from anyio.streams.tls import TLSStream
 
     await stream.send(encode_preamble(identities["raw"].cert_der))
+    assert await stream.receive(1) == ACCEPTED  # the listener's verdict on the preamble
     with pytest.raises((ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)):
         tls = await TLSStream.wrap(
             stream, server_side=False, ssl_context=client_context(identities["outsider"])

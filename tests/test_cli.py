@@ -598,3 +598,37 @@ def test_output_to_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 128 + signal.SIGPIPE
+
+
+# -- run: peers by host name ------------------------------------------------------------
+
+
+def test_print_config_and_run_accept_the_same_host_name_peer(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    """Regression: a host name passed --print-config and failed run with exit 2
+    and a 'coroutine ... was never awaited' warning."""
+    state = tmp_path / "n"
+    node_id = keygen(tmp_path, state)
+    peer = "no-such-peer.invalid:7300"
+    shown = edgenode(
+        tmp_path, "run", "--state-dir", str(state), "--peer", peer, "--print-config"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "no-such-peer.invalid" in shown.stdout
+    port = free_port("127.0.0.2")
+    node = start_node(
+        "--state-dir", str(state), "--listen", f"127.0.0.2:{port}", "--peer", peer
+    )
+    node.wait_for(rf"node {node_id} listening on ")
+    node.wait_for(r"cannot resolve peer no-such-peer\.invalid:7300: .*; retrying")
+    assert node.stop(signal.SIGTERM) == 0, node.log()
+    assert "never awaited" not in node.log() and "Traceback" not in node.log()
+    bad = edgenode(tmp_path, "run", "--state-dir", str(state), "--peer", "no_such:7300")
+    assert_one_error_line(
+        bad, 2, r"^error: .*peers: expected an ip address or a host name, got 'no_such'$"
+    )
+    again = edgenode(
+        tmp_path, "run", "--state-dir", str(state), "--peer", "no_such:7300", "--print-config"
+    )
+    assert again.returncode == 2 and again.stderr == bad.stderr

@@ -327,12 +327,13 @@ async def test_connect_close_flood_is_rate_limited_counted_and_summarised(
             )
             elapsed = time.monotonic() - started
             assert result.connect_errors == 0, result.as_dict()
+            # Every connection is counted: refused at the limits, or admitted
+            # and ended when the attacker closed. Only then are all the
+            # admitted ones' handshake tasks sure to have started (and logged).
+            counters = await all_counted(rig.a, result.attempts)
             # At most the burst of 8 and 4 a second since: the bucket's bound.
             admitted = len(_handshake_starts(caplog, source))
             assert admitted <= 8 + 4 * elapsed + 1, (admitted, elapsed)
-            # Every connection is counted: refused at the limits, or admitted
-            # and ended when the attacker closed.
-            counters = await all_counted(rig.a, result.attempts)
             await rig.still_working()
         by_reason = counters["by_reason"]
         assert set(by_reason) <= limits | {

@@ -769,10 +769,10 @@ CERT = bytes([0x30, 0x82, 0x01, 0x2A]) + bytes(range(256)) + bytes(42)
 def test_preamble_layout() -> None:
     pre = encode_preamble(CERT)
     assert pre[:4] == MAGIC == b"EDGN"
-    assert pre[4] == PREAMBLE_VERSION == 1
+    assert pre[4] == PREAMBLE_VERSION == 2
     assert pre[5:7] == len(CERT).to_bytes(2, "big") == b"\x01\x2e"
     assert pre[HEAD_BYTES:] == CERT
-    assert encode_preamble(b"\x30") == hx("45 44 47 4e 01 00 01 30")
+    assert encode_preamble(b"\x30") == hx("45 44 47 4e 02 00 01 30")
 
 
 def test_preamble_round_trip() -> None:
@@ -845,11 +845,11 @@ def test_preamble_parse_rejects_tls_client_hello_with_a_hint() -> None:
     )
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 255])
 def test_preamble_parse_rejects_bad_version(version: int) -> None:
     raises(
         BadPreamble,
-        f"preamble version {version} not supported; expected 1",
+        f"preamble version {version} not supported; expected 2",
         parse_preamble,
         MAGIC + bytes([version]) + b"\x00\x01\x30",
     )
@@ -862,8 +862,41 @@ def test_preamble_parse_rejects_bad_length(length: int) -> None:
         BadPreamble,
         f"preamble certificate length {length} outside 1..2048",
         parse_preamble,
-        MAGIC + b"\x01" + length.to_bytes(2, "big"),
+        MAGIC + b"\x02" + length.to_bytes(2, "big"),
     )
+
+
+def test_verdict_accepts_and_takes_one_byte() -> None:
+    from edgenode.proto.preamble import ACCEPTED, parse_verdict
+
+    assert parse_verdict(b"") is None
+    assert parse_verdict(ACCEPTED) == 1
+    assert parse_verdict(ACCEPTED + b"\x16\x03\x03") == 1  # the TLS records follow
+
+
+def test_verdict_refusal_carries_its_reason_byte_by_byte() -> None:
+    from edgenode.errors import PeerRefused
+    from edgenode.proto.preamble import NOT_AUTHORISED, encode_refusal, parse_verdict
+
+    refusal = encode_refusal(NOT_AUTHORISED)
+    assert refusal == b"\x00\x0enot authorised"
+    for n in range(len(refusal)):
+        assert parse_verdict(refusal[:n], "10.0.0.2") is None, n
+    raises(
+        PeerRefused, "10.0.0.2: the peer refused this node: not authorised",
+        parse_verdict, refusal, "10.0.0.2",
+    )  # fmt: skip
+    assert encode_refusal("x" * 300)[1] == 255
+
+
+def test_verdict_rejects_anything_else() -> None:
+    from edgenode.proto.preamble import parse_verdict
+
+    raises(
+        BadPreamble,
+        "10.0.0.2: expected the listener's verdict (01 or 00), got 16 03 03",
+        parse_verdict, b"\x16\x03\x03", "10.0.0.2",
+    )  # fmt: skip
 
 
 @given(st.binary(max_size=64))

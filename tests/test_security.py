@@ -62,7 +62,7 @@ from edgenode.identity import (
     load_identity,
 )
 from edgenode.node import Node, PeerUp, Refused
-from edgenode.proto.preamble import encode_preamble
+from edgenode.proto.preamble import ACCEPTED, encode_preamble
 from edgenode.simdevice import PtyPair, SimulatedDevice
 from firmware_bridge import cobs
 from firmware_bridge.link import DATA, FLAG_AUTH
@@ -152,6 +152,7 @@ async def test_node_refuses_an_authorised_key_without_its_private_key(
     forged = _self_signed(Ed25519PrivateKey.generate(), pair.b.node_id, b_cert.public_key())
     stream = await anyio.connect_tcp("127.0.0.2", pair.a.listen_port, local_host="127.0.0.9")
     await stream.send(encode_preamble(forged))
+    assert await stream.receive(1) == ACCEPTED  # the listener's verdict on the preamble
     with pytest.raises((ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)):
         tls = await TLSStream.wrap(
             stream, server_side=False, ssl_context=client_context(identities["outsider"])

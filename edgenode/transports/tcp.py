@@ -14,15 +14,24 @@ import socket
 import ssl
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
-from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised
+from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised, PeerRefused
 from ..identity import PinnedContexts, node_id_from_cert_der, ssl_reason
-from ..proto.preamble import HEAD_BYTES, encode_preamble, parse_preamble
+from ..proto.preamble import (
+    ACCEPTED,
+    HEAD_BYTES,
+    NOT_AUTHORISED,
+    encode_preamble,
+    encode_refusal,
+    parse_preamble,
+    parse_verdict,
+)
 from ..refusals import address_group
 from ..registry import normalise_ip
 
@@ -230,7 +239,13 @@ async def accept_link(
     cert_der, _ = parsed
     node_id = _cert_node_id(cert_der, peer_ip)
     if not is_authorised(node_id):
+        # Say so, so that the dialler's error names the cause; then close.
+        try:
+            await stream.send(encode_refusal(NOT_AUTHORISED))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
         raise NotAuthorised(f"{peer_ip}: node {node_id} is not authorised")
+    await stream.send(ACCEPTED)
     context = contexts.for_certificate(cert_der, node_id)
     tls = await _wrap(stream, context, server_side=True, peer_ip=peer_ip)
     proved = await _peer_id(tls, peer_ip)
@@ -277,7 +292,10 @@ async def dial_link(
     try:
         peer_ip, peer_port, local_ip = addresses(stream, f"{ip}:{port}")
         await stream.send(encode_preamble(cert_der))
-        tls = await _wrap(stream, context, server_side=False, peer_ip=peer_ip)
+        # The ClientHello goes out at once; the listener's verdict on the
+        # preamble comes back ahead of its TLS records.
+        after_verdict = _AfterVerdict(stream, peer_ip, node_id_from_cert_der(cert_der))
+        tls = await _wrap(after_verdict, context, server_side=False, peer_ip=peer_ip)
         node_id = await _peer_id(tls, peer_ip)
         if not is_authorised(node_id):
             raise NotAuthorised(f"{peer_ip}: node {node_id} is not authorised")
@@ -285,6 +303,59 @@ async def dial_link(
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise
+
+
+class _AfterVerdict(ByteStream):
+    """The dialler's raw stream, read past the listener's verdict on its preamble.
+
+    The first ``receive`` reads the verdict (edgenode.proto.preamble) and
+    raises :class:`PeerRefused` if the listener refused this node; after
+    that every call passes straight through.
+    """
+
+    def __init__(self, stream: ByteStream, peer_ip: str, our_node_id: str) -> None:
+        self._stream = stream
+        self._peer_ip = peer_ip
+        self._our_node_id = our_node_id
+        self._verdict_read = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._verdict_read:
+            return await self._stream.receive(max_bytes)
+        buf = b""
+        while True:
+            try:
+                buf += await self._stream.receive(max_bytes)
+            except anyio.EndOfStream:
+                raise HandshakeError(
+                    f"{self._peer_ip}: connection closed by the peer before it answered "
+                    "the preamble"
+                ) from None
+            try:
+                taken = parse_verdict(buf, self._peer_ip)
+            except PeerRefused as exc:
+                raise PeerRefused(
+                    f"{exc}; it does not trust this node {self._our_node_id} "
+                    f"(there: edgenode authorise {self._our_node_id})"
+                ) from None
+            if taken is not None:
+                break
+        self._verdict_read = True
+        rest = buf[taken:]
+        return rest if rest else await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
 
 
 async def _wrap(stream: ByteStream, context: ssl.SSLContext, *, server_side: bool, peer_ip: str):
