@@ -553,3 +553,27 @@ async def test_send_many_delivers_in_order_and_checks_everything_first(make_conf
                 with anyio.fail_after(5):
                     got = [(await sub.receive()).payload for _ in range(500)]
                 assert got == payloads  # nothing from the refused calls came through
+
+
+async def test_a_dialler_the_listener_does_not_trust_is_told_so(
+    make_config: Any, identities: Any
+) -> None:
+    """Regression: a node refused for not being authorised saw only the
+    connection closing (EndOfStream), and nothing said what to do."""
+    from edgenode.errors import PeerRefused
+
+    strict = make_config("a", "127.0.0.2", authorised=identities.ids("c"))  # not b
+    async with Node(strict) as a:
+        b_config = make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])
+        async with Node(b_config) as b:
+            refused = await wait_event(
+                b.events(), lambda e: isinstance(e, Refused) and e.peer == "127.0.0.2", 20
+            )
+            assert type(refused.error) is PeerRefused
+            b_id = identities["b"].node_id
+            assert str(refused.error) == (
+                f"127.0.0.2: the peer refused this node: not authorised; it does not trust "
+                f"this node {b_id} (there: edgenode authorise {b_id})"
+            )
+            [row] = b.peers()
+            assert row.state == "down" and row.redial_in_s is not None  # retried, not fatal
