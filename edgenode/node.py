@@ -43,6 +43,8 @@ import anyio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock, to_thread
 from anyio.abc import ByteStream, TaskGroup
 
+from firmware_bridge import cbor
+
 from .config import NodeConfig
 from .errors import (
     AdmissionRefused,
@@ -986,10 +988,20 @@ class Node:
             raise NodeClosed("node is closed") from None
 
     async def _peers_handler(self, request: Incoming) -> bytes:
-        from cbor2 import dumps
-
-        return dumps(
-            [[p.ip, p.node_id, p.state, p.direction, p.down_reason, p.rtt_s] for p in self.peers()]
+        # firmware_bridge's codec has no floats: the round trip goes as
+        # integer microseconds.
+        return cbor.encode(
+            [
+                [
+                    p.ip,
+                    p.node_id,
+                    p.state,
+                    p.direction,
+                    p.down_reason,
+                    None if p.rtt_s is None else round(p.rtt_s * 1_000_000),
+                ]
+                for p in self.peers()
+            ]
         )
 
     def _unsubscribe(self, sub: Stream) -> None:
