@@ -183,10 +183,16 @@ fi
 
 # What the host trusts, the chroot trusts (a proxy's CA, if this machine has
 # one); and the host's resolver.
-if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
-    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
-    chroot "$root" update-ca-certificates >/dev/null 2>&1
-fi
+# update-ca-certificates takes minutes emulated: only when a certificate changed.
+ca_changed=0
+for crt in /usr/local/share/ca-certificates/*.crt; do
+    [ -f "$crt" ] || continue
+    if ! cmp -s "$crt" "$root/usr/local/share/ca-certificates/${crt##*/}"; then
+        cp "$crt" "$root/usr/local/share/ca-certificates/"
+        ca_changed=1
+    fi
+done
+[ "$ca_changed" = 0 ] || chroot "$root" update-ca-certificates >/dev/null 2>&1
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 
 # Nothing that builds Rust, and a compiler only where the README asks for one.
