@@ -136,6 +136,15 @@ trap unmount_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+remove_tree() { # DIR: unmount whatever is mounted under it, then delete it
+    local dir=$1 target
+    [ -e "$dir" ] || return 0
+    while read -r target; do
+        umount -R "$target" 2>/dev/null || umount -R -l "$target"
+    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)
+    rm -rf --one-file-system "$dir"
+}
+
 mount_into() { # TARGET MOUNT-ARGS...
     local target=$1
     shift
@@ -150,7 +159,7 @@ build_chroot() {
     [ -n "$mirror" ] ||
         die "no Debian mirror in apt's sources (apt-cache policy): set EDGENODE_ARM_MIRROR"
     say "building a $suite chroot in $root from $mirror: minbase, $base_packages"
-    rm -rf "$new"
+    remove_tree "$new"
     mkdir -p "$cache"
     local log=$cache/$arch-debootstrap.log line
     if ! debootstrap --arch="$arch" --variant=minbase --include="${base_packages// /,}" \
@@ -168,11 +177,18 @@ build_chroot() {
     done
     chroot "$new" apt-get clean
     printf '%s\n' "$recipe" >"$new/.edgenode-chroot"
-    rm -rf "$root"
+    remove_tree "$root"
     mv "$new" "$root"
 }
 
 host_setup
+# One run per chroot at a time (CI and a developer may share the machine).
+mkdir -p "$cache"
+exec 9>"$cache/$arch.lock"
+if ! flock -n 9; then
+    say "waiting for another .ci/arm.sh $arch to finish with $root"
+    flock 9
+fi
 started=$(date +%s)
 if [ "$(cat "$root/.edgenode-chroot" 2>/dev/null)" != "$recipe" ]; then
     build_chroot
@@ -214,7 +230,7 @@ mount --make-rslave "$root/dev"
 # The project, fresh: the files a clone has (tracked, and untracked but not
 # ignored), none of the host's venvs or caches.
 work=/root/edgenode
-rm -rf "${root:?}$work"
+remove_tree "${root:?}$work"
 mkdir -p "$root$work"
 git ls-files -z --cached --others --exclude-standard |
     tar -C "$repo" --null -T - -cf - | tar -C "$root$work" -xf -
