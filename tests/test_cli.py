@@ -518,7 +518,7 @@ def test_run_creates_identity_on_first_start(tmp_path: Path, start_node: StartNo
 
 # A hang guard, not a timing figure: the demo bounds each of its own waits
 # (edgenode.demo.CONNECT_BOUND_S and the rest) and says what it waits for. It
-# takes about 3 s here and about a minute emulated on ARM.
+# took 3 s here and 7-22 s emulated on ARM (docs/arm.md).
 @pytest.mark.timeout(660)
 def test_demo_runs_all_steps(tmp_path: Path) -> None:
     result = subprocess.run(
