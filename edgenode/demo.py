@@ -25,6 +25,8 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
+from firmware_bridge import cbor
+
 from .config import NodeConfig
 from .errors import EdgeNodeError
 from .identity import add_authorised, create_identity
@@ -40,6 +42,52 @@ BRIDGE = NODES[1]  # bravo bridges the simulated microcontroller
 STEPS = 8
 _TIMING = ["--keepalive-interval", "1", "--keepalive-timeout", "3", "--backoff-cap", "2"]
 
+# Bounds on the demo's waits. On the x86-64 CI machine each wait takes 0.1-3 s
+# (all connected: about 2 s); emulated ARM (qemu, a slow board's pace) took
+# up to 15 s for the same step on a busy machine. The bounds leave room for a
+# board ten times slower than that machine, busy; past NOTE_AFTER_S a wait says
+# what it is waiting for, every NOTE_EVERY_S, so a slow board is told apart from
+# a stuck one.
+CONNECT_BOUND_S = 180.0  # nodes start (a Python process each) and dial each other
+DOWN_BOUND_S = 60.0  # a SIGKILLed peer is seen down (at once, or the 3 s keepalive)
+EXIT_BOUND_S = 60.0  # a node exits after SIGTERM (about 2 s here)
+REQUEST_TIMEOUT_S = 30.0  # one request and its answer (milliseconds here)
+NOTE_AFTER_S = 10.0
+NOTE_EVERY_S = 10.0
+_POLL_S = 0.2
+
+
+class DemoError(EdgeNodeError):
+    """A step of the demo did not happen within its bound."""
+
+
+class _Wait:
+    """A bounded wait that says what it is waiting for when it takes long.
+
+    Call :meth:`slice_s` before each wait for an event: it returns how long
+    to wait before the next check, prints a note once the wait has taken
+    NOTE_AFTER_S, and raises :class:`DemoError` naming ``what`` past the bound.
+    """
+
+    def __init__(self, what: str, bound_s: float) -> None:
+        self.what = what
+        self.bound_s = bound_s
+        self.started = time.monotonic()
+        self.next_note = self.started + NOTE_AFTER_S
+
+    def slice_s(self) -> float:
+        now = time.monotonic()
+        waited_s = now - self.started
+        if waited_s >= self.bound_s:
+            raise DemoError(f"gave up waiting for {self.what} after {self.bound_s:.0f} s")
+        if now >= self.next_note:
+            _say(
+                f"   ... still waiting for {self.what}: {waited_s:.0f} s so far "
+                f"(gives up after {self.bound_s:.0f} s)"
+            )
+            self.next_note = now + NOTE_EVERY_S
+        return max(0.0, min(self.next_note, self.started + self.bound_s) - now)
+
 
 # -- the application each demo node runs (edgenode run --demo-app) ---------------
 
@@ -53,7 +101,7 @@ def install_demo_app(node: Node) -> None:
     async def relay(request: Incoming) -> bytes:
         target, _, text = request.payload.decode().partition("|")
         started = time.perf_counter()
-        reply = await node.request(target, "demo/echo", text.encode(), timeout=5)
+        reply = await node.request(target, "demo/echo", text.encode(), timeout=REQUEST_TIMEOUT_S)
         ms = (time.perf_counter() - started) * 1000
         return f"{target} answered {reply.decode()!r} in {ms:.1f} ms".encode()
 
@@ -159,18 +207,22 @@ class _Demo:
                 _say(f"   {self.elapsed()}  {name:<7} | {text}")
 
     async def peer_table(self, console: Node, name: str, ip: str) -> list[list[Any]]:
-        from firmware_bridge.cbor import decode
-
-        return decode(await console.request(ip, "edgenode/peers", b"", timeout=5))
+        """Node ``name``'s peer table, as its ``edgenode/peers`` answer lists it."""
+        reply = await console.request(ip, "edgenode/peers", b"", timeout=REQUEST_TIMEOUT_S)
+        return cbor.decode(reply)  # type: ignore[return-value]
 
     async def wait_for(self, console: Node, name: str, ip: str, peer: str, state: str) -> None:
-        # A demo may poll; the tests wait for events instead.
-        with anyio.fail_after(15):
-            while True:
-                rows = await self.peer_table(console, name, ip)
-                if any(row[0] == peer and row[2] == state for row in rows):
-                    return
-                await anyio.sleep(0.1)
+        """Wait until node ``name`` lists ``peer`` in ``state``.
+
+        The table is another process's: the console asks for it again until
+        it shows the state (the console's own waits are for its events).
+        """
+        wait = _Wait(f"{name} to report {self.name_of(peer)} {state}", CONNECT_BOUND_S)
+        while True:
+            rows = await self.peer_table(console, name, ip)
+            if any(row[0] == peer and row[2] == state for row in rows):
+                return
+            await anyio.sleep(min(_POLL_S, wait.slice_s()))
 
     async def show_tables(self, console: Node) -> None:
         """Print each running node's peer table, fetched over edgenode/peers."""
@@ -181,7 +233,7 @@ class _Demo:
                     rows.append((name, *row))
         # Keepalive measures the rtt after a second without traffic: in a
         # short demo there is often none yet, and a column of dashes says nothing.
-        show_rtt = any(row[6] is not None for row in rows)
+        show_rtt = any(row[6] is not None for row in rows)  # microseconds
         rtt_head = f" {'rtt':>8}" if show_rtt else ""
         # Fetch first, print after: node log lines cannot land inside the table.
         _say(
@@ -191,7 +243,7 @@ class _Demo:
         for name, peer, node_id, state, direction, reason, rtt in rows:
             rtt_text = ""
             if show_rtt:
-                rtt_text = f" {rtt / 1000:6.2f}ms" if rtt is not None else f" {'-':>8}"  # rtt in us
+                rtt_text = f" {rtt / 1000:6.2f}ms" if rtt is not None else f" {'-':>8}"
             note = "" if state == "up" else f"  {reason or ''}"
             _say(
                 f"   {name:<8} {self.name_of(peer):<8} {peer:<9} {node_id or '-':<34} "
@@ -269,8 +321,9 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
         async with Node(config) as console:
             events = console.events()
             up: set[str] = set()
-            with anyio.fail_after(15):
-                while len(up) < len(NODES):
+            wait = _Wait("the console to connect to alpha, bravo and charlie", CONNECT_BOUND_S)
+            while len(up) < len(NODES):
+                with anyio.move_on_after(wait.slice_s()):
                     event = await events.receive()
                     if isinstance(event, PeerUp):
                         up.add(event.peer)
@@ -287,25 +340,33 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             _say(f"   console broadcast a message on topic demo/hello to {count} peers")
             for name, ip in NODES:
                 started = time.perf_counter()
-                reply = await console.request(ip, "demo/echo", f"ping {name}".encode(), timeout=5)
+                reply = await console.request(
+                    ip, "demo/echo", f"ping {name}".encode(), timeout=REQUEST_TIMEOUT_S
+                )
                 ms = (time.perf_counter() - started) * 1000
                 answer = reply.decode()
                 _say(f"   console -> {name}: request demo/echo {answer!r} answered in {ms:.1f} ms")
             relay = f"{NODES[1][1]}|hi bravo, alpha here".encode()
-            reply = await console.request(NODES[0][1], "demo/relay", relay, timeout=5)
+            reply = await console.request(
+                NODES[0][1], "demo/relay", relay, timeout=2 * REQUEST_TIMEOUT_S
+            )
             _say(f"   console asked alpha to ask bravo: {reply.decode()}")
 
             _step(5, f"a microcontroller on a UART joins through {BRIDGE[0]}")
             _say(f"   {DEVICE_ID} runs the firmware_bridge driver (the code a Pico or ESP32 runs)")
             _say(f"   on a pseudo-terminal; {BRIDGE[0]} opened the other end with pyserial")
-            with anyio.fail_after(15):
-                while not any(DEVICE_ID in p.devices for p in console.peers()):
-                    await anyio.sleep(0.1)
+            # The console learns bravo's devices from bravo's peer lists; it
+            # has no event for that, so it looks at its own table.
+            wait = _Wait(f"{BRIDGE[0]} to list {DEVICE_ID}", CONNECT_BOUND_S)
+            while not any(DEVICE_ID in p.devices for p in console.peers()):
+                await anyio.sleep(min(_POLL_S, wait.slice_s()))
             sim.pty.release_slave()
             address = f"{BRIDGE[1]}/{DEVICE_ID}"
             _say(f"   the console sees {address} listed under {BRIDGE[0]}")
             relay = f"{address}|hello from alpha".encode()
-            reply = await console.request(NODES[0][1], "demo/relay", relay, timeout=5)
+            reply = await console.request(
+                NODES[0][1], "demo/relay", relay, timeout=2 * REQUEST_TIMEOUT_S
+            )
             _say(
                 f"   console asked alpha to ask {DEVICE_ID}, through {BRIDGE[0]}: {reply.decode()}"
             )
@@ -320,13 +381,15 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             killed_at = time.monotonic()
             demo.procs[name].send_signal(signal.SIGKILL)
             await demo.procs[name].wait()
-            with anyio.fail_after(10):
-                while True:
+            wait = _Wait(f"the console to see {name} down", DOWN_BOUND_S)
+            down: PeerDown | None = None
+            while down is None:
+                with anyio.move_on_after(wait.slice_s()):
                     event = await events.receive()
                     if isinstance(event, PeerDown) and event.peer == ip:
-                        break
+                        down = event
             down_ms = (time.monotonic() - killed_at) * 1000
-            _say(f"   console saw {name} down after {down_ms:.0f} ms: {event.reason}")
+            _say(f"   console saw {name} down after {down_ms:.0f} ms: {down.reason}")
             for other, other_ip in NODES[:2]:
                 await demo.wait_for(console, other, other_ip, ip, "down")
                 _say(f"   {other} reports {name} down")
@@ -342,7 +405,7 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
                 await demo.wait_for(console, other, other_ip, ip, "up")
                 up_ms = (time.monotonic() - restarted_at) * 1000
                 _say(f"   {other} reports {name} up again after {up_ms:.0f} ms")
-            await console.send(ip, "demo/note", b"welcome back", wait_s=5)
+            await console.send(ip, "demo/note", b"welcome back", wait_s=CONNECT_BOUND_S)
             _say(f"   console sent {name} 'welcome back' on topic demo/note")
 
             _step(8, "peer tables again: everyone is back up")
@@ -363,8 +426,11 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
                 proc = demo.procs[name]
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
-                with anyio.fail_after(10):
-                    codes.append(await proc.wait())
+                wait = _Wait(f"{name} to exit after SIGTERM", EXIT_BOUND_S)
+                while proc.returncode is None:
+                    with anyio.move_on_after(wait.slice_s()):
+                        await proc.wait()
+                codes.append(proc.returncode)
         tg.cancel_scope.cancel()
     bad = [c for c in codes if c not in (0, -signal.SIGKILL)]
     total_s = time.monotonic() - demo.started

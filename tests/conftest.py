@@ -72,7 +72,15 @@ def make_config(identities: Identities) -> Callable[..., NodeConfig]:
     return make
 
 
-async def wait_event(stream: Any, predicate: Callable[[Any], bool], timeout: float = 5.0) -> Any:
+#: How long the helpers below wait by default: a hang guard that holds on a
+#: board (or emulated ARM in CI, docs/arm.md) ten times slower than CI's
+#: x86-64 and busy. Natively the events arrive within milliseconds.
+WAIT_BOUND_S = 30.0
+
+
+async def wait_event(
+    stream: Any, predicate: Callable[[Any], bool], timeout: float = WAIT_BOUND_S
+) -> Any:
     """Wait for the first event on ``stream`` that satisfies ``predicate``."""
     with anyio.fail_after(timeout):
         while True:
@@ -81,7 +89,7 @@ async def wait_event(stream: Any, predicate: Callable[[Any], bool], timeout: flo
                 return event
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_BOUND_S) -> None:
     """Wait until ``condition()`` holds, checking after each loop turn.
 
     For state the node exposes no event for (e.g. pong counters).

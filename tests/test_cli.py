@@ -516,9 +516,11 @@ def test_run_creates_identity_on_first_start(tmp_path: Path, start_node: StartNo
 # -- demo -------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
+# A hang guard, not a timing figure: the demo bounds each of its own waits
+# (edgenode.demo.CONNECT_BOUND_S and the rest) and says what it waits for. It
+# took 3 s here and 7-22 s emulated on ARM (docs/arm.md).
+@pytest.mark.timeout(660)
 def test_demo_runs_all_steps(tmp_path: Path) -> None:
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "edgenode", "demo"],
         stdin=subprocess.DEVNULL,
@@ -526,13 +528,11 @@ def test_demo_runs_all_steps(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=_env(tmp_path),
-        timeout=60,
+        timeout=600,
     )
-    wall_s = time.monotonic() - started
     out = result.stdout
     assert result.returncode == 0, out
     assert "Traceback" not in out, out
-    assert wall_s < 60
 
     positions = []
     for step in range(1, 9):
