@@ -25,6 +25,9 @@ FIRST_PARTY = {"edgenode", "firmware_bridge"}
 # The fault kit's pytest plugin is loaded by pytest itself (an entry point),
 # so pytest is there whenever it runs.
 RUN_BY_PYTEST = {Path("edgenode/testing/plugin.py"): {"pytest"}}
+# Optional features and the extra that installs what they import: the
+# uplink loads only on a node configured with one (docs/fleet.md).
+OPTIONAL = {Path("edgenode/uplink"): "mqtt"}
 
 
 def _pyproject() -> dict:
@@ -78,15 +81,22 @@ def _distribution_of(module: str) -> str:
 
 
 def test_shipped_code_imports_only_declared_runtime_dependencies() -> None:
-    declared = {_requirement_name(r) for r in _pyproject()["project"]["dependencies"]}
+    project = _pyproject()["project"]
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    extras = {
+        folder: {_requirement_name(r) for r in project["optional-dependencies"][extra]}
+        for folder, extra in OPTIONAL.items()
+    }
     undeclared = []
     for path in SHIPPED:
-        allowed = FIRST_PARTY | RUN_BY_PYTEST.get(path.relative_to(ROOT), set())
+        relative = path.relative_to(ROOT)
+        allowed = FIRST_PARTY | RUN_BY_PYTEST.get(relative, set())
+        also = set().union(*(e for f, e in extras.items() if f in relative.parents))
         for module in sorted(_top_level_imports(path) - allowed):
             if not _installed_third_party(module):
                 continue
             dist = _distribution_of(module)
-            if dist not in declared:
+            if dist not in declared | also:
                 undeclared.append(f"{path.relative_to(ROOT)} imports {module} ({dist})")
     assert not undeclared, (
         "shipped code imports distributions that are not runtime dependencies "
