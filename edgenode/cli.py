@@ -232,7 +232,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_authorise(args: argparse.Namespace) -> int:
-    from .identity import add_authorised, parse_node_id
+    from .identity import parse_node_id
+    from .trust import add_authorised
 
     state_dir = args.state_dir or default_state_dir()
     node_id = parse_node_id(args.node_id)
@@ -311,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from .identity import load_authorised
+    from .trust import load_authorised
 
     config = resolved.config
     # The state directory's list is always trusted, besides peers.authorised.

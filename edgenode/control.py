@@ -24,6 +24,8 @@ Protocol: one JSON object per line each way. Requests:
   :meth:`Node.stats`) and one object per :class:`PeerSnapshot` row.
 * ``{"op": "send", "peer": P, "topic": T, "text": S}`` -> ``{"ok": true}``:
   ``await node.send(P, T, S.encode())``.
+* ``{"op": "reload-trust"}`` -> ``{"ok": true, "added": [...], "removed": [...]}``:
+  ``await node.reload_trust()`` (``edgenode authorise`` and ``revoke``).
 
 A request may carry an ``"id"``; the response echoes it. A failure answers
 ``{"ok": false, "error": "<type>: <message>"}`` and the connection stays
@@ -86,6 +88,9 @@ class Node(Protocol):
     def stats(self) -> dict[str, Any]:
         """The node's figures."""
 
+    async def reload_trust(self) -> Any:
+        """Re-read the authorised-nodes file; return a TrustChange."""
+
 log = logging.getLogger("edgenode.control")
 
 #: Longest request line a client may send, newline excluded.
@@ -103,7 +108,7 @@ MAX_CLIENTS = 16
 _MAX_SOCKET_PATH_BYTES = 107
 _READ_BYTES = 65536
 _ACCEPT_RETRY_S = 0.5
-_OPS = ("status", "send")
+_OPS = ("status", "send", "reload-trust")
 
 
 class BadRequest(ControlError):
@@ -440,6 +445,13 @@ async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
         elif op == "send":
             await _send(node, request)
             response = {"ok": True}
+        elif op == "reload-trust":
+            change = await node.reload_trust()
+            response = {
+                "ok": True,
+                "added": sorted(change.added),
+                "removed": sorted(change.removed),
+            }
         else:
             raise BadRequest(f"unknown op {op!r:.40}: expected one of {', '.join(_OPS)}")
     except EdgeNodeError as exc:

@@ -29,9 +29,10 @@ from firmware_bridge import cbor
 
 from .config import NodeConfig
 from .errors import EdgeNodeError
-from .identity import add_authorised, create_identity
+from .identity import create_identity
 from .node import Incoming, Node, PeerDown, PeerUp
 from .simdevice import SimulatedDevice
+from .trust import add_authorised
 
 log = logging.getLogger("edgenode.demo")
 

@@ -43,7 +43,7 @@ from .api import PeerDown, PeerUp, Refused
 from .connection import Connection
 from .errors import AdmissionRefused, EdgeNodeError, NodeClosed, PeerUnavailable, SlowPeer
 from .handshake import log_refusal_summary
-from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Shutdown
+from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Revoked, Shutdown
 from .keepalive import DEAD, DIAL, PING, Keepalive
 from .memtrim import trim as trim_heap
 from .names import PeerNames, Resolved
@@ -90,6 +90,7 @@ class Dispatcher:
         max_peers_listed: int,
         refusals: RefusalLog,
         names: PeerNames,
+        is_authorised: Callable[[str], bool],
     ) -> None:
         self.config = config
         self.registry = registry
@@ -108,6 +109,8 @@ class Dispatcher:
         self.refusals = refusals
         #: Peers configured by host name (edgenode.names).
         self.names = names
+        #: Whether a node ID is trusted now (edgenode.trust).
+        self.is_authorised = is_authorised
         self._refusal_summary_due: float | None = None
         self.dials_failed = 0
         self.handlers: dict[type, Callable[[Any, float], None]] = {
@@ -118,6 +121,7 @@ class Dispatcher:
             AddPeer: self._on_add_peer,
             Shutdown: self._on_shutdown,
             Resolved: self._on_resolved,
+            Revoked: self._on_revoked,
         }
         self._control: dict[type, Callable[[Connection, Any, float], None]] = {
             Ping: self._on_ping,
@@ -312,6 +316,10 @@ class Dispatcher:
         if self.closing:
             self.drop(conn, "node shutting down", now)
             return
+        if not self.is_authorised(conn.node_id):
+            # Trust was revoked while its handshake was under way.
+            self._refuse(conn, f"node {conn.node_id} is no longer authorised", now)
+            return
         if self.wildcard:
             # Our address as this peer sees it decides the simultaneous-open rule.
             self.registry.our_ip = conn.local_ip
@@ -334,17 +342,7 @@ class Dispatcher:
             # the peer dialled may have waited for it before we said ready.
             self._after_own_dial(conn.ip, now)
         if not admission.accepted:
-            reason = admission.reason or "refused"
-            self.refused += 1
-            log.info(
-                "not admitting %s connection with %s: %s",
-                conn.direction,
-                conn.ip,
-                reason,
-                extra={"peer": conn.ip, "node_id": conn.node_id, "reason": reason},
-            )
-            self.events.publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
-            self.drop(conn, reason, now)
+            self._refuse(conn, admission.reason or "refused", now)
             return
         conn.admitted = True
         conn.restarted = old_epoch is not None and old_epoch != hello.epoch
@@ -376,6 +374,23 @@ class Dispatcher:
             # The listen port, not the source port: that is where to redial.
             self.learning.seen(conn.ip, entry.listen_port, conn.node_id, now)
         self._send_ready(conn, now)
+
+    def _refuse(self, conn: Connection, reason: str, now: float) -> None:
+        self.refused += 1
+        log.info(
+            "not admitting %s connection with %s: %s",
+            conn.direction,
+            conn.ip,
+            reason,
+            extra={"peer": conn.ip, "node_id": conn.node_id, "reason": reason},
+        )
+        self.events.publish(Refused(conn.ip, AdmissionRefused(f"{conn.ip}: {reason}")))
+        self.drop(conn, reason, now)
+
+    def _on_revoked(self, ev: Revoked, now: float) -> None:
+        for conn in list(self.conns):
+            if conn.node_id in ev.node_ids:
+                self.drop(conn, f"node {conn.node_id} is no longer authorised", now)
 
     def _send_ready(self, conn: Connection, now: float) -> None:
         """Say ready on ``conn`` unless a dial of ours to its peer is on its way.
@@ -572,6 +587,8 @@ class Dispatcher:
         # is ours to keep now.
         self._after_own_dial(ip, now)
         if entry.state == DOWN:
+            # Status, and a send to the peer, say why it is still down.
+            entry.down_reason = f"dial failed: {error}"
             # A connect nobody answered is not a flap: the peer is away.
             reached = not isinstance(error, Unreachable)
             delay = self.keepalive.dial_failed(ip, now, reached=reached)

@@ -4,7 +4,8 @@ A node is known by its *node ID*, a short checksummed text form of the
 SHA-256 of its raw Ed25519 public key (``abcd-efgh-ijkl-mnop-qrst-uvwx-cccc``).
 The key and a self-signed certificate live in the node's state directory
 (``node.key``, owner-only, and ``node.crt``) next to the list of node IDs
-this node accepts (``authorised_nodes``).
+this node accepts (``authorised_nodes``, read and written by
+:mod:`edgenode.trust`).
 
 Only :func:`create_identity` uses ``cryptography``, and imports it when
 called: a running node never loads it (it costs about 11 MB of RSS on a
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import (
-    ConfigError,
     HandshakeError,
     IdentityError,
     InsecureKeyFile,
@@ -54,11 +54,8 @@ __all__ = [
     "MAX_CERT_BYTES",
     "Identity",
     "PinnedContexts",
-    "add_authorised",
-    "authorised_path",
     "client_context",
     "create_identity",
-    "load_authorised",
     "load_identity",
     "load_or_create_identity",
     "node_id_from_cert_der",
@@ -611,82 +608,6 @@ def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
     if not os.path.lexists(state / KEY_FILENAME) and not os.path.lexists(state / CERT_FILENAME):
         return create_identity(state)
     return load_identity(state)
-
-
-# -- authorised nodes -------------------------------------------------------
-
-
-def authorised_path(state_dir: str | os.PathLike[str]) -> Path:
-    """Return the default authorised-nodes file of a state directory."""
-    return Path(state_dir) / AUTHORISED_FILENAME
-
-
-def _read_authorised(path: Path) -> tuple[str, frozenset[str]]:
-    try:
-        with open(path, "rb") as f:
-            # The mode of the file read, not of whatever the path names later.
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-            raw = f.read()
-    except FileNotFoundError:
-        return "", frozenset()
-    except OSError as exc:
-        raise ConfigError(f"cannot read authorised nodes file {path}: {exc.strerror}") from None
-    if mode & 0o022:
-        raise ConfigError(
-            f"authorised nodes file {path} is writable by others (mode {mode:04o}): they "
-            f"could make this node trust anyone; run: chmod go-w {shlex.quote(str(path))}"
-        )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}:{line}: not utf-8 text") from None
-    ids = set()
-    for number, line in enumerate(text.splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        try:
-            ids.add(parse_node_id(entry))
-        except InvalidNodeId as exc:
-            raise ConfigError(f"{path}:{number}: {exc}") from None
-    return text, frozenset(ids)
-
-
-def load_authorised(path: str | os.PathLike[str]) -> frozenset[str]:
-    """Return the canonical node IDs listed in an authorised-nodes file.
-
-    One node ID per line; ``#`` starts a comment; blank lines are ignored. A
-    missing file is an empty list. Raises :class:`ConfigError` naming the
-    file and line of a bad entry, or for a file others can write.
-    """
-    return _read_authorised(Path(path))[1]
-
-
-def add_authorised(path: str | os.PathLike[str], node_id: str) -> bool:
-    """Append ``node_id`` to an authorised-nodes file unless it is listed.
-
-    Rewrites the file atomically (temp file and rename), keeping its
-    comments and its mode. Returns whether the ID was added. Raises
-    :class:`InvalidNodeId` for a bad ID and :class:`ConfigError` for a bad
-    or unwritable file.
-    """
-    target = Path(path)
-    canonical = parse_node_id(node_id)
-    text, ids = _read_authorised(target)
-    if canonical in ids:
-        return False
-    if text and not text.endswith("\n"):
-        text += "\n"
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except OSError:
-        mode = 0o644
-    try:
-        write_atomic(target, (text + canonical + "\n").encode("utf-8"), mode)
-    except OSError as exc:
-        raise ConfigError(f"cannot write authorised nodes file {target}: {exc.strerror}") from None
-    return True
 
 
 # -- TLS --------------------------------------------------------------------

@@ -85,6 +85,15 @@ class AddPeer(Event):
         self.ip, self.port, self.t = ip, port, monotonic()
 
 
+class Revoked(Event):
+    """``Node.reload_trust``: these node IDs are no longer trusted."""
+
+    __slots__ = ("node_ids",)
+
+    def __init__(self, node_ids: frozenset[str]) -> None:
+        self.node_ids, self.t = node_ids, monotonic()
+
+
 class Shutdown(Event):
     """The node is closing: say bye to every peer."""
 

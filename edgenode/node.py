@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import socket
 import time
@@ -50,8 +49,8 @@ from .errors import (
     RequestTimeout,
 )
 from .handshake import Handshakes
-from .identity import Identity, client_context, load_authorised, load_identity, parse_node_id
-from .inbox import AddPeer, Inbox, Shutdown
+from .identity import Identity, client_context, load_identity
+from .inbox import AddPeer, Inbox, Revoked, Shutdown
 from .keepalive import Keepalive
 from .learning import PeerLearning
 from .mailbox import WAIT
@@ -64,6 +63,7 @@ from .requests import Requests
 from .sending import Sending
 from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer
 from .subscriptions import EventFeed, Stream, Subscriptions, check_policy, check_size
+from .trust import Trust, TrustChange, authorised_path
 
 if TYPE_CHECKING:
     from .bridge import SerialBridge
@@ -97,10 +97,8 @@ class Node:
         self.config = config = config.validate()
         self.identity = identity if identity is not None else load_identity(config.state_dir)
         self.node_id = self.identity.node_id
-        if config.authorised is not None:
-            self.authorised = frozenset(parse_node_id(i) for i in config.authorised)
-        else:
-            self.authorised = load_authorised(os.path.join(config.state_dir, "authorised_nodes"))
+        #: Whom the node trusts; :meth:`reload_trust` re-reads its file.
+        self.trust = Trust(config.authorised, authorised_path(config.state_dir))
         #: A new random epoch per process: peers see a restart as a new session.
         self.epoch = random.getrandbits(62)
         self.listen_port = config.listen_port
@@ -141,7 +139,7 @@ class Node:
             node_id=self.node_id,
             registry=self.registry,
             keepalive=self.keepalive,
-            is_authorised=self.authorised.__contains__,
+            is_authorised=self.trust.allows,
             learn_from_peers=config.learn_peers,
             state_dir=config.state_dir if config.remember_peers else None,
             max_known_peers=config.max_known_peers,
@@ -184,6 +182,7 @@ class Node:
             max_peers_listed=self._limits.max_peers_listed,
             refusals=self.refusals,
             names=self.names,
+            is_authorised=self.trust.allows,
         )
         self.devices.on_up = self.dispatcher.wake
         self.sending = Sending(
@@ -210,7 +209,7 @@ class Node:
         self.handshakes = Handshakes(
             config=config,
             identity=self.identity,
-            is_authorised=self.authorised.__contains__,
+            is_authorised=self.trust.allows,
             limits=self._limits,
             epoch=self.epoch,
             inbox=self.inbox,
@@ -308,8 +307,7 @@ class Node:
             # succeed. Anything else (a privileged port, ...) is configuration.
             error = ListenError if exc.errno in _RETRYABLE_LISTEN else ConfigError
             raise error(
-                f"cannot listen on {config.listen_host}:{config.listen_port}: "
-                f"{exc.strerror or exc}"
+                f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}"
             ) from None
         self.listen_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         self.handshakes.listen_port = self.listen_port
@@ -323,7 +321,7 @@ class Node:
                     self.listen_port,
                     self.epoch,
                     wildcard=self._wildcard,
-                    is_authorised=self.authorised.__contains__,
+                    is_authorised=self.trust.allows,
                     post=self.inbox.post,
                     learner=self.learning,
                     is_closing=lambda: self._closing,
@@ -570,6 +568,36 @@ class Node:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
             raise InvalidArgument(f"port: expected 1..65535, got {port!r}")
         await self.inbox.post(AddPeer(normalise_ip(host) if is_ip(host) else host, port))
+
+    @property
+    def authorised(self) -> frozenset[str]:
+        """The node IDs this node trusts now (docs/security.md)."""
+        return self.trust.ids
+
+    async def reload_trust(self) -> TrustChange:
+        """Read the state directory's ``authorised_nodes`` file again and trust
+        what it lists, besides ``config.authorised``.
+
+        Connections of nodes no longer trusted are closed, with the reason
+        "node ... is no longer authorised"; newly trusted nodes are accepted
+        from now on. Raises :class:`ConfigError` for a bad file, and then
+        changes nothing.
+        """
+        from anyio import to_thread  # loaded by the first reload only
+
+        self.sending.check_open()
+        ids = await to_thread.run_sync(self.trust.read)
+        change = self.trust.replace(ids)
+        log.info(
+            "trust reloaded from %s: %d authorised (%d added, %d removed)",
+            self.trust.path,
+            len(ids),
+            len(change.added),
+            len(change.removed),
+        )
+        if change.removed:
+            await self.inbox.post(Revoked(change.removed))
+        return change
 
     # -- receiving -------------------------------------------------------------------
 

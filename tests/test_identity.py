@@ -30,7 +30,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgenode.errors import (
-    ConfigError,
     HandshakeError,
     IdentityError,
     InsecureKeyFile,
@@ -38,17 +37,13 @@ from edgenode.errors import (
     InvalidNodeId,
 )
 from edgenode.identity import (
-    AUTHORISED_FILENAME,
     CERT_FILENAME,
     KEY_FILENAME,
     MAX_CERT_BYTES,
     Identity,
     PinnedContexts,
-    add_authorised,
-    authorised_path,
     client_context,
     create_identity,
-    load_authorised,
     load_identity,
     load_or_create_identity,
     node_id_from_cert_der,
@@ -996,88 +991,3 @@ def test_pinned_contexts_reject_certificate_ssl_cannot_load(node_a: Identity) ->
     assert len(message) > len(f"cannot pin the certificate of node {VECTOR_ID}: ")
     assert "_ssl.c" not in message
     assert len(contexts) == 0
-
-
-# -- authorised nodes ----------------------------------------------------------
-
-
-@pytest.fixture()
-def ids() -> list[str]:
-    return [node_id_from_public_key(bytes([i]) * 32) for i in range(3)]
-
-
-def test_authorised_path_is_in_state_dir(tmp_path: Path) -> None:
-    assert authorised_path(tmp_path) == tmp_path / AUTHORISED_FILENAME
-
-
-def test_load_authorised_missing_file_is_empty(tmp_path: Path) -> None:
-    assert load_authorised(tmp_path / "nope") == frozenset()
-
-
-def test_load_authorised_reads_comments_blanks_and_variants(tmp_path: Path, ids: list[str]) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    path.write_text(
-        "# kitchen and garage\n"
-        "\n"
-        f"{ids[0]}\n"
-        f"   {ids[1].upper().replace('-', '')}   # garage pi\n"
-        f"{ids[0]}\n"
-        "   \n"
-        f"{ids[2]}"  # no final newline
-    )
-    assert load_authorised(path) == frozenset(ids)
-
-
-def test_load_authorised_rejects_bad_line_with_file_and_line(
-    tmp_path: Path, ids: list[str]
-) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    path.write_text(f"# list\n{ids[0]}\nxyz\n")
-    with pytest.raises(ConfigError) as info:
-        load_authorised(path)
-    assert type(info.value) is ConfigError
-    assert str(info.value) == (
-        f"{path}:3: node id 'xyz' should be 28 base32 characters (dashes optional), got 3"
-    )
-
-
-def test_load_authorised_rejects_non_utf8(tmp_path: Path) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    path.write_bytes(b"# ok\n\xff\n")
-    with pytest.raises(ConfigError) as info:
-        load_authorised(path)
-    assert str(info.value) == f"{path}:2: not utf-8 text"
-
-
-def test_add_authorised_appends_once(tmp_path: Path, ids: list[str]) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    assert add_authorised(path, ids[0]) is True
-    assert add_authorised(path, ids[0].upper()) is False
-    assert add_authorised(path, ids[1].replace("-", "")) is True
-    assert path.read_text() == f"{ids[0]}\n{ids[1]}\n"
-    assert load_authorised(path) == frozenset(ids[:2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [AUTHORISED_FILENAME]
-
-
-def test_add_authorised_keeps_comments_and_mode(tmp_path: Path, ids: list[str]) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    path.write_text(f"# fleet\n{ids[0]}  # first")
-    os.chmod(path, 0o600)
-    assert add_authorised(path, ids[1]) is True
-    assert path.read_text() == f"# fleet\n{ids[0]}  # first\n{ids[1]}\n"
-    assert _mode(path) == 0o600
-
-
-def test_add_authorised_rejects_bad_node_id(tmp_path: Path) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    with pytest.raises(InvalidNodeId, match="bad checksum"):
-        add_authorised(path, "nmg4" + VECTOR_ID[4:])
-    assert not path.exists()
-
-
-def test_add_authorised_rejects_file_with_bad_line(tmp_path: Path, ids: list[str]) -> None:
-    path = tmp_path / AUTHORISED_FILENAME
-    path.write_text("garbage\n")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: node id 'garbage'"):
-        add_authorised(path, ids[0])
-    assert path.read_text() == "garbage\n"

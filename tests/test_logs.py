@@ -290,7 +290,8 @@ def test_node_peer_events_carry_fields_in_json_lines(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from edgenode.identity import add_authorised, create_identity
+    from edgenode.identity import create_identity
+    from edgenode.trust import add_authorised
 
     ids = {n: create_identity(tmp_path / n).node_id for n in ("a", "b")}
     for me, other in (("a", "b"), ("b", "a")):

@@ -58,12 +58,12 @@ from edgenode.identity import (
     KEY_FILENAME,
     client_context,
     create_identity,
-    load_authorised,
     load_identity,
 )
 from edgenode.node import Node, PeerUp, Refused
 from edgenode.proto.preamble import ACCEPTED, encode_preamble
 from edgenode.simdevice import PtyPair, SimulatedDevice
+from edgenode.trust import load_authorised
 from firmware_bridge import cobs
 from firmware_bridge.link import DATA, FLAG_AUTH
 

@@ -10,6 +10,7 @@ application sees one PeerUp and no PeerDown.
 from __future__ import annotations
 
 import random
+import socket
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,17 +18,18 @@ from edgenode.api import PeerDown, PeerUp
 from edgenode.connection import Connection
 from edgenode.devices import DeviceRouter
 from edgenode.dispatcher import Dispatcher
-from edgenode.inbox import Control, Failed, Inbox, Opened
+from edgenode.inbox import Control, Failed, Inbox, Opened, Revoked
 from edgenode.keepalive import Keepalive
 from edgenode.learning import PeerLearning
+from edgenode.names import PeerNames
 from edgenode.proto.messages import Hello, Ready
 from edgenode.refusals import RefusalLog
 from edgenode.registry import INBOUND, OUTBOUND, Registry
 from edgenode.requests import Requests
 from edgenode.subscriptions import EventFeed, Subscriptions
 
-LOW, HIGH = "127.0.0.2", "127.0.0.3"
-EPOCH = {LOW: 11, HIGH: 22}
+LOW, HIGH, OTHER = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+EPOCH = {LOW: 11, HIGH: 22, OTHER: 33}
 READY_FRAME = b"\x00\x00\x00\x02\x81\x0d"
 
 
@@ -78,7 +80,19 @@ class Side:
             wildcard=False,
             max_peers_listed=64,
             refusals=RefusalLog(),
+            names=PeerNames(
+                registry=self.registry,
+                keepalive=keepalive,
+                spawn=lambda *args: None,
+                post=inbox.post,
+                timeout_s=5.0,
+                prefer_family=socket.AF_INET,
+                our_ip=lambda: ip,
+            ),
+            is_authorised=lambda node_id: node_id not in self.revoked,
         )
+        #: Node IDs this side no longer trusts.
+        self.revoked: set[str] = set()
 
     def connection(self, peer: str, direction: str, started_at: float) -> Connection:
         link = SimpleNamespace(
@@ -199,3 +213,32 @@ def test_a_dial_started_after_settling_replaces_the_settled_connection() -> None
     events = high.published()
     assert [type(e) for e in events] == [PeerUp, PeerDown]
     assert events[1].reason == "superseded by a newer connection: the peer had lost this one"
+
+
+# -- trust revoked -----------------------------------------------------------------------
+
+
+def test_a_connection_whose_node_was_revoked_during_its_handshake_is_refused() -> None:
+    # The handshake checked trust before the revoke; the dispatcher checks again.
+    low = Side(LOW)
+    conn = low.connection(HIGH, INBOUND, started_at=0.0)
+    low.revoked.add(f"node-{HIGH}")
+    low.opened(conn, 1.0)
+    assert conn.closing and conn.close_reason == f"node node-{HIGH} is no longer authorised"
+    assert low.registry.get(HIGH) is None or low.registry.get(HIGH).state != "up"
+    assert [type(e).__name__ for e in low.published()] == ["Refused"]
+
+
+def test_revoking_a_node_closes_its_connection_and_no_other() -> None:
+    low = Side(LOW)
+    conns = {peer: low.connection(peer, INBOUND, started_at=0.0) for peer in (HIGH, OTHER)}
+    for conn in conns.values():
+        low.opened(conn, 1.0)
+        low.ready_arrives(conn, 1.1)
+    low.published()
+    low.revoked.add(f"node-{HIGH}")
+    low.dispatcher.handlers[Revoked](Revoked(frozenset([f"node-{HIGH}"])), 2.0)
+    assert conns[HIGH].closing
+    assert conns[HIGH].close_reason == f"node node-{HIGH} is no longer authorised"
+    assert not conns[OTHER].closing
+    assert [(type(e).__name__, e.peer) for e in low.published()] == [("PeerDown", HIGH)]

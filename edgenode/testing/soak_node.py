@@ -399,9 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak node until SIGTERM or SIGINT; returns the exit status."""
     from ..cli import AUTHORISED_FILE
-    from ..identity import load_authorised, load_identity
+    from ..identity import load_identity
     from ..logs import setup_logging
     from ..settings import resolve
+    from ..trust import load_authorised
 
     args = build_parser().parse_args(argv)
     if not args.tag or " " in args.tag or "." in args.tag:
