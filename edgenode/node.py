@@ -571,7 +571,7 @@ class Node:
 
     @property
     def authorised(self) -> frozenset[str]:
-        """The node IDs this node trusts now (docs/security.md)."""
+        """The node IDs this node trusts now (docs/architecture.md, "Trust")."""
         return self.trust.ids
 
     async def reload_trust(self) -> TrustChange:

@@ -20,6 +20,7 @@ from edgenode.errors import (
     FrameTooLarge,
     HandshakeError,
     MalformedMessage,
+    PeerRefused,
     ProtocolError,
     TruncatedFrame,
     UnexpectedMessage,
@@ -62,12 +63,16 @@ from edgenode.proto.messages import (
     message_name,
 )
 from edgenode.proto.preamble import (
+    ACCEPTED,
     HEAD_BYTES,
     MAGIC,
     MAX_CERT_BYTES,
+    NOT_AUTHORISED,
     PREAMBLE_VERSION,
     encode_preamble,
+    encode_refusal,
     parse_preamble,
+    parse_verdict,
 )
 from firmware_bridge import cbor
 
@@ -915,6 +920,34 @@ def test_preamble_parse_raises_only_bad_preamble_on_arbitrary_bytes(data: bytes)
 def test_preamble_parse_finds_any_certificate_before_any_tail(cert_der: bytes, tail: bytes) -> None:
     pre = encode_preamble(cert_der)
     assert parse_preamble(pre + tail) == (cert_der, len(pre))
+
+
+def test_verdicts_are_the_bytes_docs_protocol_shows() -> None:
+    assert ACCEPTED == hx("01")
+    assert encode_refusal(NOT_AUTHORISED) == hx("00 0e 6e 6f 74 20 61 75 74 68 6f 72 69 73 65 64")
+    # A reason is ASCII and at most 255 bytes.
+    assert encode_refusal("é" + "x" * 300) == b"\x00\xff?" + b"x" * 254
+
+
+def test_verdict_parse_accepts_needs_more_or_says_the_reason() -> None:
+    assert parse_verdict(ACCEPTED + b"\x16\x03") == 1
+    refusal = encode_refusal(NOT_AUTHORISED)
+    for n in range(len(refusal)):
+        assert parse_verdict(refusal[:n]) is None, n
+    raises(
+        PeerRefused,
+        "127.0.0.3: the peer refused this node: not authorised",
+        parse_verdict,
+        refusal,
+        "127.0.0.3",
+    )
+    raises(
+        BadPreamble,
+        "127.0.0.3: expected the listener's verdict (01 or 00), got 16 03",
+        parse_verdict,
+        b"\x16\x03",
+        "127.0.0.3",
+    )
 
 
 # -- connection (PeerProtocol) -------------------------------------------------
