@@ -39,6 +39,8 @@ pytestmark = pytest.mark.anyio
 COMMAND_TIMEOUT_S = 30.0
 ANSWER_TIMEOUT_S = 5.0
 
+OPS = "status, send, reload-trust"
+
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
@@ -361,9 +363,9 @@ async def test_bad_requests_get_errors_and_connection_stays_usable(
                 (b"[1, 2]\n", "BadRequest: expected a JSON object, got list"),
                 (
                     b'{"op": "reboot"}\n',
-                    "BadRequest: unknown op 'reboot': expected one of status, send",
+                    f"BadRequest: unknown op 'reboot': expected one of {OPS}",
                 ),
-                (b"{}\n", "BadRequest: unknown op None: expected one of status, send"),
+                (b"{}\n", f"BadRequest: unknown op None: expected one of {OPS}"),
                 (
                     b'{"op": "send", "peer": 1, "topic": "t", "text": "x"}\n',
                     "BadRequest: send: 'peer' should be text, got 1",
@@ -407,7 +409,7 @@ async def test_bad_requests_get_errors_and_connection_stays_usable(
             failed = await client.ask(b'{"op": "nope", "id": "x1"}\n')
             assert failed == {
                 "ok": False,
-                "error": "BadRequest: unknown op 'nope': expected one of status, send",
+                "error": f"BadRequest: unknown op 'nope': expected one of {OPS}",
                 "id": "x1",
             }
 
