@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .mailbox import Mailbox
-from .proto.messages import is_data_frame
+from .proto.decoding import is_data_frame
 
 if TYPE_CHECKING:
     import anyio

@@ -29,6 +29,7 @@ from edgenode.errors import (
 )
 from edgenode.proto import connection
 from edgenode.proto.connection import PeerProtocol
+from edgenode.proto.decoding import decode_message
 from edgenode.proto.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_BYTES,
@@ -58,7 +59,6 @@ from edgenode.proto.messages import (
     Request,
     Response,
     ToDevice,
-    decode_message,
     encode_message,
     message_name,
 )
@@ -1325,7 +1325,7 @@ def _heads_of_any_width(item: list[object], widths: list[int]) -> bytes:
     st.lists(st.integers(0, 4), min_size=5, max_size=5),
 )
 def test_fast_path_gives_the_strict_decoders_items(item: list[object], widths: list[int]) -> None:
-    from edgenode.proto.messages import _flat_items
+    from edgenode.proto.decoding import _flat_items
 
     encoded = _heads_of_any_width(item, widths)
     assert _flat_items(encoded) == cbor.decode(encoded) == item
@@ -1333,7 +1333,7 @@ def test_fast_path_gives_the_strict_decoders_items(item: list[object], widths: l
 
 @given(st.binary(max_size=64))
 def test_fast_path_accepts_nothing_the_strict_decoder_refuses(data: bytes) -> None:
-    from edgenode.proto.messages import _flat_items
+    from edgenode.proto.decoding import _flat_items
 
     fast = _flat_items(data)
     if fast is not None:

@@ -27,6 +27,7 @@ returns messages; ``send`` takes a message and returns bytes.
 from __future__ import annotations
 
 from ..errors import HandshakeError, ProtocolError, UnexpectedMessage
+from .decoding import decode_message
 from .framing import FrameDecoder, encode_frame
 from .messages import (
     BYE,
@@ -40,7 +41,6 @@ from .messages import (
     AnyMessage,
     Hello,
     Limits,
-    decode_message,
     encode_message,
     message_name,
 )

@@ -7,7 +7,7 @@ outside the process:
 name            decoder (documented exceptions)
 ==============  ============================================================
 framing         proto.framing.FrameDecoder (FrameTooLarge, TruncatedFrame)
-messages        proto.messages.decode_message (MalformedMessage,
+messages        proto.decoding.decode_message (MalformedMessage,
                 UnknownMessageType, VersionMismatch)
 hello           proto.connection.PeerProtocol checking the first message
                 against the certificate's node ID (the connection's errors,
@@ -62,6 +62,7 @@ from edgenode.errors import (
 from edgenode.identity import node_id_from_cert_der, parse_node_id
 from edgenode.proto.beacon import MAX_BEACON_BYTES, decode_beacon, encode_beacon
 from edgenode.proto.connection import ERROR, PeerProtocol
+from edgenode.proto.decoding import decode_message
 from edgenode.proto.framing import HEADER_BYTES, FrameDecoder, encode_frame
 from edgenode.proto.messages import (
     BYE,
@@ -85,7 +86,6 @@ from edgenode.proto.messages import (
     Request,
     Response,
     ToDevice,
-    decode_message,
     encode_message,
 )
 from edgenode.proto.preamble import HEAD_BYTES, MAX_CERT_BYTES, encode_preamble, parse_preamble
@@ -351,7 +351,7 @@ def _within_limits(msg: Message) -> bool:
 
 
 class Messages(Target):
-    """proto.messages.decode_message: one frame body into a node message."""
+    """proto.decoding.decode_message: one frame body into a node message."""
 
     name = "messages"
     allowed = _MESSAGE_ERRORS

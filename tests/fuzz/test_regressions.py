@@ -7,8 +7,9 @@ import pytest
 
 from edgenode.errors import MalformedMessage, UnexpectedMessage
 from edgenode.proto.connection import PeerProtocol
+from edgenode.proto.decoding import decode_message
 from edgenode.proto.framing import FrameDecoder
-from edgenode.proto.messages import Bye, Hello, decode_message
+from edgenode.proto.messages import Bye, Hello
 from firmware_bridge.cobs import FrameSplitter, FrameTooLarge
 from firmware_bridge.link import BadFrame, Dropped, Link
 
