@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from .errors import EdgeNodeError, InvalidArgument
 from .identity import parse_node_id
+from .ips import normalise_ip
 from .proto.messages import MAX_DEVICE_ID_BYTES
-from .registry import normalise_ip
 
 #: The node part of a device on this node's own ports, whatever its address.
 LOCAL = "local"

@@ -44,13 +44,14 @@ from .connection import Connection
 from .errors import AdmissionRefused, EdgeNodeError, NodeClosed, PeerUnavailable, SlowPeer
 from .handshake import log_refusal_summary
 from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Revoked, Shutdown
+from .ips import is_ip
 from .keepalive import DEAD, DIAL, PING, Keepalive
 from .memtrim import trim as trim_heap
 from .names import PeerNames, Resolved
 from .proto.connection import PeerProtocol
 from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
 from .refusals import RefusalLog
-from .registry import DOWN, INBOUND, UP, PeerEntry, Registry, is_ip
+from .registry import DOWN, INBOUND, UP, PeerEntry, Registry
 from .requests import Requests, clip
 from .transports.tcp import Unreachable
 

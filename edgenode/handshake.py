@@ -29,10 +29,11 @@ from .datapath import READ_BYTES, close_stream, os_detail
 from .errors import EdgeNodeError, HandshakeError
 from .identity import Identity, PinnedContexts
 from .inbox import Failed, Inbox
+from .ips import normalise_ip
 from .proto.connection import PeerProtocol
 from .proto.messages import AnyMessage, Hello, Limits
 from .refusals import RefusalLog
-from .registry import INBOUND, OUTBOUND, normalise_ip
+from .registry import INBOUND, OUTBOUND
 from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
 
 log = logging.getLogger("edgenode.node")

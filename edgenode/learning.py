@@ -21,9 +21,10 @@ from collections.abc import Callable
 import anyio
 
 from .errors import EdgeNodeError
+from .ips import normalise_ip
 from .keepalive import Keepalive
 from .proto.messages import Peers
-from .registry import DOWN, PeerEntry, Registry, normalise_ip
+from .registry import DOWN, PeerEntry, Registry
 from .state import KNOWN_PEERS_FILENAME, KnownPeer, KnownPeers, save_known_peers
 
 log = logging.getLogger("edgenode.node")

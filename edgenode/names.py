@@ -30,8 +30,9 @@ import anyio
 
 from .errors import EdgeNodeError
 from .inbox import Event
+from .ips import normalise_ip
 from .keepalive import Keepalive
-from .registry import PeerEntry, Registry, normalise_ip
+from .registry import PeerEntry, Registry
 
 log = logging.getLogger("edgenode.node")
 

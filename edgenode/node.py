@@ -51,6 +51,7 @@ from .errors import (
 from .handshake import Handshakes
 from .identity import Identity, client_context, load_identity
 from .inbox import AddPeer, Inbox, Revoked, Shutdown
+from .ips import is_ip, normalise_ip
 from .keepalive import Keepalive
 from .learning import PeerLearning
 from .mailbox import WAIT
@@ -58,7 +59,7 @@ from .names import PeerNames
 from .proto.framing import encode_frame
 from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
 from .refusals import RefusalLog
-from .registry import Registry, is_ip, normalise_ip
+from .registry import Registry
 from .requests import Requests
 from .sending import Sending
 from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer

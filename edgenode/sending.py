@@ -20,8 +20,9 @@ import anyio
 from .addresses import LOCAL, split_address
 from .connection import Connection
 from .errors import EdgeNodeError, InvalidArgument, NodeClosed, PeerUnavailable
+from .ips import normalise_ip
 from .proto.messages import Limits
-from .registry import UP, Registry, normalise_ip
+from .registry import UP, Registry
 
 if TYPE_CHECKING:
     from .devices import DeviceRouter
@@ -215,4 +216,3 @@ class Sending:
             else:
                 dropped += 1
         return sent, dropped
-

@@ -15,7 +15,8 @@ from firmware_bridge.cbor import encode as cbor_encode
 
 from .api import PeerSnapshot
 from .connection import Connection
-from .registry import UP, ip_sort_key
+from .ips import ip_sort_key
+from .registry import UP
 
 if TYPE_CHECKING:
     from .bridge import SerialBridge
@@ -48,6 +49,7 @@ class NodeParts(Protocol):
 
     def peers(self) -> list[PeerSnapshot]:
         """The peer table (``peer_rows``)."""
+
 
 monotonic = time.monotonic
 

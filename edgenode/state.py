@@ -44,7 +44,7 @@ from typing import Any
 
 from .errors import EdgeNodeError
 from .identity import parse_node_id, write_atomic
-from .registry import normalise_ip
+from .ips import normalise_ip
 
 __all__ = [
     "KNOWN_PEERS_FILENAME",

@@ -16,6 +16,7 @@ from hypothesis.stateful import (
 )
 
 from edgenode.errors import ConfigError, InvalidAddress
+from edgenode.ips import ip_sort_key, normalise_ip
 from edgenode.registry import (
     DOWN,
     INBOUND,
@@ -24,8 +25,6 @@ from edgenode.registry import (
     Admission,
     PeerEntry,
     Registry,
-    ip_sort_key,
-    normalise_ip,
 )
 
 OURS = "127.0.0.2"

@@ -60,7 +60,7 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from edgenode.errors import EdgeNodeError, InvalidArgument
-from edgenode.registry import ip_sort_key, normalise_ip
+from edgenode.ips import ip_sort_key, normalise_ip
 
 UP = "up"
 DOWN = "down"

@@ -23,6 +23,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised, PeerRefused
 from ..identity import PinnedContexts, node_id_from_cert_der, ssl_reason
+from ..ips import normalise_ip
 from ..proto.preamble import (
     ACCEPTED,
     HEAD_BYTES,
@@ -33,7 +34,6 @@ from ..proto.preamble import (
     parse_verdict,
 )
 from ..refusals import address_group
-from ..registry import normalise_ip
 
 
 class Unreachable(HandshakeError):
