@@ -414,7 +414,7 @@ def run_bench(
     ``window_s`` override the fleet's peer count and idle measuring time;
     ``sections`` chooses among :data:`SECTIONS`. Returns the exit status.
     """
-    from .bench_fleet import fleet_figures, print_fleet_table
+    from .bench_fleet_figures import fleet_figures, print_fleet_table
 
     logging.getLogger("edgenode").setLevel(logging.ERROR)  # the bench node needs no peers
     if quick:
