@@ -74,6 +74,29 @@ def test_unit_stops_gracefully_and_restarts_on_failure(
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+def test_unit_tells_systemd_when_the_node_is_ready_and_feeds_its_watchdog(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    # READY=1 once the node listens, STATUS=, STOPPING=1 (edgenode.systemd).
+    assert one(unit, "Service", "Type") == "notify"
+    # Only the node's own process may notify: not a keygen child it starts.
+    assert one(unit, "Service", "NotifyAccess") == "main"
+    # A watchdog restart is a failure: Restart=on-failure restarts it.
+    assert one(unit, "Service", "Restart") == "on-failure"
+    assert "WatchdogSignal" not in unit["Service"]  # SIGABRT: faulthandler prints the stack
+
+
+def test_watchdog_is_the_longest_keepalive_timeout_of_the_board_profiles(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """Never sooner than a peer on any board gives the node up; no later."""
+    from edgenode.profiles import list_profiles
+
+    timeouts = [p.apply().keepalive_timeout_s for p in list_profiles() if p.is_node]
+    assert timeouts
+    assert float(one(unit, "Service", "WatchdogSec")) == max(timeouts)
+
+
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
