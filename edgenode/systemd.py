@@ -37,8 +37,8 @@ package: ``sdnotify`` sends with a blocking socket and hides every error,
 Sends never wait: the socket is non-blocking, and a send that fails (the
 socket full or gone) is counted and logged once, never fatal.
 
-:class:`WatchdogRhythm` and the ``parse_*``/``*_message`` functions are
-pure (time comes in as arguments); :class:`SystemdNotifier` is the thin
+:class:`WatchdogRhythm`, the ``parse_*`` functions, :func:`status_text`
+and :func:`message` are pure (time comes in as arguments); :class:`SystemdNotifier` is the thin
 part that owns the socket. The node imports this module only when
 ``$NOTIFY_SOCKET`` is set.
 """
@@ -226,6 +226,7 @@ class SystemdNotifier:
         self._socket: socket.socket | None = None
         self._failure_logged = False
         self._closed = False
+        self._stopping = False
         self._peers = (0, 0)
         self._status = ""
         self._withheld_lag_s: float | None = None
@@ -271,8 +272,10 @@ class SystemdNotifier:
 
     def stopping(self) -> None:
         """The node starts shutting down: ``STOPPING=1``."""
-        if not self._closed:
-            self._send(message("STOPPING=1", "STATUS=stopping"))
+        if not self._closed and not self._stopping:
+            self._stopping = True
+            self._status = self._status_now()
+            self._send(message("STOPPING=1", f"STATUS={self._status}"))
 
     def start_watchdog(self, loop: Loop, now: float) -> None:
         """Feed the watchdog from ``loop``'s timers, from ``now`` on; nothing
@@ -348,6 +351,8 @@ class SystemdNotifier:
         self._send_status()
 
     def _status_now(self) -> str:
+        if self._stopping:
+            return "stopping"  # peers going down as the node says bye is no news
         up, known = self._peers
         return status_text(up, known, self._withheld_lag_s, self.max_lag_s)
 

@@ -267,6 +267,21 @@ def test_an_unchanged_peer_count_sends_nothing(short_dir: Path) -> None:
     assert systemd.pending() == [b"READY=1\nSTATUS=0/2 peers up", b"STATUS=1/2 peers up"]
 
 
+def test_the_status_stays_stopping_while_the_node_shuts_down(short_dir: Path) -> None:
+    systemd = FakeSystemd(str(short_dir / "notify"))
+    notifier = notifier_for(str(short_dir / "notify"))
+    notifier.ready(2)
+    notifier.peer_count(2, 2)
+    notifier.stopping()
+    notifier.peer_count(0, 2)  # its peers go down as it says bye
+    notifier.stopping()  # once is enough
+    assert systemd.pending() == [
+        b"READY=1\nSTATUS=0/2 peers up",
+        b"STATUS=2/2 peers up",
+        b"STOPPING=1\nSTATUS=stopping",
+    ]
+
+
 def test_nothing_is_sent_after_close(short_dir: Path) -> None:
     systemd = FakeSystemd(str(short_dir / "notify"))
     notifier = notifier_for(str(short_dir / "notify"))
