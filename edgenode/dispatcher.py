@@ -154,6 +154,11 @@ class Dispatcher:
         self.lag_sum_s = 0.0
         self.refused = 0
         self.broadcast_dropped = 0
+        #: Told (peers up, peers known) when either has changed, at most once
+        #: per wake-up, before the loop waits (systemd's status line:
+        #: edgenode.systemd). None: nobody asked, nothing is counted.
+        self.on_peer_count: Callable[[int, int], None] | None = None
+        self._peer_count = (-1, -1)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -172,6 +177,8 @@ class Dispatcher:
                     next_due = self._next_deadline()
                     continue
                 self.wakeups += 1
+                if self.on_peer_count is not None:
+                    self._report_peer_count(self.on_peer_count)
                 if next_due is None:
                     await box.wait_item()
                 else:
@@ -198,6 +205,12 @@ class Dispatcher:
     def schedule(self, when: float, callback: Callable[[float], None]) -> None:
         """Call ``callback(now)`` from the dispatcher once ``when`` has passed."""
         heapq.heappush(self._timers, (when, next(self._seq), callback))
+
+    def _report_peer_count(self, report: Callable[[int, int], None]) -> None:
+        count = (len(self._announced), len(self.registry))
+        if count != self._peer_count:
+            self._peer_count = count
+            report(*count)
 
     def _next_deadline(self) -> float | None:
         keepalive_due = self.keepalive.next_deadline()

@@ -68,6 +68,7 @@ from .trust import Trust, TrustChange, authorised_path
 
 if TYPE_CHECKING:
     from .bridge import SerialBridge
+    from .systemd import SystemdNotifier
     from .transports.discovery import DiscoveryWiring
 
 # The public types, importable from here as before (their home is edgenode.api).
@@ -229,6 +230,16 @@ class Node:
                 self.dispatcher.register(event_type, handler)
         #: The MQTT uplink when configured (edgenode.uplink; loaded only then).
         self.uplink: Any = None
+        #: systemd's notify socket, under a Type=notify unit (edgenode.systemd,
+        #: loaded only then; a bad $NOTIFY_SOCKET or $WATCHDOG_USEC raises
+        #: ConfigError here, before anything starts).
+        self.systemd: SystemdNotifier | None = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            from .systemd import SystemdNotifier
+
+            self.systemd = SystemdNotifier.from_environ(
+                os.environ, pid=os.getpid(), max_lag_s=config.keepalive_timeout_s
+            )
         self._tg: Any = None
         self._outer: Any = None
         self._listener_scope: anyio.CancelScope | None = None
@@ -364,6 +375,12 @@ class Node:
             _count(len(config.peers), "peer"),
             len(self.authorised),
         )
+        if self.systemd is not None:
+            # READY=1 now that we listen; STATUS= when the peer count changes;
+            # WATCHDOG=1 from the dispatcher's timers while its lag is bounded.
+            self.dispatcher.on_peer_count = self.systemd.peer_count
+            self.systemd.start_watchdog(self.dispatcher, monotonic())
+            self.systemd.ready(len(self.registry))
 
     async def aclose(self) -> None:
         """Say bye to every peer and stop, within ``shutdown_grace_s``.
@@ -388,6 +405,8 @@ class Node:
     async def _shut_down(self) -> None:
         assert self._listener_scope is not None and self._all_closed is not None
         assert self._tg is not None and self._ran is not None
+        if self.systemd is not None:
+            self.systemd.stopping()
         self._listener_scope.cancel()
         grace = self.config.shutdown_grace_s
         if self.uplink is not None:
@@ -409,6 +428,8 @@ class Node:
         final = self.learning.final_save()
         if final is not None:
             await self.learning.save(final)
+        if self.systemd is not None:
+            self.systemd.close()
 
     def _all_closed_now(self) -> None:
         if self._all_closed is not None:
@@ -667,7 +688,10 @@ class Node:
     def stats(self) -> dict[str, Any]:
         """Node figures: uptime, loop lag, events and wake-ups, peers by state,
         and every count of something not delivered."""
-        return node_figures(self, self._started)
+        figures = node_figures(self, self._started)
+        if self.systemd is not None:
+            figures.update(self.systemd.figures())
+        return figures
 
     @property
     def event_drops(self) -> int:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent.parent / "deploy" / "edgenode.service"
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "deploy" / "edgenode.service"
+SYSTEMD_DOC = ROOT / "docs" / "systemd.md"
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -74,6 +77,29 @@ def test_unit_stops_gracefully_and_restarts_on_failure(
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+def test_unit_tells_systemd_when_the_node_is_ready_and_feeds_its_watchdog(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    # READY=1 once the node listens, STATUS=, STOPPING=1 (edgenode.systemd).
+    assert one(unit, "Service", "Type") == "notify"
+    # Only the node's own process may notify: not a keygen child it starts.
+    assert one(unit, "Service", "NotifyAccess") == "main"
+    # A watchdog restart is a failure: Restart=on-failure restarts it.
+    assert one(unit, "Service", "Restart") == "on-failure"
+    assert "WatchdogSignal" not in unit["Service"]  # SIGABRT: faulthandler prints the stack
+
+
+def test_watchdog_is_the_longest_keepalive_timeout_of_the_board_profiles(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """Never sooner than a peer on any board gives the node up; no later."""
+    from edgenode.profiles import list_profiles
+
+    timeouts = [p.apply().keepalive_timeout_s for p in list_profiles() if p.is_node]
+    assert timeouts
+    assert float(one(unit, "Service", "WatchdogSec")) == max(timeouts)
+
+
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
@@ -111,14 +137,13 @@ def test_unit_leaves_the_memory_limit_to_the_board(unit: dict[str, dict[str, lis
     assert "#MemoryMax=" in UNIT.read_text()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+def systemd_verify(text: str, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` accepts the unit ``text``, without a word."""
     # verify checks that ExecStart's binary exists: point it at one that does.
     true = shutil.which("true")
     assert true is not None
-    text = UNIT.read_text().replace("/opt/edgenode/venv/bin/edgenode", true)
     copy = tmp_path / "edgenode.service"
-    copy.write_text(text)
+    copy.write_text(text.replace("/opt/edgenode/venv/bin/edgenode", true))
     result = subprocess.run(
         ["systemd-analyze", "verify", str(copy)],
         capture_output=True,
@@ -128,3 +153,25 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     # verify exits 0 even for unknown keys and bad values; it reports them on stderr.
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
+
+
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
+)
+
+
+@needs_systemd
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    systemd_verify(UNIT.read_text(), tmp_path)
+
+
+@needs_systemd
+def test_systemd_accepts_the_unit_with_the_drop_ins_docs_systemd_shows(tmp_path: Path) -> None:
+    blocks = re.findall(r"```ini\n(.*?)```", SYSTEMD_DOC.read_text(), re.DOTALL)
+    assert blocks
+    for number, block in enumerate(blocks):
+        assert block.startswith("[Service]\n"), block
+        # A drop-in's [Service] lines come after the unit's: appended, as systemd reads them.
+        where = tmp_path / str(number)
+        where.mkdir()
+        systemd_verify(UNIT.read_text() + block, where)
