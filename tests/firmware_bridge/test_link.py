@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from binascii import crc32
 from collections import deque
 from pathlib import Path
@@ -824,7 +825,7 @@ def _noisy_run(seed: int, reliable: bool, count: int, rate: float) -> tuple[Sim,
     sim.start()
     sent = 0
     for _ in range(20_000):
-        if sent == count and not sim.device._unacked and not sim.device._queue:
+        if sent == count and (sim.device._rel is None or not sim.device._rel.lost()):
             break
         if sent < count and sim.device.is_up:
             try:
@@ -897,10 +898,10 @@ def test_reliable_window_then_queue_then_refusal() -> None:
     ):
         sim.device.send_data("t", b"x", sim.now)
     # Put the four back on the line (bytes_to_send drained them above).
-    sim.device._rto_deadline_ms = sim.now
+    sim.device._rel.rto_deadline_ms = sim.now
     sim.run(200)
     assert [m.payload for m in sim.received("host")] == [bytes([i]) for i in range(12)]
-    assert sim.device._unacked == [] and sim.device._queue == []
+    assert sim.device._rel.unacked == [] and sim.device._rel.queue == []
 
 
 def test_reliable_acks_are_cumulative_and_coalesced() -> None:
@@ -925,7 +926,7 @@ def test_reliable_lost_ack_means_retransmission_and_a_dropped_duplicate() -> Non
     (dup,) = sim.drops("host")
     assert type(dup.error) is Duplicate
     assert dup.message == "duplicate data frame: seq 0, expecting 1"
-    assert sim.device._unacked == []
+    assert sim.device._rel.unacked == []
 
 
 def test_reliable_gap_is_dropped_and_resent_in_order() -> None:
@@ -1026,7 +1027,7 @@ def test_psk_tag_covers_both_epochs_and_the_body() -> None:
     assert tag == expected
     counter = int.from_bytes(signed[1:5], "big")
     assert signed[5:] == b"\x01tx"
-    assert counter == sim.device._tx_counter
+    assert counter == sim.device._auth.tx_counter
 
 
 def test_wrong_key_never_comes_up_and_counts_auth_failures() -> None:
@@ -1078,7 +1079,7 @@ def test_psk_replayed_frame_is_dropped() -> None:
     sim.device.send_data("t", b"pay me once", sim.now)
     frame = sim.device.bytes_to_send()
     assert inject(sim, "host", frame) == [Received("data", "t", b"pay me once")]
-    counter = sim.device._tx_counter
+    counter = sim.device._auth.tx_counter
     events = inject(sim, "host", frame)
     assert [(type(e.error), e.message) for e in events] == [  # type: ignore[attr-defined]
         (
@@ -1131,9 +1132,58 @@ def test_psk_replay_of_an_earlier_boot_is_dropped() -> None:
     assert_still_works(sim)
 
 
+def test_psk_old_hello_aged_out_of_the_remembered_epochs_cannot_bounce_the_session() -> None:
+    # Issue 15: record the first hello of a device boot, reboot the device
+    # five times (more than the four epochs whose counters are remembered),
+    # then replay that hello (epoch of the first boot, echo 0, counter 1).
+    sim = Sim(make_host(psk=PSK), make_device(epoch=0x3000_0000, psk=PSK))
+    captured: list[bytes] = []
+    put = sim.lines["device"].put
+
+    def capture(data: bytes, now: int) -> None:
+        captured.append(data)
+        put(data, now)
+
+    sim.lines["device"].put = capture  # type: ignore[method-assign]
+    sim.start()
+    sim.lines["device"].put = put  # type: ignore[method-assign]
+    old_hello = frames_of(b"".join(captured))[0]
+    assert body_of(old_hello)[0] == HELLO | FLAG_AUTH
+    sim.run(50)
+    for boot in range(1, 6):
+        sim.replace("device", make_device(epoch=0x3000_0000 + boot, psk=PSK))
+        sim.run(100)
+        assert sim.host.is_up and sim.host.peer_hello.epoch == 0x3000_0000 + boot
+    downs = len(sim.of("host", SessionDown))
+    inject(sim, "host", old_hello)
+    sim.run(100)  # the host challenges the old epoch; the live device keeps its session
+    assert len(sim.of("host", SessionDown)) == downs
+    assert not sim.of("device", SessionDown)[5:]
+    assert sim.host.peer_hello.epoch == 0x3000_0005
+    assert_still_works(sim)
+
+
+def test_psk_device_restart_still_resynchronises() -> None:
+    sim = up_pair(psk=PSK)
+    sim.replace("device", make_device(epoch=0x4444_4444, psk=PSK))
+    sim.run(4 * LATENCY_MS)  # two round trips: a challenge, then the proof
+    assert sim.host.is_up and sim.host.peer_hello.epoch == 0x4444_4444
+    assert [e.reason for _, e in sim.of("host", SessionDown)] == ["peer restart"]  # type: ignore[attr-defined]
+    assert_still_works(sim)
+
+
+def test_psk_host_restart_still_resynchronises() -> None:
+    sim = up_pair(psk=PSK)
+    sim.replace("host", make_host(epoch=0x5555_5555, psk=PSK))
+    sim.run(4 * LATENCY_MS)
+    assert sim.device.is_up and sim.device.peer_hello.epoch == 0x5555_5555
+    assert sim.host.is_up
+    assert_still_works(sim)
+
+
 def test_psk_counter_exhaustion_refuses_to_send() -> None:
     sim = up_pair(psk=PSK)
-    sim.device._tx_counter = 2**32 - 1
+    sim.device._auth.tx_counter = 2**32 - 1
     with pytest.raises(LinkUsageError, match=r"^auth counter exhausted after 2\*\*32-1 frames"):
         sim.device.send_data("t", b"", sim.now)
 
@@ -1421,6 +1471,11 @@ def test_module_compiles_with_mpy_cross(module: str, tmp_path: Path) -> None:
     [
         ("cobs.py", {"micropython"}),
         ("hmac_sha256.py", {"hashlib", "micropython"}),
+        ("frame.py", {"struct", "micropython", ""}),
+        ("events.py", {"typing", ""}),
+        ("hello.py", {""}),
+        ("auth.py", {"struct", "micropython", ""}),
+        ("reliable.py", {""}),
         ("link.py", {"struct", "binascii", "micropython", ""}),
     ],
 )
@@ -1529,3 +1584,23 @@ def test_liveness_reports_each_direction() -> None:
     assert (arriving, answered, heard_ms) == (True, True, 299)
     # Past the timeout both directions are dead, and the session ends.
     assert host.liveness(460) == (False, False, 460)
+
+
+def test_optional_parts_load_only_when_configured() -> None:
+    """A board without a key or reliable mode never loads auth or reliable (micropython-lib style)."""
+    code = (
+        "import sys\n"
+        "from firmware_bridge.link import Link\n"
+        "Link('device', 'pico-1', 1)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('firmware_bridge'))\n"
+        "print(' '.join(loaded))\n"
+        "Link('device', 'pico-1', 1, psk=bytes(16), reliable=True)\n"
+        "print(' '.join(m for m in ('firmware_bridge.auth', 'firmware_bridge.reliable') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert "firmware_bridge.auth" not in out[0].split()
+    assert "firmware_bridge.reliable" not in out[0].split()
+    assert out[1] == "firmware_bridge.auth firmware_bridge.reliable"
