@@ -114,7 +114,7 @@ let host;
 let device;
 try {
     host = await load(hostDir, 4 * 1024 * 1024, "host");
-    run(host, setupPath + "from heap_host import setup, step\n");
+    run(host, setupPath + "from heap_host import setup, step, state\n");
     device = await load(deviceDir, heapBytes, "device");
 } catch (error) {
     process.stderr.write(`heap: cannot start the runtimes: ${error.message}\n`);
@@ -206,6 +206,14 @@ try {
 } catch (error) {
     const figures = { status, error: `report failed: ${error.message}` };
     process.stdout.write(`HEAP ${JSON.stringify(figures)}\n`);
+}
+if (status !== "done") {
+    try {
+        use(host);
+        process.stdout.write(`HOST ${host.mp.globals.get("state")()}\n`);
+    } catch (error) {
+        process.stdout.write(`HOST state failed: ${error.message}\n`);
+    }
 }
 process.stdout.write(`RESULT ${status}\n`);
 process.exit(status === "done" ? 0 : 1);

@@ -110,6 +110,7 @@ class LinkStats:
         "drops",
         "frames_in",
         "frames_out",
+        "out_of_memory",
         "retransmits",
         "tx_skipped",
     )
@@ -120,6 +121,7 @@ class LinkStats:
         self.bytes_in = 0  # every byte fed to receive_bytes
         self.bytes_out = 0  # every byte queued for the line
         self.retransmits = 0
+        self.out_of_memory = 0  # frames lost to a MemoryError while being read
         self.tx_skipped = 0  # control frames not queued because the output was full
         self.drops = {}  # reason -> count
 
@@ -133,5 +135,6 @@ class LinkStats:
             f"LinkStats(frames_in={self.frames_in}, frames_out={self.frames_out}, "
             f"bytes_in={self.bytes_in}, bytes_out={self.bytes_out}, "
             f"retransmits={self.retransmits}, tx_skipped={self.tx_skipped}, "
+            f"out_of_memory={self.out_of_memory}, "
             f"drops={self.drops!r})"
         )

@@ -361,6 +361,11 @@ class Link:
                 self._receive_frame(item, now_ms, events)
             except FrameError as exc:
                 self._drop(exc, events)
+            except MemoryError:
+                # Lost, but the link stays consistent: a reliable frame is
+                # accepted last, so its sender retransmits it. Counted only
+                # (an event would need memory too).
+                self.stats.out_of_memory += 1
         rel = self._rel
         if rel is not None and rel.ack_pending:
             # One cumulative ack per batch of bytes.
@@ -449,6 +454,10 @@ class Link:
             out[:max_bytes] = b""
         return data
 
+    def forget_partial(self) -> None:
+        """Drop any partial frame read so far (after a MemoryError cut a read short)."""
+        self._splitter.reset()
+
     @property
     def pending_output(self) -> int:
         """Bytes waiting in ``bytes_to_send``."""
@@ -530,8 +539,13 @@ class Link:
                 )
             self._emit(ftype, fields, now_ms)
         elif len(rel.unacked) < self.window:
-            # Kept even if the output is full: the retransmission timer resends it.
-            self._emit(ftype, fields, now_ms, rel.take_seq(ftype, fields, now_ms))
+            seq = rel.take_seq(ftype, fields, now_ms)
+            try:
+                self._emit(ftype, fields, now_ms, seq)
+            except MemoryError:
+                # Kept, as when the output is full: the retransmission timer
+                # resends it. The caller must not send it again.
+                self.stats.tx_skipped += 1
         elif len(rel.queue) < self.send_queue:
             rel.queue.append((ftype, fields))
         else:
@@ -683,8 +697,13 @@ class Link:
                 raise BadFrame(f"bad frame: ack of {len(fields)} bytes, expected 1")
         elif ftype != HELLO:
             message = self._parse_app(ftype, fields, name)
+            events.append(message)  # before the sequence moves: a MemoryError loses nothing
             if seq is not None:
-                self._rel.accept(seq, name)
+                try:
+                    self._rel.accept(seq, name)
+                except FrameError:
+                    events.pop()
+                    raise
 
         self.stats.frames_in += 1
         if ftype == HELLO:
@@ -697,8 +716,6 @@ class Link:
                 self._ping_sent_ms = None
         elif ftype == ACK:
             self._on_ack(fields[0], now_ms)
-        else:
-            events.append(message)
 
     def _parse_app(self, ftype: int, fields: bytes, name: str) -> Received:
         if ftype == DATA:

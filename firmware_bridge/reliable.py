@@ -59,8 +59,8 @@ class Reliable:
     def take_seq(self, ftype: int, fields: bytes, now_ms: int) -> int:
         """Number a new frame and keep it until it is acknowledged."""
         seq = self.tx_seq
+        self.unacked.append((seq, ftype, fields))  # first: a MemoryError here changes nothing
         self.tx_seq = (seq + 1) & 0xFF
-        self.unacked.append((seq, ftype, fields))
         if self.rto_deadline_ms is None:
             self.rto_deadline_ms = now_ms + self.rto_ms
         return seq

@@ -48,8 +48,9 @@ from firmware_bridge.link import (
     SessionDown,
     SessionUp,
 )
+from firmware_bridge.tty import open_tty, set_raw
 
-KINDS = ("memory", "pty")
+KINDS = ("memory", "pty", "tty")
 TIMING = {"keepalive_interval_ms": 100, "keepalive_timeout_ms": 500}
 PSK = b"0123456789abcdef"
 TEST_BOUND_S = 10.0
@@ -134,6 +135,46 @@ class PtyLine:
         for transport in self._transports:
             transport.close()
         await asyncio.sleep(0)  # let the transports close their fds
+
+
+class TtyLine:
+    """A pty: the device opens the slave with firmware_bridge.tty, the host reads the master."""
+
+    def __init__(self) -> None:
+        self.on_host_bytes: Callable[[bytes], None] = lambda data: None
+        self.reader: Any = None
+        self.writer: Any = None
+        self.master = -1
+
+    async def open(self) -> TtyLine:
+        self.master, slave = os.openpty()
+        self.reader, self.writer = await open_tty(os.ttyname(slave), 115200)
+        os.close(slave)  # the device holds its own descriptor
+        os.set_blocking(self.master, False)
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+        return self
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 4096)
+        except OSError:
+            data = b""
+        if data:
+            self.on_host_bytes(data)
+
+    def host_write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def hang_up(self) -> None:
+        """Close the master: the device's slave then reads EIO, as when a cable is pulled."""
+        if self.master >= 0:
+            asyncio.get_running_loop().remove_reader(self.master)
+            os.close(self.master)
+            self.master = -1
+
+    async def aclose(self) -> None:
+        self.hang_up()
+        self.writer.close()
 
 
 # --- the host ------------------------------------------------------------------
@@ -242,7 +283,12 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(kind: str, host_kw: dict | None = None, **device_kw: Any) -> AsyncIterator[Rig]:
-    line = MemoryLine() if kind == "memory" else await PtyLine().open()
+    if kind == "memory":
+        line: Any = MemoryLine()
+    elif kind == "pty":
+        line = await PtyLine().open()
+    else:
+        line = await TtyLine().open()
     host = Host(line, **(host_kw or {}))
     r = Rig(line, host)
     r.start_device(**device_kw)
@@ -447,6 +493,53 @@ def test_closing_the_pty_ends_run() -> None:
                 await r.device.wait_up()
 
     run(body)
+
+
+def test_closing_the_tty_ends_run() -> None:
+    async def body() -> None:
+        async with rig("tty") as r:
+            r.line.hang_up()
+            await asyncio.wait_for(r.task, 2)
+            assert r.task.result() is None
+            assert r.device.stats["last_error"].startswith("stream: ")
+
+    run(body)
+
+
+def test_tty_read_returns_what_has_arrived() -> None:
+    """The stream contract: read(n) gives what is there, not n bytes."""
+
+    async def body() -> None:
+        master, slave = os.openpty()
+        reader, writer = await open_tty(os.ttyname(slave), 115200)
+        os.close(slave)
+        try:
+            os.write(master, b"abc")
+            assert await asyncio.wait_for(reader.read(128), 2) == b"abc"
+            pending = asyncio.ensure_future(reader.read(128))
+            await asyncio.sleep(0)
+            assert not pending.done()  # nothing there: it waits, without polling
+            os.write(master, b"\x00")
+            assert await asyncio.wait_for(pending, 2) == b"\x00"
+            writer.write(b"xyz")
+            await writer.drain()
+            assert os.read(master, 16) == b"xyz"
+        finally:
+            os.close(master)
+            writer.close()
+            writer.close()  # idempotent
+
+    run(body)
+
+
+def test_tty_rejects_a_baud_rate_a_tty_cannot_take() -> None:
+    master, slave = os.openpty()
+    try:
+        with pytest.raises(ValueError, match=r"^baud should be one of 9600, .*, got 12345$"):
+            set_raw(slave, 12345)
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_end_of_stream_ends_run() -> None:

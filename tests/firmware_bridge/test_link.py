@@ -1587,7 +1587,7 @@ def test_liveness_reports_each_direction() -> None:
 
 
 def test_optional_parts_load_only_when_configured() -> None:
-    """A board without a key or reliable mode never loads auth or reliable (micropython-lib style)."""
+    """A board with no key and no reliable mode never loads auth.py or reliable.py."""
     code = (
         "import sys\n"
         "from firmware_bridge.link import Link\n"

@@ -28,6 +28,14 @@ and smallest heap are derived: the ``mpy`` figure less the code that the
 ``.mpy`` import keeps on the heap and freezing keeps in flash (the
 WebAssembly runtime cannot be rebuilt with frozen modules here).
 
+Heap pressure: in the reliable modes, a device also runs the session in a
+heap 8 KB above its smallest while the scenario fills the heap with small
+objects and frees every other one (a fragmented heap in which nothing of a
+frame's size fits) for 300 ms. The device must count the MemoryErrors it
+meets, report them to the host, keep its session and deliver every message
+exactly once. (Host requests wait until the device has recovered: on this
+port asyncio itself can lose a handler task when the heap is full.)
+
 The figures are written to ``tests/micropython/heap_figures.json`` with
 ``--update``; without it they are compared with that file and the run fails
 if any grew by more than 10 %, or if a target is missed (``TARGETS``).
@@ -52,6 +60,11 @@ FORMS = ("py", "mpy", "frozen")
 FIGURES = ("import_bytes", "device_bytes", "session_peak_bytes", "smallest_heap_bytes")
 GROWTH_LIMIT = 1.10
 TRIAL_S = 10  # a session takes about 0.5 s here
+#: Heap pressure (heap/heap_device.py's ballast) in the reliable modes: the
+#: device must survive the MemoryErrors, deliver everything exactly once and
+#: report them to the host. Run in a heap this much above the smallest.
+PRESSURE_MODES = ("reliable", "psk+reliable")
+PRESSURE_MARGIN = 8 * 1024
 STEP_BYTES = 256
 LOW_BYTES = 4096
 HIGH_BYTES = 512 * 1024
@@ -147,6 +160,18 @@ def measure(runner: Runner, modes: tuple[str, ...]) -> dict[str, dict[str, dict[
                 row["smallest_heap_bytes"] = runner.smallest(form, mode)
             results[form][mode] = row
             print(f"  {form:6} {mode:13} {row}", flush=True)
+    for mode in PRESSURE_MODES:
+        if mode not in modes:
+            continue
+        heap = results["mpy"][mode]["smallest_heap_bytes"] + PRESSURE_MARGIN
+        ok, figures = runner.run("mpy", mode + "+pressure", heap)
+        if not ok:
+            raise RuntimeError(
+                f"mpy {mode}: the device did not come through heap pressure in a "
+                f"{heap}-byte heap: {figures}"
+            )
+        results["mpy"][mode]["pressure_survived"] = figures["survived"]
+        print(f"  pressure {mode:13} survived {figures['survived']} MemoryErrors", flush=True)
     for mode in modes:
         # What the .mpy import keeps that freezing keeps in flash instead.
         code = results["mpy"][mode]["import_bytes"] - results["frozen"][mode]["import_bytes"]

@@ -31,6 +31,9 @@ from mailbox import Mailbox
 import scenario
 
 RUNNING = 0
+#: Ballast under pressure, in 16-byte blocks: 24 KB, enough to fill what a
+#: heap 12 KB above the smallest leaves (heap.py runs it so).
+BALLAST_BLOCKS = 1536
 DONE = 1
 FAILED = 2
 
@@ -42,7 +45,20 @@ def _no_timer(dt):
 core._schedule_run_iter = _no_timer
 core.new_event_loop()
 
-_state = {"status": RUNNING, "error": None, "peak": 0, "figures": {}}
+# Every key there from the start: storing into it then allocates nothing,
+# which matters when a failure is recorded under heap pressure.
+_state = {
+    "status": RUNNING,
+    "where": None,
+    "exc": None,
+    "peak": 0,
+    "figures": {},
+    "base": 0,
+    "pressure": False,
+    "survived": 0,
+    "app_memory_errors": 0,
+    "released": False,
+}
 _box = None
 _device = None
 _measure = False
@@ -149,7 +165,9 @@ def setup(form, mode, measure):
     figures["device_bytes"] = _used() - after_import
     _state["base"] = base
     asyncio.create_task(_run(_device))
-    asyncio.create_task(_app(_device))
+    pressure = "pressure" in mode
+    _state["pressure"] = pressure
+    asyncio.create_task(_app(_device, pressure))
     return _box.address()
 
 
@@ -163,43 +181,106 @@ async def _run(device):
         _fail("run", None)
 
 
-async def _app(device):
+async def _ballast(hold):
+    """Fill the heap with one-block objects, then free every other one, for a while.
+
+    The free heap is then many 16-byte holes: small allocations still work,
+    but nothing of a frame's size fits, as in a fragmented heap on a board.
+    """
+    n = 0
     try:
-        got = []
-        served = []
+        while n < len(hold):
+            hold[n] = (n, n)  # a 2-tuple built at run time: one 16-byte block
+            n += 1
+    except MemoryError:
+        pass
+    for i in range(0, n, 2):
+        hold[i] = None
+    for _ in range(30):
+        await asyncio.sleep_ms(10)
+    for i in range(n):
+        hold[i] = None
+    _state["released"] = True
+
+
+async def _app(device, pressure):
+    try:
+        got = [0, 0]  # data received, requests served: no allocation to count
 
         def on_data(topic, payload):
-            got.append(len(payload))
+            got[0] += 1
 
         async def echo(payload):
-            served.append(len(payload))
+            got[1] += 1
             return payload
 
         device.on_message(scenario.TOPIC_DATA, on_data)
         device.handle(scenario.TOPIC_ECHO, echo)
         await device.wait_up()
-        payload = scenario.payload()
-        for _ in range(scenario.PUBLISHES):
-            await device.publish(scenario.TOPIC_DATA, payload)
-        for _ in range(scenario.REQUESTS):
-            answer = await device.request(scenario.TOPIC_ECHO, payload, 5000)
+        payload = scenario.payload()  # made before any ballast
+        if pressure:
+            # The host's messages and requests arrive while the ballast holds
+            # the heap: the device meets the MemoryErrors. This task only
+            # waits meanwhile (on this port an await itself can fail then).
+            hold = [None] * BALLAST_BLOCKS
+            asyncio.create_task(_ballast(hold))
+            while not _state["released"]:
+                try:
+                    await asyncio.sleep_ms(5)
+                except (MemoryError, StopIteration):
+                    pass
+            hold = None
+        # Under pressure even calling a coroutine function can fail (nothing
+        # sent then: the driver retries a send that met a MemoryError itself).
+        sent = 0
+        while sent < scenario.PUBLISHES:
+            try:
+                await device.publish(scenario.TOPIC_DATA, payload)
+                sent += 1
+            except MemoryError:
+                _state["app_memory_errors"] += 1
+                await asyncio.sleep_ms(5)
+        sent = 0
+        while sent < scenario.REQUESTS:
+            try:
+                answer = await device.request(scenario.TOPIC_ECHO, payload, 5000)
+                sent += 1
+            except MemoryError:
+                _state["app_memory_errors"] += 1
+                await asyncio.sleep_ms(5)
+                continue
             if answer != payload:
                 raise AssertionError("wrong answer")
-        while len(got) < scenario.PUBLISHES or len(served) < scenario.REQUESTS:
+        while got[0] < scenario.PUBLISHES or got[1] < scenario.REQUESTS:
             await asyncio.sleep_ms(1)
-        stats = device.stats
-        errors = stats.get("memory_errors", 0)
-        if errors:
-            raise AssertionError("%d MemoryErrors survived" % errors)
+        while True:
+            try:
+                stats = device.stats
+                break
+            except MemoryError:
+                await asyncio.sleep_ms(5)
+        survived = stats.get("memory_errors", 0) + stats.get("out_of_memory", 0)
+        _state["survived"] = survived
+        if pressure:
+            if not survived:
+                raise AssertionError("the ballast never caused a MemoryError in the device")
+            await device.wait_up()  # its report goes out once up
+            while device._unreported:
+                await asyncio.sleep_ms(5)
+        elif survived:
+            raise AssertionError("%d MemoryErrors survived" % survived)
         _state["status"] = DONE
     except BaseException as exc:  # noqa: BLE001
         _fail("app", exc)
 
 
 def _fail(where, exc):
+    if exc is not None and _state["pressure"]:
+        sys.print_exception(exc)
     if _state["status"] == RUNNING:
         _state["status"] = FAILED
-        _state["error"] = (where, exc)
+        _state["where"] = where
+        _state["exc"] = exc
 
 
 def step():
@@ -224,13 +305,24 @@ def report():
     figures["status"] = ("running", "done", "failed")[_state["status"]]
     if _measure:
         figures["session_peak_bytes"] = _state["peak"] - _state["base"]
-    error = _state["error"]
-    if error is not None:
-        where, exc = error
+    where = _state["where"]
+    if where is not None:
+        exc = _state["exc"]
         figures["error"] = where + ": " + (repr(exc) if exc is not None else "ended")
+    if _state["pressure"]:
+        figures["survived"] = _state["survived"]
+        figures["app_memory_errors"] = _state["app_memory_errors"]
     if _device is not None:
         stats = _device.stats
         figures["frames_out"] = stats["frames_out"]
         figures["retransmits"] = stats["retransmits"]
         figures["dropped"] = stats["dropped"]
+        if _state["status"] != DONE:
+            link = _device.link
+            figures["debug"] = "up=%s sessions=%s tasks=%d pending=%d out=%d rel=%s last=%s" % (
+                link.is_up, stats["sessions"], len(_device._tasks), len(_device._pending),
+                link.pending_output,
+                None if link._rel is None else (len(link._rel.unacked), len(link._rel.queue)),
+                stats["last_error"],
+            )
     print("HEAP " + json.dumps(figures))
