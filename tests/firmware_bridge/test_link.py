@@ -719,6 +719,43 @@ def test_link_rejects_malformed_hello(fields: object, message: str) -> None:
     _check_drop(up_pair(), wire(b"\x01" + cbor.encode(fields)), BadHello, message)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(0, 2**64 - 1), st.text(max_size=40), st.binary(max_size=4)),
+        max_size=34,
+    ),
+    st.binary(max_size=3),
+)
+def test_hello_reader_agrees_with_the_cbor_codec(items: list[object], tail: bytes) -> None:
+    """hello.py reads the common shape itself; whatever it accepts, the codec reads alike."""
+    from firmware_bridge.hello import _read_simple
+
+    for raw in (cbor.encode(items), cbor.encode(items) + tail):
+        got = _read_simple(raw)
+        if got is None:
+            continue  # handed to the codec
+        assert got == cbor.decode(raw, max_depth=1, max_items=32)
+        assert [type(x) for x in got] == [type(x) for x in items]
+
+
+def test_a_board_reads_hellos_without_the_cbor_codec() -> None:
+    code = (
+        "import sys\n"
+        "from firmware_bridge.link import Link\n"
+        "a = Link('host', 'node-a', 1); b = Link('device', 'pico-1', 2)\n"
+        "a.start(0); b.start(0)\n"
+        "for _ in range(3):\n"
+        "    b.receive_bytes(a.bytes_to_send(), 0); a.receive_bytes(b.bytes_to_send(), 0)\n"
+        "assert a.is_up and b.is_up\n"
+        "print('firmware_bridge.cbor' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "False"
+
+
 def test_hello_with_extra_fields_is_accepted() -> None:
     hello = Hello.decode(cbor.encode([*_hello_fields(), "later", 5]))
     assert hello.id == "pico-1" and hello.echo_epoch == HOST_EPOCH
