@@ -71,7 +71,7 @@ class Auth:
 
     def tag(self, sender: int, receiver: int, body: "bytes | bytearray") -> bytes:
         """The tag that ends ``body`` sent from epoch ``sender`` to ``receiver``."""
-        return self._mac.digest(struct.pack(">II", sender, receiver) + body)[:TAG_BYTES]
+        return self._mac.digest(struct.pack(">II", sender, receiver), body)[:TAG_BYTES]
 
     def open(self, body: bytes, pos: int, name: str) -> "tuple[int, bytes]":
         """Split an authenticated body at ``pos`` into (counter, fields). Raises AuthFailure."""

@@ -215,13 +215,16 @@ class Link:
         "_last_rx_ms",
         "_last_tx_ms",
         "_out",
+        "_out_len",
         "_ping_interval_ms",
         "_ping_nonce",
         "_ping_sent_ms",
         "_rel",
+        "_rx",
         "_splitter",
         "_started",
         "_their_epoch",
+        "_tx",
         "epoch",
         "is_up",
         "keepalive_interval_ms",
@@ -306,8 +309,16 @@ class Link:
             from .reliable import Reliable  # only a board in reliable mode loads it
 
             self._rel = Reliable(window, send_queue, rto_ms)
-        self._splitter = cobs.FrameSplitter(cobs.max_encoded_len(max_frame + CRC_BYTES))
-        self._out = bytearray()
+        wire_frame = cobs.max_encoded_len(max_frame + CRC_BYTES)
+        self._splitter = cobs.FrameSplitter(wire_frame)
+        self._rx = bytearray(wire_frame)  # a frame decoded: at most as long as on the wire
+        # Fixed buffers, allocated once: a frame's body as it is built, and
+        # the bytes waiting for the line (with room for one more frame past
+        # the limit, so that a frame is encoded in place before it is known
+        # to fit).
+        self._tx = bytearray(max_frame + CRC_BYTES)
+        self._out = bytearray(max_output_bytes + wire_max)
+        self._out_len = 0
         self.stats = LinkStats()
         self._started = False
         self.is_up = False
@@ -353,7 +364,7 @@ class Link:
             raise LinkUsageError("receive_bytes before start()")
         events = []
         self.stats.bytes_in += len(data)
-        for item in self._splitter.feed(data):
+        for item in self._splitter.frames(data):
             if isinstance(item, FrameError):
                 self._drop(item, events)
                 continue
@@ -446,12 +457,12 @@ class Link:
     def bytes_to_send(self, max_bytes: "int | None" = None) -> bytes:
         """Take up to ``max_bytes`` (all if None) of the bytes waiting for the line."""
         out = self._out
-        if max_bytes is None or max_bytes >= len(out):
-            data = bytes(out)
-            out[:] = b""
-        else:
-            data = bytes(out[:max_bytes])
-            out[:max_bytes] = b""
+        n = self._out_len
+        k = n if max_bytes is None or max_bytes >= n else max_bytes
+        data = bytes(memoryview(out)[:k])
+        if k < n:
+            out[0 : n - k] = out[k:n]
+        self._out_len = n - k
         return data
 
     def forget_partial(self) -> None:
@@ -461,7 +472,7 @@ class Link:
     @property
     def pending_output(self) -> int:
         """Bytes waiting in ``bytes_to_send``."""
-        return len(self._out)
+        return self._out_len
 
     def send_data(self, topic: str, payload: bytes, now_ms: int) -> None:
         """Send a one-way message on ``topic``.
@@ -532,9 +543,10 @@ class Link:
             )
         rel = self._rel
         if not self.reliable:
-            if len(self._out) + cobs.max_encoded_len(size + CRC_BYTES) + 1 > self.max_output_bytes:
+            waiting = self._out_len
+            if waiting + cobs.max_encoded_len(size + CRC_BYTES) + 1 > self.max_output_bytes:
                 raise SendQueueFull(
-                    f"cannot send {name}: {len(self._out)} bytes already wait for the line "
+                    f"cannot send {name}: {waiting} bytes already wait for the line "
                     f"(limit {self.max_output_bytes})"
                 )
             self._emit(ftype, fields, now_ms)
@@ -578,35 +590,51 @@ class Link:
         lead: bool = False,
         receiver: "int | None" = None,
     ) -> None:
-        """Frame ``fields`` as a ``ftype`` frame and queue it for the line."""
-        body = bytearray(1)
+        """Frame ``fields`` as a ``ftype`` frame and queue it for the line.
+
+        Built in the link's own buffers: the frame is never copied whole.
+        """
+        tx = self._tx
+        body = memoryview(tx)
         header = ftype
+        n = 1
         if seq is not None:
             header |= FLAG_RELIABLE
-            body.append(seq)
+            tx[1] = seq
+            n = 2
         auth = self._auth
         if auth is not None:
             header |= FLAG_AUTH
-            body += auth.next_counter()
-        body[0] = header
-        body += fields
+            body[n : n + COUNTER_BYTES] = auth.next_counter()
+            n += COUNTER_BYTES
+        tx[0] = header
+        end = n + len(fields)
+        body[n:end] = fields
+        n = end
         if auth is not None:
-            body += auth.tag(self.epoch, self._their_epoch if receiver is None else receiver, body)
-        body += struct.pack("<I", crc32(body) & U32_MAX)
-        wire = cobs.encode(body)
-        extra = 2 if lead else 1
+            receiver = self._their_epoch if receiver is None else receiver
+            body[n : n + TAG_BYTES] = auth.tag(self.epoch, receiver, body[:n])
+            n += TAG_BYTES
+        struct.pack_into("<I", tx, n, crc32(body[:n]) & U32_MAX)
+        n += CRC_BYTES
         self._last_tx_ms = now_ms  # even when skipped, or a due ping would stay due
-        if len(self._out) + len(wire) + extra > self.max_output_bytes:
+        out = self._out
+        start = self._out_len
+        pos = start
+        if lead:
+            out[pos] = 0
+            pos += 1
+        pos = cobs.encode_into(body[:n], out, pos)
+        out[pos] = 0
+        pos += 1
+        if pos > self.max_output_bytes:
             # Only control frames and reliable frames get here: the owner is
             # not draining the output. Keepalive or retransmission recovers.
             self.stats.tx_skipped += 1
             return
-        if lead:
-            self._out += cobs.DELIMITER
-        self._out += wire
-        self._out += cobs.DELIMITER
+        self._out_len = pos
         self.stats.frames_out += 1
-        self.stats.bytes_out += len(wire) + extra
+        self.stats.bytes_out += pos - start
 
     # --- receiving ---------------------------------------------------------
 
@@ -615,9 +643,11 @@ class Link:
         drops[error.reason] = drops.get(error.reason, 0) + 1
         events.append(Dropped(error))
 
-    def _receive_frame(self, encoded: bytes, now_ms: int, events: list) -> None:
-        raw = cobs.decode(encoded)
-        n = len(raw)
+    def _receive_frame(self, encoded: memoryview, now_ms: int, events: list) -> None:
+        # Decoded into the link's own buffer: no copy of the frame is made,
+        # only of what an event carries (its topic and payload).
+        n = cobs.decode_into(encoded, self._rx)
+        raw = memoryview(self._rx)[:n]
         if n < 1 + CRC_BYTES:
             shown = ": " + hex_preview(raw) if n else ""
             raise BadFrame(
@@ -720,21 +750,21 @@ class Link:
     def _parse_app(self, ftype: int, fields: bytes, name: str) -> Received:
         if ftype == DATA:
             topic, pos = take_text(fields, 0, "topic", name)
-            return Received(KIND_DATA, topic, fields[pos:])
+            return Received(KIND_DATA, topic, bytes(fields[pos:]))
         if ftype == SEND_TO:
             if self.role != "host":
                 raise BadFrame("bad frame: send_to frame sent to a device")
             dest, pos = take_text(fields, 0, "destination", name)
             topic, pos = take_text(fields, pos, "topic", name)
-            return Received(KIND_SEND_TO, topic, fields[pos:], dest=dest)
+            return Received(KIND_SEND_TO, topic, bytes(fields[pos:]), dest=dest)
         if len(fields) < 3:
             raise BadFrame(f"bad frame: {name} frame of {len(fields)} bytes is too short")
         req_id = (fields[0] << 8) | fields[1]
         if ftype == REQUEST:
             topic, pos = take_text(fields, 2, "topic", name)
-            return Received(KIND_REQUEST, topic, fields[pos:], req_id=req_id)
+            return Received(KIND_REQUEST, topic, bytes(fields[pos:]), req_id=req_id)
         status = fields[2]
-        payload = fields[3:]
+        payload = bytes(fields[3:])
         error = None
         if status:
             try:
