@@ -18,10 +18,25 @@ moves bytes between it and a stream and turns its events into calls::
 
     asyncio.run(main())
 
-One task (``run``) reads the stream with a timeout that ends at the link's
-next deadline, feeds the link, runs its timers and writes what it queued.
-Sends from other tasks go straight to the link and are written under one
-lock, so one drain runs at a time. No threads, no polling.
+``run`` reads the stream and feeds the link; a second task it starts runs
+the link's timers when they are due. Both, and sends from other tasks,
+write what the link queued under one lock, so one drain runs at a time. No
+threads, no polling, no read abandoned to a timeout.
+
+The stream contract (docs/microcontrollers.md): ``await reader.read(n)``
+returns what has arrived, 1 to ``n`` bytes, waiting only while nothing has
+(``b""`` or an OSError ends ``run``); ``writer.write(data)`` queues and
+``await writer.drain()`` waits until the line took it. ``asyncio.StreamReader``
+over ``machine.UART`` keeps it; a blocking file does not (a read waits for
+``n`` bytes and freezes the loop): use :mod:`firmware_bridge.tty` for a
+Linux tty or pty.
+
+A MemoryError does not end ``run``: what was being read is lost (in
+reliable mode its sender resends it), the error is counted in
+``stats["memory_errors"]`` (frames lost inside the link in
+``stats["out_of_memory"]``), and once the session is up the count is
+published on MEMORY_TOPIC so that the node hears of it. A send that meets
+one waits and tries again.
 
 Requests from the network run their handler in a task of its own, as do
 coroutine callbacks; at most 4 such tasks run at once, and a request beyond
@@ -29,20 +44,17 @@ that is refused with status 3 (busy). A handler's exception, or a reply that
 is not bytes, is answered with status 2 and the error's text; a topic with no
 handler with status 1. The codes are the node's (docs/protocol.md, section 7).
 
-Memory. Every buffer is bounded: reads of at most 128 bytes and writes of at
-most 256; at most 4 of our requests pending and 4 tasks running; the link's
-output capped at 4 largest frames (1056 bytes at the default 256-byte
-``max_frame``), its receive buffer at one frame (262 bytes) and, in reliable
-mode, 4 frames in flight plus 4 queued. Measured on MicroPython 1.27 (the
-WebAssembly port, ``gc.mem_free()`` after ``gc.collect()``, defaults), the
-code is most of it: importing the link (with cobs, cbor, hmac_sha256) and
-this driver from source keeps 61 KB of heap and allocates 90 KB while
-compiling; from ``.mpy`` files made by ``mpy-cross`` it keeps 46 KB and
-allocates 61 KB. So ship ``.mpy`` files, or freeze the modules into the
-firmware, which keeps their code in flash. A Device then takes 1.6 KB when
-created and 2.5 KB with its session up; with traffic, about 5 KB while
-publishing and up to 11 KB once requests have run (tasks, events and
-buffers, with some garbage the collector had not yet freed).
+Memory. Every buffer is bounded, and the link's are allocated once, sized
+from ``max_frame``: a frame being built and one being read, the splitter's
+buffer (one frame on the wire: 262 bytes at the default 256-byte
+``max_frame``) and the output (4 largest frames: 1056 bytes); reads of at
+most 128 bytes and writes of at most 256; at most 4 of our requests pending
+and 4 tasks running; in reliable mode 4 frames in flight plus 4 queued. Per
+frame the link allocates only what an event carries (topic, payload) and the
+bytes handed to the stream. The code is most of the heap: ship ``.mpy``
+files (as mip installs them), or freeze the modules into the firmware, whose
+code stays in flash. The figures, measured in CI on a 32-bit MicroPython for
+each way of installing and each link mode, are in docs/microcontrollers.md.
 """
 
 import gc

@@ -31,6 +31,7 @@ from firmware_bridge import cobs, driver
 from firmware_bridge.driver import (
     MAX_PENDING_REQUESTS,
     MAX_TASKS,
+    MEMORY_TOPIC,
     STATUS_BUSY,
     STATUS_HANDLER_FAILED,
     STATUS_NO_HANDLER,
@@ -773,6 +774,85 @@ def test_reliable_mode_with_psk(kind: str) -> None:
             assert await r.device.request("echo", b"x" * 100) == b"x" * 100
             await until(lambda: len(r.host.received("data")) == 10, "ten data frames")
             assert [e.payload[0] for e in r.host.received("data")] == list(range(10))
+
+    run(body)
+
+
+class OutOfMemory:
+    """A stream end that fails as an allocation would: MemoryError from the next ``n`` calls."""
+
+    def __init__(self, inner: Any, method: str) -> None:
+        self.inner = inner
+        self.method = method
+        self.failures = 0
+
+    def fail(self, n: int) -> None:
+        self.failures = n
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def call(*args: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise MemoryError
+            return attr(*args)
+
+        return call
+
+
+def test_memory_error_in_the_loop_is_survived_counted_and_reported() -> None:
+    """Issue 12: a MemoryError never ends run(); it is counted and the host hears of it."""
+
+    async def body() -> None:
+        host_kw = {"reliable": True}
+        async with rig("memory", host_kw, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            reader = OutOfMemory(r.line.reader, "read")
+            r.device = Device(reader, r.line.writer, "pico-1", reliable=True, **TIMING)
+            r.task = asyncio.get_running_loop().create_task(r.device.run())
+            await r.up()
+            reader.fail(3)
+            r.host.link.send_data("news", b"one", _now())  # ends the read under way
+            r.host.flush()
+            got: list[bytes] = []
+            r.device.on_message("news", lambda topic, payload: got.append(payload))
+            await until(lambda: r.device.stats["memory_errors"] == 3, "three MemoryErrors")
+            r.host.link.send_data("news", b"two", _now())
+            r.host.flush()
+            await until(lambda: got == [b"one", b"two"], "a message after three MemoryErrors")
+            assert r.device.stats["memory_errors"] == 3
+            assert r.device.stats["last_error"] == "out of memory"
+            await until(
+                lambda: [e.payload for e in r.host.received("data") if e.topic == MEMORY_TOPIC],
+                "the report on " + MEMORY_TOPIC,
+            )
+            reports = [e.payload for e in r.host.received("data") if e.topic == MEMORY_TOPIC]
+            assert reports == [b"3"]
+            assert r.device.is_up and not r.task.done()
+
+    run(body)
+
+
+def test_memory_error_while_writing_keeps_the_message_and_sends_it_once() -> None:
+    async def body() -> None:
+        async with rig("memory", {"reliable": True}, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            writer = OutOfMemory(r.line.writer, "write")
+            r.device = Device(r.line.reader, writer, "pico-1", reliable=True, **TIMING)
+            r.task = asyncio.get_running_loop().create_task(r.device.run())
+            await r.up()
+            writer.fail(1)
+            await r.device.publish("seq", b"once")  # queued; the next flush writes it
+            await r.device.publish("seq", b"twice")
+            await until(lambda: len(r.host.received("data")) >= 2, "both messages")
+            payloads = [e.payload for e in r.host.received("data") if e.topic == "seq"]
+            assert payloads == [b"once", b"twice"]
+            assert r.device.stats["memory_errors"] >= 1
 
     run(body)
 

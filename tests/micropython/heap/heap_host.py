@@ -6,6 +6,8 @@ the scenario as room allows, and returns 1 once everything the device owes
 has arrived, 2 on a wrong message, else 0.
 """
 
+# ruff: noqa: I001  (local modules first, as the runtime finds them)
+
 import time
 
 from mailbox import Mailbox
@@ -20,14 +22,22 @@ _s = {}
 
 def setup(mode):
     opts = scenario.options(mode)
-    link = Link(
-        "host", "node-a", scenario.HOST_EPOCH, psk=opts["psk"], reliable=opts["reliable"]
-    )
+    link = Link("host", "node-a", scenario.HOST_EPOCH, psk=opts["psk"], reliable=opts["reliable"])
     box = Mailbox(2048)
     _s.update(
-        link=link, box=box, start=time.ticks_ms(), data=0, responses=0, sent_data=0,
-        sent_requests=0, up=False, error=None, payload=scenario.payload(), reports=0,
-        need_report="pressure" in mode, answers=[],
+        link=link,
+        box=box,
+        start=time.ticks_ms(),
+        data=0,
+        responses=0,
+        sent_data=0,
+        sent_requests=0,
+        up=False,
+        error=None,
+        payload=scenario.payload(),
+        reports=0,
+        need_report="pressure" in mode,
+        answers=[],
     )
     link.start(0)
     _flush()
@@ -55,9 +65,10 @@ def _bad(why):
 def state():
     """What the host has seen (printed when a session does not complete)."""
     link = _s["link"]
-    return "host: up=%s data=%d responses=%d reports=%d sent=%d/%d answers=%d room=%s" % (
-        link.is_up, _s["data"], _s["responses"], _s["reports"], _s["sent_data"],
-        _s["sent_requests"], len(_s["answers"]), link.room(),
+    return (
+        f"host: up={link.is_up} data={_s['data']} responses={_s['responses']} "
+        f"reports={_s['reports']} sent={_s['sent_data']}/{_s['sent_requests']} "
+        f"answers={len(_s['answers'])} room={link.room()}"
     )
 
 

@@ -76,7 +76,7 @@ class Mailbox:
         n = len(data)
         start = self.meta[_TX_LEN]
         if start + n > self.meta[4]:
-            raise OSError("mailbox full: %d + %d bytes" % (start, n))
+            raise OSError(f"mailbox full: {start} + {n} bytes")
         self.txv[start : start + n] = data
         self.meta[_TX_LEN] = start + n
 
