@@ -6,6 +6,7 @@ deadline) to the next.
 
 from __future__ import annotations
 
+import contextlib
 import hmac as std_hmac
 import random
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from binascii import crc32
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,24 @@ def inject(sim: Sim, side: str, data: bytes) -> list[object]:
     events = sim.links[side].receive_bytes(data, sim.now)
     sim.record(side, events)
     return events
+
+
+@contextlib.contextmanager
+def recording(sim: Sim, side: str) -> Iterator[list[bytes]]:
+    """Record what ``side`` puts on the line meanwhile (the line still carries it)."""
+    captured: list[bytes] = []
+    line = sim.lines[side]
+    put = line.put
+
+    def capture(data: bytes, now: int) -> None:
+        captured.append(data)
+        put(data, now)
+
+    line.put = capture  # type: ignore[method-assign]
+    try:
+        yield captured
+    finally:
+        line.put = put  # type: ignore[method-assign]
 
 
 def assert_still_works(sim: Sim) -> None:
@@ -1144,19 +1164,11 @@ def test_psk_replay_of_an_earlier_boot_is_dropped() -> None:
     # Record everything the device's first boot sends, reboot it, then replay
     # the recording to the host: nothing from it is accepted.
     sim = Sim(make_host(psk=PSK), make_device(psk=PSK))
-    captured: list[bytes] = []
-    put = sim.lines["device"].put
-
-    def capture(data: bytes, now: int) -> None:
-        captured.append(data)
-        put(data, now)
-
-    sim.lines["device"].put = capture  # type: ignore[method-assign]
-    sim.start()
-    sim.run(50)
-    sim.device.send_data("t", b"from the old boot", sim.now)
-    sim.run(50)
-    sim.lines["device"].put = put  # type: ignore[method-assign]
+    with recording(sim, "device") as captured:
+        sim.start()
+        sim.run(50)
+        sim.device.send_data("t", b"from the old boot", sim.now)
+        sim.run(50)
     sim.replace("device", make_device(epoch=0x3333_3333, psk=PSK))
     sim.run(50)
     assert sim.host.is_up and sim.host.peer_hello.epoch == 0x3333_3333
@@ -1174,16 +1186,8 @@ def test_psk_old_hello_aged_out_of_the_remembered_epochs_cannot_bounce_the_sessi
     # five times (more than the four epochs whose counters are remembered),
     # then replay that hello (epoch of the first boot, echo 0, counter 1).
     sim = Sim(make_host(psk=PSK), make_device(epoch=0x3000_0000, psk=PSK))
-    captured: list[bytes] = []
-    put = sim.lines["device"].put
-
-    def capture(data: bytes, now: int) -> None:
-        captured.append(data)
-        put(data, now)
-
-    sim.lines["device"].put = capture  # type: ignore[method-assign]
-    sim.start()
-    sim.lines["device"].put = put  # type: ignore[method-assign]
+    with recording(sim, "device") as captured:
+        sim.start()
     old_hello = frames_of(b"".join(captured))[0]
     assert body_of(old_hello)[0] == HELLO | FLAG_AUTH
     sim.run(50)
