@@ -69,6 +69,7 @@ from . import cobs
 from .cobs import LinkError
 from .link import (
     CRC_BYTES,
+    MEMORY_TOPIC,
     Link,
     LinkDown,
     LinkUsageError,
@@ -103,9 +104,6 @@ _SEND_QUEUE = const(4)
 _ERROR_CHARS = const(64)  # error texts are cut to fit the smallest frame
 _RECOVER_MS = const(20)  # pause after a MemoryError
 
-#: The device publishes here (payload: the count, as text) after it survived
-#: a MemoryError, so that the node hears of it.
-MEMORY_TOPIC = "$device/out_of_memory"
 
 # Response status codes, as in the node's protocol (docs/protocol.md, section 7).
 STATUS_OK = const(0)

@@ -71,6 +71,10 @@ MAX_PSK_BYTES = const(64)
 MAX_WINDOW = const(16)
 U32_MAX = const(0xFFFFFFFF)
 
+#: A device publishes here (payload: the count, as text) after it survived a
+#: MemoryError (firmware_bridge.driver), so that its node hears of it.
+MEMORY_TOPIC = "$device/out_of_memory"
+
 # Received.kind values.
 KIND_DATA = "data"
 KIND_REQUEST = "request"

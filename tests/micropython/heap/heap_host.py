@@ -13,9 +13,7 @@ import time
 from mailbox import Mailbox
 import scenario
 
-from firmware_bridge.link import Link, Received, SessionUp
-
-MEMORY_TOPIC = "$device/out_of_memory"  # firmware_bridge.driver.MEMORY_TOPIC
+from firmware_bridge.link import MEMORY_TOPIC, Link, Received, SessionUp
 
 _s = {}
 
