@@ -209,7 +209,10 @@ def table(results: dict[str, dict[str, dict[str, int]]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for form in FORMS:
-        for mode, row in results[form].items():
+        for mode in MODES:
+            row = results[form].get(mode)
+            if row is None:
+                continue
             lines.append(
                 f"| {form} | {mode} | {kb(row['import_bytes'])} KB | {kb(row['device_bytes'])} KB "
                 f"| {kb(row['session_peak_bytes'])} KB | {kb(row['smallest_heap_bytes'])} KB |"
