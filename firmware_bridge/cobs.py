@@ -14,6 +14,13 @@ and re-exports these.
 """
 
 try:
+    from typing import TYPE_CHECKING
+except ImportError:
+    TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+try:
     from micropython import const
 except ImportError:
 
@@ -107,6 +114,77 @@ def encode(data: "bytes | bytearray | memoryview") -> bytes:
     return bytes(out)
 
 
+def encode_into(data: "bytes | bytearray | memoryview", out: bytearray, pos: int) -> int:
+    """Write the COBS encoding of ``data`` into ``out`` at ``pos``; return the position after it.
+
+    The same bytes as :func:`encode`, with no allocation beyond the caller's
+    buffer, which must hold ``max_encoded_len(len(data))`` more bytes.
+    """
+    n = len(data)
+    code_at = pos
+    pos += 1
+    code = 1
+    for i in range(n):
+        byte = data[i]
+        if byte:
+            out[pos] = byte
+            pos += 1
+            code += 1
+            if code == 0xFF:
+                out[code_at] = 0xFF
+                if i + 1 == n:
+                    return pos  # canonical: no empty block after a full one
+                code_at = pos
+                pos += 1
+                code = 1
+        else:
+            out[code_at] = code
+            code_at = pos
+            pos += 1
+            code = 1
+    out[code_at] = code
+    return pos
+
+
+def decode_into(data: "bytes | bytearray | memoryview", out: bytearray) -> int:
+    """Decode one COBS frame (without its delimiter) into ``out``; return its length.
+
+    ``out`` must hold ``len(data)`` bytes. Raises :class:`BadCOBS` as
+    :func:`decode` does.
+    """
+    n = len(data)
+    if n == 0:
+        raise BadCOBS("bad cobs: empty frame")
+    pos = 0
+    length = 0
+    while pos < n:
+        code = data[pos]
+        if code == 0:
+            raise BadCOBS(f"bad cobs: 0x00 at offset {pos} inside a frame: {hex_preview(data)}")
+        stop = pos + code
+        if stop > n:
+            for i in range(pos + 1, n):
+                if data[i] == 0:
+                    raise BadCOBS(
+                        f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}"
+                    )
+            raise BadCOBS(
+                f"bad cobs: block at offset {pos} claims {code - 1} bytes, "
+                f"only {n - pos - 1} remain: {hex_preview(data)}"
+            )
+        for i in range(pos + 1, stop):
+            byte = data[i]
+            if byte == 0:
+                raise BadCOBS(f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}")
+            out[length] = byte
+            length += 1
+        pos = stop
+        if code != 0xFF and pos < n:
+            out[length] = 0
+            length += 1
+    return length
+
+
 def decode(data: "bytes | bytearray | memoryview") -> bytes:
     """Decode one COBS frame (without its delimiter) and return the original bytes.
 
@@ -149,63 +227,80 @@ class FrameSplitter:
     frame is never buffered past the limit: its bytes are counted and
     skipped up to the next delimiter. Empty frames (two delimiters in a
     row) are ignored: a sender may lead with a 0x00 to end any garbage.
+    ``frames()`` does the same one frame at a time without copying: the
+    splitter's one buffer, of ``max_frame_bytes``, is allocated once.
     """
 
-    __slots__ = ("_buf", "_head", "_skipped", "max_frame_bytes")
+    __slots__ = ("_buf", "_head", "_n", "_skipped", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int) -> None:
         if max_frame_bytes < 1:
             raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
-        self._buf = bytearray()
+        self._buf = bytearray(max_frame_bytes)
+        self._n = 0  # bytes of the current frame held in _buf
         self._skipped = -1  # bytes of the oversize frame skipped so far; -1 when not skipping
         self._head = b""  # the first bytes of the oversize frame, for its error message
 
     @property
     def buffered(self) -> int:
         """Bytes held of a frame not yet delimited."""
-        return len(self._buf)
+        return self._n
 
     def feed(self, data: "bytes | bytearray | memoryview") -> list:
         """Add ``data``; return the frames and :class:`FrameTooLarge` errors it completes."""
-        data = bytes(data)
-        n = len(data)
-        buf = self._buf
-        cap = self.max_frame_bytes
         items = []
+        for item in self.frames(data):
+            items.append(item if isinstance(item, FrameTooLarge) else bytes(item))
+        return items
+
+    def frames(self, data: "bytes | bytearray | memoryview") -> "Any":
+        """Add ``data``; yield each frame it completes, or a :class:`FrameTooLarge`.
+
+        A frame is a memoryview of the splitter's buffer, valid until the
+        next one is asked for.
+        """
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)  # for find()
+        n = len(data)
+        source = memoryview(data)
+        buf = self._buf
+        view = memoryview(buf)  # made per call: a memoryview cannot be pickled
+        cap = self.max_frame_bytes
         pos = 0
         while pos < n:
             zero = data.find(DELIMITER, pos)
             stop = n if zero < 0 else zero
             if self._skipped >= 0:
                 self._skipped += stop - pos
-            elif len(buf) + stop - pos > cap:
+            elif self._n + stop - pos > cap:
                 # At most the first 16 bytes of this frame, for the message.
-                head = bytes(buf[:_HEX_LIMIT])
+                head = bytes(buf[: min(self._n, _HEX_LIMIT)])
                 self._head = head + data[pos : min(stop, pos + _HEX_LIMIT - len(head))]
-                self._skipped = len(buf) + stop - pos
-                buf[:] = b""
+                self._skipped = self._n + stop - pos
+                self._n = 0
             else:
-                buf += data[pos:stop]
+                end = self._n + stop - pos
+                view[self._n : end] = source[pos:stop]
+                self._n = end
             if zero < 0:
                 break
+            pos = zero + 1
             if self._skipped >= 0:
-                items.append(
-                    FrameTooLarge(
-                        f"oversize frame: {self._skipped} bytes exceed the {cap}-byte limit: "
-                        f"{hex_preview(self._head)}"
-                    )
+                error = FrameTooLarge(
+                    f"oversize frame: {self._skipped} bytes exceed the {cap}-byte limit: "
+                    f"{hex_preview(self._head)}"
                 )
                 self._skipped = -1
                 self._head = b""
-            elif buf:
-                items.append(bytes(buf))
-                buf[:] = b""
-            pos = zero + 1
-        return items
+                yield error
+            elif self._n:
+                length = self._n
+                self._n = 0
+                yield view[:length]
 
     def reset(self) -> None:
         """Forget any partial frame (for example after the line was reopened)."""
-        self._buf[:] = b""
+        self._n = 0
         self._skipped = -1
         self._head = b""

@@ -18,10 +18,25 @@ moves bytes between it and a stream and turns its events into calls::
 
     asyncio.run(main())
 
-One task (``run``) reads the stream with a timeout that ends at the link's
-next deadline, feeds the link, runs its timers and writes what it queued.
-Sends from other tasks go straight to the link and are written under one
-lock, so one drain runs at a time. No threads, no polling.
+``run`` reads the stream and feeds the link; a second task it starts runs
+the link's timers when they are due. Both, and sends from other tasks,
+write what the link queued under one lock, so one drain runs at a time. No
+threads, no polling, no read abandoned to a timeout.
+
+The stream contract (docs/microcontrollers.md): ``await reader.read(n)``
+returns what has arrived, 1 to ``n`` bytes, waiting only while nothing has
+(``b""`` or an OSError ends ``run``); ``writer.write(data)`` queues and
+``await writer.drain()`` waits until the line took it. ``asyncio.StreamReader``
+over ``machine.UART`` keeps it; a blocking file does not (a read waits for
+``n`` bytes and freezes the loop): use :mod:`firmware_bridge.tty` for a
+Linux tty or pty.
+
+A MemoryError does not end ``run``: what was being read is lost (in
+reliable mode its sender resends it), the error is counted in
+``stats["memory_errors"]`` (frames lost inside the link in
+``stats["out_of_memory"]``), and once the session is up the count is
+published on MEMORY_TOPIC so that the node hears of it. A send that meets
+one waits and tries again.
 
 Requests from the network run their handler in a task of its own, as do
 coroutine callbacks; at most 4 such tasks run at once, and a request beyond
@@ -29,22 +44,20 @@ that is refused with status 3 (busy). A handler's exception, or a reply that
 is not bytes, is answered with status 2 and the error's text; a topic with no
 handler with status 1. The codes are the node's (docs/protocol.md, section 7).
 
-Memory. Every buffer is bounded: reads of at most 128 bytes and writes of at
-most 256; at most 4 of our requests pending and 4 tasks running; the link's
-output capped at 4 largest frames (1056 bytes at the default 256-byte
-``max_frame``), its receive buffer at one frame (262 bytes) and, in reliable
-mode, 4 frames in flight plus 4 queued. Measured on MicroPython 1.27 (the
-WebAssembly port, ``gc.mem_free()`` after ``gc.collect()``, defaults), the
-code is most of it: importing the link (with cobs, cbor, hmac_sha256) and
-this driver from source keeps 61 KB of heap and allocates 90 KB while
-compiling; from ``.mpy`` files made by ``mpy-cross`` it keeps 46 KB and
-allocates 61 KB. So ship ``.mpy`` files, or freeze the modules into the
-firmware, which keeps their code in flash. A Device then takes 1.6 KB when
-created and 2.5 KB with its session up; with traffic, about 5 KB while
-publishing and up to 11 KB once requests have run (tasks, events and
-buffers, with some garbage the collector had not yet freed).
+Memory. Every buffer is bounded, and the link's are allocated once, sized
+from ``max_frame``: a frame being built and one being read, the splitter's
+buffer (one frame on the wire: 262 bytes at the default 256-byte
+``max_frame``) and the output (4 largest frames: 1056 bytes); reads of at
+most 128 bytes and writes of at most 256; at most 4 of our requests pending
+and 4 tasks running; in reliable mode 4 frames in flight plus 4 queued. Per
+frame the link allocates only what an event carries (topic, payload) and the
+bytes handed to the stream. The code is most of the heap: ship ``.mpy``
+files (as mip installs them), or freeze the modules into the firmware, whose
+code stays in flash. The figures, measured in CI on a 32-bit MicroPython for
+each way of installing and each link mode, are in docs/microcontrollers.md.
 """
 
+import gc
 import time
 
 try:
@@ -56,6 +69,7 @@ from . import cobs
 from .cobs import LinkError
 from .link import (
     CRC_BYTES,
+    MEMORY_TOPIC,
     Link,
     LinkDown,
     LinkUsageError,
@@ -88,6 +102,8 @@ MAX_TASKS = const(4)  # handlers and async callbacks running at once
 _OUTPUT_FRAMES = const(4)
 _SEND_QUEUE = const(4)
 _ERROR_CHARS = const(64)  # error texts are cut to fit the smallest frame
+_RECOVER_MS = const(20)  # pause after a MemoryError
+
 
 # Response status codes, as in the node's protocol (docs/protocol.md, section 7).
 STATUS_OK = const(0)
@@ -108,6 +124,7 @@ _COUNTERS = (
     "refused_busy",  # requests and async callbacks beyond MAX_TASKS
     "callback_errors",
     "unhandled",  # data on a topic with no callback
+    "memory_errors",  # MemoryErrors survived by run()'s loop
 )
 
 
@@ -136,10 +153,16 @@ if hasattr(asyncio, "wait_for_ms"):  # MicroPython
     def _wait_ms(awaitable: "Any", timeout_ms: int) -> "Any":
         return asyncio.wait_for_ms(awaitable, timeout_ms)
 
+    def _sleep_ms(ms: int) -> "Any":
+        return asyncio.sleep_ms(ms)
+
 else:
 
     def _wait_ms(awaitable: "Any", timeout_ms: int) -> "Any":
         return asyncio.wait_for(awaitable, timeout_ms / 1000)
+
+    def _sleep_ms(ms: int) -> "Any":
+        return asyncio.sleep(ms / 1000)
 
 
 def default_clock() -> "Callable[[], int]":
@@ -208,8 +231,10 @@ class Device:
         "_room",
         "_running",
         "_sessions",
+        "_stream_failed",
         "_task",
         "_tasks",
+        "_unreported",
         "_writer",
         "link",
     )
@@ -260,6 +285,8 @@ class Device:
         self._ended = False
         self._closed = False
         self._last_error = None
+        self._unreported = False  # a survived MemoryError the host has not heard of
+        self._stream_failed = False
         self._counts = {}
         for name in _COUNTERS:
             self._counts[name] = 0
@@ -293,6 +320,7 @@ class Device:
             "bytes_out": s.bytes_out,
             "retransmits": s.retransmits,
             "tx_skipped": s.tx_skipped,
+            "out_of_memory": s.out_of_memory,
             "drops": dict(s.drops),
             "dropped": s.dropped,
             "sessions": self._sessions,
@@ -306,7 +334,10 @@ class Device:
     async def run(self) -> None:
         """Run the link until the stream ends (EOF or an OSError) or ``close()``.
 
-        Bad bytes never end it: the link drops and counts them. Call it once
+        Bad bytes never end it: the link drops and counts them. Nor does a
+        MemoryError: what was being read is lost (a reliable sender resends
+        it), the error is counted in ``stats["memory_errors"]`` and reported
+        to the host on MEMORY_TOPIC, and the link carries on. Call it once
         per Device. Raises :class:`LinkUsageError` if called again.
         """
         if self._task is not None or self._ended:
@@ -314,42 +345,113 @@ class Device:
         link = self.link
         self._task = asyncio.current_task()
         self._running = True
+        timers = None
         try:
             link.start(self._clock())
-            while not self._closed and await self._flush():
-                now = self._clock()
-                wait_ms = link.next_deadline_ms() - now
-                if wait_ms <= 0:
-                    self._handle(link.tick(now))
-                    self._room.set()
-                    continue
-                if link.reliable and wait_ms > link.rto_ms:
-                    # A send from another task may start a retransmission timer.
-                    wait_ms = link.rto_ms
+            # Timers in a task of their own, reads here: no read is ever
+            # abandoned to a timeout (which on MicroPython costs a task per
+            # read, and can lose the bytes an abandoned read takes).
+            timers = asyncio.create_task(self._run_timers())
+            while not self._closed:
                 try:
-                    data = await _wait_ms(self._reader.read(READ_CHUNK_BYTES), wait_ms)
-                except asyncio.TimeoutError:
-                    continue
-                except OSError as exc:  # a pty whose other end closed reads EIO
-                    self._last_error = "stream: " + _error_text(exc)
-                    break
-                if not data:
-                    break  # end of stream
-                self._handle(link.receive_bytes(data, self._clock()))
-                self._room.set()
+                    if not await self._read_once():
+                        break
+                except MemoryError:
+                    # Inline, as below: calling a coroutine function allocates.
+                    self._out_of_memory()
+                    try:
+                        await _sleep_ms(_RECOVER_MS)
+                    except MemoryError:
+                        pass
         except asyncio.CancelledError:
-            if not self._closed:
+            if not self._closed and not self._stream_failed:
                 raise
             uncancel = getattr(self._task, "uncancel", None)  # CPython 3.11+
             if uncancel is not None:
                 uncancel()
         finally:
+            if timers is not None:
+                timers.cancel()
             self._running = False
             self._ended = True
             self._task = None
             self._fail_pending("the device stopped")
             self._changed.set()
             self._room.set()
+
+    async def _read_once(self) -> bool:
+        """Write what waits, read once and feed the link; False once the stream has ended."""
+        if not await self._flush():
+            return False
+        try:
+            data = await self._reader.read(READ_CHUNK_BYTES)
+        except OSError as exc:  # a pty whose other end closed reads EIO
+            self._last_error = "stream: " + _error_text(exc)
+            return False
+        if not data:
+            return False  # end of stream
+        self._handle(self.link.receive_bytes(data, self._clock()))
+        self._room.set()
+        if self._unreported:
+            self._report_memory()
+        return True
+
+    async def _run_timers(self) -> None:
+        """Run the link's timers when due and write what they queue; reads are run()'s."""
+        link = self.link
+        while True:
+            try:
+                now = self._clock()
+                wait_ms = link.next_deadline_ms() - now
+                if wait_ms <= 0:
+                    self._handle(link.tick(now))
+                    self._room.set()
+                    if not await self._flush():
+                        self._stop_on_stream_failure()
+                        return
+                    continue
+                if link.reliable and wait_ms > link.rto_ms:
+                    # A send from another task may start a retransmission timer.
+                    wait_ms = link.rto_ms
+                await _sleep_ms(wait_ms)
+            except MemoryError:
+                self._out_of_memory()
+                try:
+                    await _sleep_ms(_RECOVER_MS)  # let other tasks finish and free theirs
+                except MemoryError:
+                    pass
+
+    def _stop_on_stream_failure(self) -> None:
+        task = self._task
+        if task is not None and not self._closed:
+            self._stream_failed = True
+            task.cancel()
+
+    def _out_of_memory(self) -> None:
+        """Carry on after a MemoryError in the loop: count it and free what can be.
+
+        It may not allocate: the heap is full. (On MicroPython sleep_ms,
+        which the callers await next, allocates nothing.)
+
+        What was being read is lost (a reliable sender resends it); the
+        session stays up, and the host hears of it on MEMORY_TOPIC.
+        """
+        self._counts["memory_errors"] += 1
+        self._unreported = True
+        self._last_error = "out of memory"
+        self.link.forget_partial()
+        gc.collect()
+
+    def _report_memory(self) -> None:
+        """Tell the host, once, how many MemoryErrors this device has survived (best effort)."""
+        if not self.link.is_up:
+            return
+        count = self._counts["memory_errors"] + self.link.stats.out_of_memory
+        try:
+            self.link.send_data(MEMORY_TOPIC, str(count).encode(), self._clock())
+        except (LinkError, MemoryError):
+            return  # no room now: the next step tries again
+        self._unreported = False
 
     def close(self) -> None:
         """Stop ``run()`` and fail pending requests; the streams stay open. Idempotent."""
@@ -369,8 +471,14 @@ class Device:
     async def _flush(self) -> bool:
         """Write what the link queued; return False if the stream failed."""
         if self.link.pending_output:
-            async with self._lock:
+            # acquire/release, not "async with": its __aexit__ is a coroutine,
+            # which cannot be made when the heap is full, and the lock would
+            # stay held for ever.
+            await self._lock.acquire()
+            try:
                 return await self._write_out()
+            finally:
+                self._lock.release()
         return True
 
     async def _write_out(self) -> bool:
@@ -388,16 +496,36 @@ class Device:
         while True:
             if self._closed or not self._running:
                 raise LinkDown("cannot send: the device is not running")
-            async with self._lock:
+            out_of_memory = False
+            await self._lock.acquire()  # not "async with": see _flush
+            try:
                 try:
                     method(*args, self._clock())
                 except SendQueueFull:
                     if not self.link.reliable:
                         raise
+                except MemoryError:
+                    # Nothing was queued (a reliable frame that was is kept
+                    # by the link, which then returns normally): try again.
+                    out_of_memory = True
                 else:
-                    if not await self._write_out():
-                        raise LinkDown("cannot send: the stream failed: " + str(self._last_error))
+                    try:
+                        if not await self._write_out():
+                            raise LinkDown(
+                                "cannot send: the stream failed: " + str(self._last_error)
+                            )
+                    except MemoryError:
+                        self._out_of_memory()  # queued: the next flush writes it
                     return
+            finally:
+                self._lock.release()
+            if out_of_memory:
+                self._out_of_memory()
+                try:
+                    await _sleep_ms(_RECOVER_MS)
+                except MemoryError:
+                    pass
+                continue
             # Reliable mode, window and queue full: wait for acks (or the end).
             self._room.clear()
             await self._room.wait()

@@ -33,10 +33,11 @@ class HmacSha256:
         self._ipad = bytes(b ^ 0x36 for b in key)
         self._opad = bytes(b ^ 0x5C for b in key)
 
-    def digest(self, msg: "bytes | bytearray | memoryview") -> bytes:
-        """Return HMAC-SHA256 of ``msg`` under this key."""
+    def digest(self, *parts: "bytes | bytearray | memoryview") -> bytes:
+        """Return HMAC-SHA256 of the message made of ``parts``, under this key."""
         inner = hashlib.sha256(self._ipad)
-        inner.update(bytes(msg))
+        for part in parts:
+            inner.update(part)  # a memoryview too: no copy
         outer = hashlib.sha256(self._opad)
         outer.update(inner.digest())
         return outer.digest()

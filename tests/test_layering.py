@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PURE = [
     *sorted((ROOT / "edgenode" / "proto").glob("*.py")),
     ROOT / "edgenode" / "registry.py",
+    ROOT / "edgenode" / "ips.py",
     ROOT / "edgenode" / "keepalive.py",
     ROOT / "edgenode" / "redial.py",
     ROOT / "edgenode" / "refusals.py",
@@ -26,8 +27,11 @@ PURE = [
         ROOT / "edgenode" / "uplink" / f"{name}.py"
         for name in ("config", "topics", "queue", "records")
     ),
-    # The board driver (driver.py) is the one firmware_bridge module allowed I/O.
-    *sorted(p for p in (ROOT / "firmware_bridge").glob("*.py") if p.name != "driver.py"),
+    # The board driver (driver.py) and a Linux tty as its stream (tty.py) are
+    # the firmware_bridge modules allowed I/O.
+    *sorted(
+        p for p in (ROOT / "firmware_bridge").glob("*.py") if p.name not in ("driver.py", "tty.py")
+    ),
 ]
 FORBIDDEN = {
     "anyio",

@@ -16,6 +16,7 @@ toggle), replying the new state.
 
 import asyncio
 import binascii
+import gc
 
 import machine
 
@@ -54,14 +55,29 @@ async def publish_forever(device: Device) -> None:
             await device.publish("rp2040/temp", f"{temperature_c():.1f}".encode())
         except LinkError as exc:  # the host went away meanwhile: wait for it again
             print("publish failed:", exc)
+        except MemoryError:  # nothing was sent: the next turn tries again
+            gc.collect()
         await asyncio.sleep_ms(PUBLISH_EVERY_MS)
 
 
 async def main() -> None:
+    # The recommended supervision: run() ends only when the UART fails
+    # (a MemoryError it survives by itself, counting it in device.stats and
+    # telling the node). Should it end, start a new Device (a new session)
+    # after a pause, rather than leave the board silent.
     uart = machine.UART(0, 115200, tx=machine.Pin(0), rx=machine.Pin(1), rxbuf=512)
-    device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), DEVICE_ID)
-    device.handle("rp2040/led", on_led)
-    await asyncio.gather(device.run(), publish_forever(device))
+    while True:
+        device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), DEVICE_ID)
+        device.handle("rp2040/led", on_led)
+        app = asyncio.create_task(publish_forever(device))
+        try:
+            await device.run()
+        except Exception as exc:  # not expected: the driver handles its own errors
+            print("device stopped:", exc)
+        app.cancel()
+        print("device stopped:", device.stats["last_error"], "- restarting")
+        gc.collect()
+        await asyncio.sleep_ms(1000)
 
 
 asyncio.run(main())

@@ -31,6 +31,7 @@ from firmware_bridge import cobs, driver
 from firmware_bridge.driver import (
     MAX_PENDING_REQUESTS,
     MAX_TASKS,
+    MEMORY_TOPIC,
     STATUS_BUSY,
     STATUS_HANDLER_FAILED,
     STATUS_NO_HANDLER,
@@ -48,8 +49,9 @@ from firmware_bridge.link import (
     SessionDown,
     SessionUp,
 )
+from firmware_bridge.tty import open_tty, set_raw
 
-KINDS = ("memory", "pty")
+KINDS = ("memory", "pty", "tty")
 TIMING = {"keepalive_interval_ms": 100, "keepalive_timeout_ms": 500}
 PSK = b"0123456789abcdef"
 TEST_BOUND_S = 10.0
@@ -134,6 +136,46 @@ class PtyLine:
         for transport in self._transports:
             transport.close()
         await asyncio.sleep(0)  # let the transports close their fds
+
+
+class TtyLine:
+    """A pty: the device opens the slave with firmware_bridge.tty, the host reads the master."""
+
+    def __init__(self) -> None:
+        self.on_host_bytes: Callable[[bytes], None] = lambda data: None
+        self.reader: Any = None
+        self.writer: Any = None
+        self.master = -1
+
+    async def open(self) -> TtyLine:
+        self.master, slave = os.openpty()
+        self.reader, self.writer = await open_tty(os.ttyname(slave), 115200)
+        os.close(slave)  # the device holds its own descriptor
+        os.set_blocking(self.master, False)
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+        return self
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 4096)
+        except OSError:
+            data = b""
+        if data:
+            self.on_host_bytes(data)
+
+    def host_write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def hang_up(self) -> None:
+        """Close the master: the device's slave then reads EIO, as when a cable is pulled."""
+        if self.master >= 0:
+            asyncio.get_running_loop().remove_reader(self.master)
+            os.close(self.master)
+            self.master = -1
+
+    async def aclose(self) -> None:
+        self.hang_up()
+        self.writer.close()
 
 
 # --- the host ------------------------------------------------------------------
@@ -246,7 +288,12 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(kind: str, host_kw: dict | None = None, **device_kw: Any) -> AsyncIterator[Rig]:
-    line = MemoryLine() if kind == "memory" else await PtyLine().open()
+    if kind == "memory":
+        line: Any = MemoryLine()
+    elif kind == "pty":
+        line = await PtyLine().open()
+    else:
+        line = await TtyLine().open()
     host = Host(line, **(host_kw or {}))
     r = Rig(line, host)
     r.start_device(**device_kw)
@@ -455,6 +502,53 @@ def test_closing_the_pty_ends_run() -> None:
                 await r.device.wait_up()
 
     run(body)
+
+
+def test_closing_the_tty_ends_run() -> None:
+    async def body() -> None:
+        async with rig("tty") as r:
+            r.line.hang_up()
+            await asyncio.wait_for(r.task, 2)
+            assert r.task.result() is None
+            assert r.device.stats["last_error"].startswith("stream: ")
+
+    run(body)
+
+
+def test_tty_read_returns_what_has_arrived() -> None:
+    """The stream contract: read(n) gives what is there, not n bytes."""
+
+    async def body() -> None:
+        master, slave = os.openpty()
+        reader, writer = await open_tty(os.ttyname(slave), 115200)
+        os.close(slave)
+        try:
+            os.write(master, b"abc")
+            assert await asyncio.wait_for(reader.read(128), 2) == b"abc"
+            pending = asyncio.ensure_future(reader.read(128))
+            await asyncio.sleep(0)
+            assert not pending.done()  # nothing there: it waits, without polling
+            os.write(master, b"\x00")
+            assert await asyncio.wait_for(pending, 2) == b"\x00"
+            writer.write(b"xyz")
+            await writer.drain()
+            assert os.read(master, 16) == b"xyz"
+        finally:
+            os.close(master)
+            writer.close()
+            writer.close()  # idempotent
+
+    run(body)
+
+
+def test_tty_rejects_a_baud_rate_a_tty_cannot_take() -> None:
+    master, slave = os.openpty()
+    try:
+        with pytest.raises(ValueError, match=r"^baud should be one of 9600, .*, got 12345$"):
+            set_raw(slave, 12345)
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_end_of_stream_ends_run() -> None:
@@ -688,6 +782,85 @@ def test_reliable_mode_with_psk(kind: str) -> None:
             assert await r.device.request("echo", b"x" * 100) == b"x" * 100
             await until(lambda: len(r.host.received("data")) == 10, "ten data frames")
             assert [e.payload[0] for e in r.host.received("data")] == list(range(10))
+
+    run(body)
+
+
+class OutOfMemory:
+    """A stream end that fails as an allocation would: MemoryError from the next ``n`` calls."""
+
+    def __init__(self, inner: Any, method: str) -> None:
+        self.inner = inner
+        self.method = method
+        self.failures = 0
+
+    def fail(self, n: int) -> None:
+        self.failures = n
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def call(*args: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise MemoryError
+            return attr(*args)
+
+        return call
+
+
+def test_memory_error_in_the_loop_is_survived_counted_and_reported() -> None:
+    """Issue 12: a MemoryError never ends run(); it is counted and the host hears of it."""
+
+    async def body() -> None:
+        host_kw = {"reliable": True}
+        async with rig("memory", host_kw, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            reader = OutOfMemory(r.line.reader, "read")
+            r.device = Device(reader, r.line.writer, "pico-1", reliable=True, **TIMING)
+            r.task = asyncio.get_running_loop().create_task(r.device.run())
+            await r.up()
+            reader.fail(3)
+            r.host.link.send_data("news", b"one", _now())  # ends the read under way
+            r.host.flush()
+            got: list[bytes] = []
+            r.device.on_message("news", lambda topic, payload: got.append(payload))
+            await until(lambda: r.device.stats["memory_errors"] == 3, "three MemoryErrors")
+            r.host.link.send_data("news", b"two", _now())
+            r.host.flush()
+            await until(lambda: got == [b"one", b"two"], "a message after three MemoryErrors")
+            assert r.device.stats["memory_errors"] == 3
+            assert r.device.stats["last_error"] == "out of memory"
+            await until(
+                lambda: [e.payload for e in r.host.received("data") if e.topic == MEMORY_TOPIC],
+                "the report on " + MEMORY_TOPIC,
+            )
+            reports = [e.payload for e in r.host.received("data") if e.topic == MEMORY_TOPIC]
+            assert reports == [b"3"]
+            assert r.device.is_up and not r.task.done()
+
+    run(body)
+
+
+def test_memory_error_while_writing_keeps_the_message_and_sends_it_once() -> None:
+    async def body() -> None:
+        async with rig("memory", {"reliable": True}, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            writer = OutOfMemory(r.line.writer, "write")
+            r.device = Device(r.line.reader, writer, "pico-1", reliable=True, **TIMING)
+            r.task = asyncio.get_running_loop().create_task(r.device.run())
+            await r.up()
+            writer.fail(1)
+            await r.device.publish("seq", b"once")  # queued; the next flush writes it
+            await r.device.publish("seq", b"twice")
+            await until(lambda: len(r.host.received("data")) >= 2, "both messages")
+            payloads = [e.payload for e in r.host.received("data") if e.topic == "seq"]
+            assert payloads == [b"once", b"twice"]
+            assert r.device.stats["memory_errors"] >= 1
 
     run(body)
 

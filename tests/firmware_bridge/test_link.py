@@ -6,14 +6,17 @@ deadline) to the next.
 
 from __future__ import annotations
 
+import contextlib
 import hmac as std_hmac
 import random
 import re
 import shutil
 import struct
 import subprocess
+import sys
 from binascii import crc32
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -250,6 +253,24 @@ def inject(sim: Sim, side: str, data: bytes) -> list[object]:
     events = sim.links[side].receive_bytes(data, sim.now)
     sim.record(side, events)
     return events
+
+
+@contextlib.contextmanager
+def recording(sim: Sim, side: str) -> Iterator[list[bytes]]:
+    """Record what ``side`` puts on the line meanwhile (the line still carries it)."""
+    captured: list[bytes] = []
+    line = sim.lines[side]
+    put = line.put
+
+    def capture(data: bytes, now: int) -> None:
+        captured.append(data)
+        put(data, now)
+
+    line.put = capture  # type: ignore[method-assign]
+    try:
+        yield captured
+    finally:
+        line.put = put  # type: ignore[method-assign]
 
 
 def assert_still_works(sim: Sim) -> None:
@@ -718,6 +739,43 @@ def test_link_rejects_malformed_hello(fields: object, message: str) -> None:
     _check_drop(up_pair(), wire(b"\x01" + cbor.encode(fields)), BadHello, message)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(0, 2**64 - 1), st.text(max_size=40), st.binary(max_size=4)),
+        max_size=34,
+    ),
+    st.binary(max_size=3),
+)
+def test_hello_reader_agrees_with_the_cbor_codec(items: list[object], tail: bytes) -> None:
+    """hello.py reads the common shape itself; whatever it accepts, the codec reads alike."""
+    from firmware_bridge.hello import _read_simple
+
+    for raw in (cbor.encode(items), cbor.encode(items) + tail):
+        got = _read_simple(raw)
+        if got is None:
+            continue  # handed to the codec
+        assert got == cbor.decode(raw, max_depth=1, max_items=32)
+        assert [type(x) for x in got] == [type(x) for x in items]
+
+
+def test_a_board_reads_hellos_without_the_cbor_codec() -> None:
+    code = (
+        "import sys\n"
+        "from firmware_bridge.link import Link\n"
+        "a = Link('host', 'node-a', 1); b = Link('device', 'pico-1', 2)\n"
+        "a.start(0); b.start(0)\n"
+        "for _ in range(3):\n"
+        "    b.receive_bytes(a.bytes_to_send(), 0); a.receive_bytes(b.bytes_to_send(), 0)\n"
+        "assert a.is_up and b.is_up\n"
+        "print('firmware_bridge.cbor' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "False"
+
+
 def test_hello_with_extra_fields_is_accepted() -> None:
     hello = Hello.decode(cbor.encode([*_hello_fields(), "later", 5]))
     assert hello.id == "pico-1" and hello.echo_epoch == HOST_EPOCH
@@ -824,7 +882,7 @@ def _noisy_run(seed: int, reliable: bool, count: int, rate: float) -> tuple[Sim,
     sim.start()
     sent = 0
     for _ in range(20_000):
-        if sent == count and not sim.device._unacked and not sim.device._queue:
+        if sent == count and (sim.device._rel is None or not sim.device._rel.lost()):
             break
         if sent < count and sim.device.is_up:
             try:
@@ -897,10 +955,10 @@ def test_reliable_window_then_queue_then_refusal() -> None:
     ):
         sim.device.send_data("t", b"x", sim.now)
     # Put the four back on the line (bytes_to_send drained them above).
-    sim.device._rto_deadline_ms = sim.now
+    sim.device._rel.rto_deadline_ms = sim.now
     sim.run(200)
     assert [m.payload for m in sim.received("host")] == [bytes([i]) for i in range(12)]
-    assert sim.device._unacked == [] and sim.device._queue == []
+    assert sim.device._rel.unacked == [] and sim.device._rel.queue == []
 
 
 def test_reliable_acks_are_cumulative_and_coalesced() -> None:
@@ -925,7 +983,7 @@ def test_reliable_lost_ack_means_retransmission_and_a_dropped_duplicate() -> Non
     (dup,) = sim.drops("host")
     assert type(dup.error) is Duplicate
     assert dup.message == "duplicate data frame: seq 0, expecting 1"
-    assert sim.device._unacked == []
+    assert sim.device._rel.unacked == []
 
 
 def test_reliable_gap_is_dropped_and_resent_in_order() -> None:
@@ -1026,7 +1084,7 @@ def test_psk_tag_covers_both_epochs_and_the_body() -> None:
     assert tag == expected
     counter = int.from_bytes(signed[1:5], "big")
     assert signed[5:] == b"\x01tx"
-    assert counter == sim.device._tx_counter
+    assert counter == sim.device._auth.tx_counter
 
 
 def test_wrong_key_never_comes_up_and_counts_auth_failures() -> None:
@@ -1078,7 +1136,7 @@ def test_psk_replayed_frame_is_dropped() -> None:
     sim.device.send_data("t", b"pay me once", sim.now)
     frame = sim.device.bytes_to_send()
     assert inject(sim, "host", frame) == [Received("data", "t", b"pay me once")]
-    counter = sim.device._tx_counter
+    counter = sim.device._auth.tx_counter
     events = inject(sim, "host", frame)
     assert [(type(e.error), e.message) for e in events] == [  # type: ignore[attr-defined]
         (
@@ -1106,19 +1164,11 @@ def test_psk_replay_of_an_earlier_boot_is_dropped() -> None:
     # Record everything the device's first boot sends, reboot it, then replay
     # the recording to the host: nothing from it is accepted.
     sim = Sim(make_host(psk=PSK), make_device(psk=PSK))
-    captured: list[bytes] = []
-    put = sim.lines["device"].put
-
-    def capture(data: bytes, now: int) -> None:
-        captured.append(data)
-        put(data, now)
-
-    sim.lines["device"].put = capture  # type: ignore[method-assign]
-    sim.start()
-    sim.run(50)
-    sim.device.send_data("t", b"from the old boot", sim.now)
-    sim.run(50)
-    sim.lines["device"].put = put  # type: ignore[method-assign]
+    with recording(sim, "device") as captured:
+        sim.start()
+        sim.run(50)
+        sim.device.send_data("t", b"from the old boot", sim.now)
+        sim.run(50)
     sim.replace("device", make_device(epoch=0x3333_3333, psk=PSK))
     sim.run(50)
     assert sim.host.is_up and sim.host.peer_hello.epoch == 0x3333_3333
@@ -1131,9 +1181,50 @@ def test_psk_replay_of_an_earlier_boot_is_dropped() -> None:
     assert_still_works(sim)
 
 
+def test_psk_old_hello_aged_out_of_the_remembered_epochs_cannot_bounce_the_session() -> None:
+    # Issue 15: record the first hello of a device boot, reboot the device
+    # five times (more than the four epochs whose counters are remembered),
+    # then replay that hello (epoch of the first boot, echo 0, counter 1).
+    sim = Sim(make_host(psk=PSK), make_device(epoch=0x3000_0000, psk=PSK))
+    with recording(sim, "device") as captured:
+        sim.start()
+    old_hello = frames_of(b"".join(captured))[0]
+    assert body_of(old_hello)[0] == HELLO | FLAG_AUTH
+    sim.run(50)
+    for boot in range(1, 6):
+        sim.replace("device", make_device(epoch=0x3000_0000 + boot, psk=PSK))
+        sim.run(100)
+        assert sim.host.is_up and sim.host.peer_hello.epoch == 0x3000_0000 + boot
+    downs = len(sim.of("host", SessionDown))
+    inject(sim, "host", old_hello)
+    sim.run(100)  # the host challenges the old epoch; the live device keeps its session
+    assert len(sim.of("host", SessionDown)) == downs
+    assert not sim.of("device", SessionDown)[5:]
+    assert sim.host.peer_hello.epoch == 0x3000_0005
+    assert_still_works(sim)
+
+
+def test_psk_device_restart_still_resynchronises() -> None:
+    sim = up_pair(psk=PSK)
+    sim.replace("device", make_device(epoch=0x4444_4444, psk=PSK))
+    sim.run(4 * LATENCY_MS)  # two round trips: a challenge, then the proof
+    assert sim.host.is_up and sim.host.peer_hello.epoch == 0x4444_4444
+    assert [e.reason for _, e in sim.of("host", SessionDown)] == ["peer restart"]  # type: ignore[attr-defined]
+    assert_still_works(sim)
+
+
+def test_psk_host_restart_still_resynchronises() -> None:
+    sim = up_pair(psk=PSK)
+    sim.replace("host", make_host(epoch=0x5555_5555, psk=PSK))
+    sim.run(4 * LATENCY_MS)
+    assert sim.device.is_up and sim.device.peer_hello.epoch == 0x5555_5555
+    assert sim.host.is_up
+    assert_still_works(sim)
+
+
 def test_psk_counter_exhaustion_refuses_to_send() -> None:
     sim = up_pair(psk=PSK)
-    sim.device._tx_counter = 2**32 - 1
+    sim.device._auth.tx_counter = 2**32 - 1
     with pytest.raises(LinkUsageError, match=r"^auth counter exhausted after 2\*\*32-1 frames"):
         sim.device.send_data("t", b"", sim.now)
 
@@ -1419,8 +1510,13 @@ def test_module_compiles_with_mpy_cross(module: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "allowed"),
     [
-        ("cobs.py", {"micropython"}),
+        ("cobs.py", {"micropython", "typing"}),
         ("hmac_sha256.py", {"hashlib", "micropython"}),
+        ("frame.py", {"struct", "micropython", ""}),
+        ("events.py", {"typing", ""}),
+        ("hello.py", {""}),
+        ("auth.py", {"struct", "micropython", ""}),
+        ("reliable.py", {""}),
         ("link.py", {"struct", "binascii", "micropython", ""}),
     ],
 )
@@ -1529,3 +1625,23 @@ def test_liveness_reports_each_direction() -> None:
     assert (arriving, answered, heard_ms) == (True, True, 299)
     # Past the timeout both directions are dead, and the session ends.
     assert host.liveness(460) == (False, False, 460)
+
+
+def test_optional_parts_load_only_when_configured() -> None:
+    """A board with no key and no reliable mode never loads auth.py or reliable.py."""
+    code = (
+        "import sys\n"
+        "from firmware_bridge.link import Link\n"
+        "Link('device', 'pico-1', 1)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('firmware_bridge'))\n"
+        "print(' '.join(loaded))\n"
+        "Link('device', 'pico-1', 1, psk=bytes(16), reliable=True)\n"
+        "print(' '.join(m for m in ('firmware_bridge.auth', 'firmware_bridge.reliable') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert "firmware_bridge.auth" not in out[0].split()
+    assert "firmware_bridge.reliable" not in out[0].split()
+    assert out[1] == "firmware_bridge.auth firmware_bridge.reliable"

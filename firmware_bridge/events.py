@@ -1,0 +1,140 @@
+"""What a link hands its owner: session changes, messages, drops, and its counters.
+
+Runs unchanged on CPython 3.9+ and MicroPython.
+"""
+
+from .frame import FrameError
+
+try:
+    from typing import TYPE_CHECKING
+except ImportError:
+    TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .hello import Hello
+
+
+class Record:
+    """Equality and repr over the names in ``_fields``."""
+
+    __slots__ = ()
+    _fields = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return False
+        for name in self._fields:
+            if getattr(self, name) != getattr(other, name):
+                return False
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={getattr(self, name)!r}" for name in self._fields]
+        return "{}({})".format(type(self).__name__, ", ".join(parts))
+
+
+class SessionUp(Record):
+    """The session is up: the peer's hello echoed our epoch."""
+
+    __slots__ = ("peer_hello",)
+    _fields = ("peer_hello",)
+
+    def __init__(self, peer_hello: "Hello") -> None:
+        self.peer_hello = peer_hello
+
+
+class SessionDown(Record):
+    """The session went down; ``lost`` reliable messages were never acknowledged."""
+
+    __slots__ = ("lost", "reason")
+    _fields = ("reason", "lost")
+
+    def __init__(self, reason: str, lost: int = 0) -> None:
+        self.reason = reason
+        self.lost = lost
+
+
+class Received(Record):
+    """A message from the peer. ``kind`` says which fields apply; the rest are None.
+
+    data: topic, payload. request: req_id, topic, payload. response: req_id,
+    status, payload (and, when status is not 0, ``error``: the payload as
+    text). send_to: dest, topic, payload.
+    """
+
+    __slots__ = ("dest", "error", "kind", "payload", "req_id", "status", "topic")
+    _fields = ("kind", "topic", "payload", "req_id", "status", "error", "dest")
+
+    def __init__(
+        self,
+        kind: str,
+        topic: "str | None" = None,
+        payload: bytes = b"",
+        req_id: "int | None" = None,
+        status: "int | None" = None,
+        error: "str | None" = None,
+        dest: "str | None" = None,
+    ) -> None:
+        self.kind = kind
+        self.topic = topic
+        self.payload = payload
+        self.req_id = req_id
+        self.status = status
+        self.error = error
+        self.dest = dest
+
+
+class Dropped(Record):
+    """A frame from the line was dropped; ``error`` says why (log it)."""
+
+    __slots__ = ("error", "reason")
+    _fields = ("reason", "message")
+
+    def __init__(self, error: FrameError) -> None:
+        self.error = error
+        self.reason = error.reason
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
+
+
+class LinkStats:
+    """Counters: frames and bytes each way, drops by reason, retransmissions."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "drops",
+        "frames_in",
+        "frames_out",
+        "out_of_memory",
+        "retransmits",
+        "tx_skipped",
+    )
+
+    def __init__(self) -> None:
+        self.frames_in = 0  # valid frames accepted
+        self.frames_out = 0
+        self.bytes_in = 0  # every byte fed to receive_bytes
+        self.bytes_out = 0  # every byte queued for the line
+        self.retransmits = 0
+        self.out_of_memory = 0  # frames lost to a MemoryError while being read
+        self.tx_skipped = 0  # control frames not queued because the output was full
+        self.drops = {}  # reason -> count
+
+    @property
+    def dropped(self) -> int:
+        """Total frames dropped, all reasons."""
+        return sum(self.drops.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"LinkStats(frames_in={self.frames_in}, frames_out={self.frames_out}, "
+            f"bytes_in={self.bytes_in}, bytes_out={self.bytes_out}, "
+            f"retransmits={self.retransmits}, tx_skipped={self.tx_skipped}, "
+            f"out_of_memory={self.out_of_memory}, "
+            f"drops={self.drops!r})"
+        )

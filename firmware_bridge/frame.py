@@ -1,0 +1,213 @@
+"""The link's frames: types, header flags, limits, errors, and the fields of each type.
+
+The lowest layer of the UART link above COBS (docs/serial-protocol.md,
+sections 2, 3 and 8): what a frame's header and fields hold, the errors a
+bad frame is dropped for, and the codecs of the application frames' fields.
+:mod:`firmware_bridge.link` builds on it; everything here is re-exported
+there.
+
+Runs unchanged on CPython 3.9+ and MicroPython.
+"""
+
+import struct
+
+from .cobs import FrameError, LinkError, hex_preview
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):  # type: ignore[no-redef]
+        return x
+
+
+PROTOCOL_VERSION = const(1)
+
+# Frame types (low 4 bits of the header byte).
+HELLO = const(1)
+PING = const(2)
+PONG = const(3)
+DATA = const(4)
+REQUEST = const(5)
+RESPONSE = const(6)
+SEND_TO = const(7)
+ACK = const(8)
+TYPE_NAMES = {
+    HELLO: "hello",
+    PING: "ping",
+    PONG: "pong",
+    DATA: "data",
+    REQUEST: "request",
+    RESPONSE: "response",
+    SEND_TO: "send_to",
+    ACK: "ack",
+}
+APP_TYPES = (DATA, REQUEST, RESPONSE, SEND_TO)
+
+# Header flags (high 4 bits of the header byte).
+FLAG_RELIABLE = const(0x10)
+FLAG_AUTH = const(0x20)
+FLAGS_RESERVED = const(0xC0)
+
+# Bits of the hello's flags field.
+HELLO_RELIABLE = const(1)
+HELLO_AUTH = const(2)
+HELLO_UP = const(4)  # the sender considers the session up
+
+CRC_BYTES = const(4)
+COUNTER_BYTES = const(4)
+TAG_BYTES = const(16)
+AUTH_BYTES = const(20)  # COUNTER_BYTES + TAG_BYTES
+
+#: Limits on ``max_frame`` (the largest frame body, CRC excluded). The floor
+#: leaves room for the largest hello.
+MIN_FRAME_BYTES = const(128)
+MAX_FRAME_BYTES = const(4096)
+MAX_ID_BYTES = const(64)
+MAX_TOPIC_BYTES = const(255)
+MAX_DEST_BYTES = const(255)
+MIN_PSK_BYTES = const(16)
+MAX_PSK_BYTES = const(64)
+MAX_WINDOW = const(16)
+U32_MAX = const(0xFFFFFFFF)
+
+#: A device publishes here (payload: the count, as text) after it survived a
+#: MemoryError (firmware_bridge.driver), so that its node hears of it.
+MEMORY_TOPIC = "$device/out_of_memory"
+
+# Received.kind values.
+KIND_DATA = "data"
+KIND_REQUEST = "request"
+KIND_RESPONSE = "response"
+KIND_SEND_TO = "send_to"
+
+# SessionDown.reason values.
+DOWN_TIMEOUT = "keepalive timeout"
+DOWN_PEER_RESTART = "peer restart"
+DOWN_PEER_RESET = "peer lost the session"
+
+ROLES = ("host", "device")
+
+
+# --- errors ----------------------------------------------------------------
+# LinkError, FrameError, BadCOBS and FrameTooLarge live in cobs.py, the
+# lowest module; link.py re-exports them with these.
+
+
+class BadCRC(FrameError):
+    """A frame's CRC-32 does not match its body."""
+
+    reason = "bad crc"
+
+
+class BadFrame(FrameError):
+    """A frame's header or fields are malformed or not allowed here."""
+
+    reason = "bad frame"
+
+
+class UnknownType(FrameError):
+    """A frame's type is not one this protocol version defines."""
+
+    reason = "unknown type"
+
+
+class BadHello(FrameError):
+    """A hello's CBOR or fields are malformed, or its protocol version is unsupported."""
+
+    reason = "bad hello"
+
+
+class NotUp(FrameError):
+    """A frame other than a hello arrived while the session is down."""
+
+    reason = "not up"
+
+
+class AuthFailure(FrameError):
+    """A frame's authentication is missing, unexpected or wrong."""
+
+    reason = "auth failure"
+
+
+class Replay(AuthFailure):
+    """An authenticated frame's counter is not above the last one accepted."""
+
+    reason = "replay"
+
+
+class Duplicate(FrameError):
+    """A reliable frame that was already delivered arrived again."""
+
+    reason = "duplicate"
+
+
+class OutOfOrder(FrameError):
+    """A reliable frame arrived after a gap (go-back-N drops it)."""
+
+    reason = "out of order"
+
+
+class LinkUsageError(LinkError):
+    """The owner misused the link: a bug in the caller, not bad bytes."""
+
+
+class LinkDown(LinkUsageError):
+    """A message was sent while the session is not up."""
+
+
+class MessageTooLarge(LinkUsageError):
+    """A message or one of its fields exceeds its size limit."""
+
+
+class SendQueueFull(LinkUsageError):
+    """No room for a message: the reliable window and queue, or the unread output, are full."""
+
+
+# --- fields ------------------------------------------------------------------
+
+
+def topic_bytes(topic: str, what: str, limit: int) -> bytes:
+    if type(topic) is not str:
+        raise LinkUsageError(f"{what} should be text, got {type(topic).__name__}")
+    raw = topic.encode("utf-8")
+    if not raw:
+        raise LinkUsageError(f"{what} must not be empty")
+    if len(raw) > limit:
+        raise MessageTooLarge(f"{what} of {len(raw)} bytes exceeds the {limit}-byte limit")
+    return raw
+
+
+def payload_bytes(payload: "bytes | bytearray | memoryview") -> bytes:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise LinkUsageError(f"payload should be bytes, got {type(payload).__name__}")
+    return bytes(payload)
+
+
+def u16(value: int, what: str) -> bytes:
+    if type(value) is not int or not 0 <= value <= 0xFFFF:
+        raise LinkUsageError(f"{what} should be an integer in 0..65535, got {value!r}")
+    return struct.pack(">H", value)
+
+
+def take_text(fields: bytes, pos: int, what: str, kind: str) -> "tuple[str, int]":
+    """Read a length-prefixed utf-8 field at ``pos``; return it and the offset after it."""
+    if pos >= len(fields):
+        raise BadFrame(f"bad frame: {kind} frame ends before its {what} length")
+    length = fields[pos]
+    stop = pos + 1 + length
+    if length == 0:
+        raise BadFrame(f"bad frame: {kind} frame has an empty {what}")
+    if stop > len(fields):
+        raise BadFrame(
+            f"bad frame: {kind} frame's {what} of {length} bytes exceeds "
+            f"the {len(fields) - pos - 1} bytes remaining"
+        )
+    try:
+        text = str(fields[pos + 1 : stop], "utf-8")
+    except UnicodeError:
+        raise BadFrame(
+            f"bad frame: {kind} frame's {what} is not valid utf-8: "
+            f"{hex_preview(fields[pos + 1 : stop])}"
+        ) from None
+    return text, stop
