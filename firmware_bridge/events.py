@@ -3,7 +3,7 @@
 Runs unchanged on CPython 3.9+ and MicroPython.
 """
 
-from .frame import FrameError
+from .frame import FrameError, Record
 
 try:
     from typing import TYPE_CHECKING
@@ -11,28 +11,6 @@ except ImportError:
     TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .hello import Hello
-
-
-class Record:
-    """Equality and repr over the names in ``_fields``."""
-
-    __slots__ = ()
-    _fields = ()
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return False
-        for name in self._fields:
-            if getattr(self, name) != getattr(other, name):
-                return False
-        return True
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __repr__(self) -> str:
-        parts = [f"{name}={getattr(self, name)!r}" for name in self._fields]
-        return "{}({})".format(type(self).__name__, ", ".join(parts))
 
 
 class SessionUp(Record):

@@ -211,3 +211,25 @@ def take_text(fields: bytes, pos: int, what: str, kind: str) -> "tuple[str, int]
             f"{hex_preview(fields[pos + 1 : stop])}"
         ) from None
     return text, stop
+
+
+class Record:
+    """Equality and repr over the names in ``_fields``."""
+
+    __slots__ = ()
+    _fields = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return False
+        for name in self._fields:
+            if getattr(self, name) != getattr(other, name):
+                return False
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={getattr(self, name)!r}" for name in self._fields]
+        return "{}({})".format(type(self).__name__, ", ".join(parts))

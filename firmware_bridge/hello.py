@@ -10,7 +10,6 @@ wrong with it.
 Runs unchanged on CPython 3.9+ and MicroPython.
 """
 
-from .events import Record
 from .frame import (
     HELLO_AUTH,
     HELLO_RELIABLE,
@@ -20,6 +19,7 @@ from .frame import (
     PROTOCOL_VERSION,
     U32_MAX,
     BadHello,
+    Record,
     hex_preview,
 )
 
