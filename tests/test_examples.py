@@ -38,7 +38,8 @@ import signal
 import subprocess
 import sys
 import tty
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -604,23 +605,36 @@ def test_readme_serial_command(tmp_path: Path) -> None:
     a loopback peer for its ``...``."""
     master, slave = pty.openpty()
     tty.setraw(slave)
-    port = free_port("127.0.77.10")
     subs = [
         ("/dev/ttyAMA0", os.ttyname(slave)),
         ("--peer ...", "--peer 127.0.77.21"),
     ]
-    argv = argv_of(shown(README_SERIAL), subs)
-    # Its listen address is the default, every address at 7300: on loopback here.
+    try:
+        with loopback_node(tmp_path, README_SERIAL, subs) as node:
+            node.wait_for(rf"serial port {re.escape(os.ttyname(slave))} open at 115200 baud")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@contextmanager
+def loopback_node(
+    tmp_path: Path, command: str, subs: Sequence[tuple[str, str]]
+) -> Iterator[NodeProcess]:
+    """Run a doc's ``edgenode run`` command that listens on the default address
+    (every address, port 7300) on a loopback address instead; yield it once it
+    listens, and stop it with SIGTERM at the end (it must exit 0, cleanly)."""
+    port = free_port("127.0.77.10")
+    argv = argv_of(shown(command), subs)
+    assert argv[3] == "run" and "--listen" not in argv, argv
     node = NodeProcess(tmp_path, [*argv[4:], "--listen", f"127.0.77.10:{port}"])
     try:
-        node.wait_for(rf"serial port {re.escape(os.ttyname(slave))} open at 115200 baud")
-        node.wait_for(r" listening on 127\.0\.77\.10:")
+        node.wait_for(rf" listening on 127\.0\.77\.10:{port} ")
+        yield node
         assert node.stop(signal.SIGTERM) == 0, node.log()
         assert "Traceback" not in node.log()
     finally:
         node.kill()
-        os.close(master)
-        os.close(slave)
 
 
 def test_readme_drop_in_command_line_is_valid() -> None:
@@ -666,17 +680,9 @@ def test_configuration_commands(tmp_path: Path) -> None:
             )
     assert not state.exists(), "--print-config starts nothing"
 
-    # The node itself, with the file's board and state directory; its listen
-    # address is the default (every address, port 7300): on loopback here.
-    port = free_port("127.0.77.10")
-    argv = argv_of(shown(run_node), subs)
-    node = NodeProcess(tmp_path, [*argv[4:], "--listen", f"127.0.77.10:{port}"])
-    try:
+    # The node itself, with the file's board and state directory.
+    with loopback_node(tmp_path, run_node, subs) as node:
         node.wait_for(r"board pi-zero-w: ")
-        node.wait_for(rf" listening on 127\.0\.77\.10:{port} ")
-        assert node.stop(signal.SIGTERM) == 0, node.log()
-    finally:
-        node.kill()
     assert (state / "node.key").exists()
 
 

@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,17 @@ async def start_watch(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[W
 StartWatch = Callable[..., Awaitable[WatchProcess]]
 
 
+@asynccontextmanager
+async def watched_node(
+    make_config: Any, path: Path, start_watch: StartWatch, *args: str
+) -> AsyncIterator[tuple[Node, Node, WatchProcess]]:
+    """Node a with a peer b, and ``edgenode watch ARGS`` on a, once it watches."""
+    async with node_with_peer(make_config, path) as (a, b):
+        w = await start_watch("--socket", str(path), *args)
+        await w.stderr_until(r"^watching .* \(Ctrl-C to stop\)$")
+        yield a, b, w
+
+
 async def watching(client: Client, *topics: str) -> dict[str, Any]:
     """Ask for a watch on a raw connection; return the answer."""
     request = json.dumps({"op": "watch", "topics": list(topics)}).encode() + b"\n"
@@ -129,9 +140,8 @@ async def test_watch_prints_messages_on_its_topics_until_ctrl_c(
     make_config: Any, sock_dir: Path, start_watch: StartWatch
 ) -> None:
     path = sock_dir / "control.sock"
-    async with node_with_peer(make_config, path) as (_, b):
-        w = await start_watch("--socket", str(path), "sensors/#", "alerts")
-        await w.stderr_until(r"^watching sensors/#, alerts \(Ctrl-C to stop\)$")
+    async with watched_node(make_config, path, start_watch, "sensors/#", "alerts") as (_, b, w):
+        assert w.stderr_lines == ["watching sensors/#, alerts (Ctrl-C to stop)"]
         await b.send("127.0.0.2", "sensors/temp", b"21.5")
         await b.send("127.0.0.2", "other", b"not watched")
         await b.send("127.0.0.2", "alerts", b"\x00\x01\xff")
@@ -156,9 +166,7 @@ async def test_watch_json_gives_each_message_as_an_object(
     make_config: Any, sock_dir: Path, start_watch: StartWatch
 ) -> None:
     path = sock_dir / "control.sock"
-    async with node_with_peer(make_config, path) as (_, b):
-        w = await start_watch("--socket", str(path), "--json", "#")
-        await w.stderr_until(r"^watching # ")
+    async with watched_node(make_config, path, start_watch, "--json", "#") as (_, b, w):
         before = datetime.now().astimezone()
         await b.send("127.0.0.2", "t/text", "héllo".encode())
         first = json.loads(await w.stdout_line())
@@ -186,9 +194,7 @@ async def test_watch_of_a_slow_terminal_drops_counts_and_says_so(
     oldest for it, the command says how many, and the node's other subscriber
     gets every message without its reader ever waiting."""
     path = sock_dir / "control.sock"
-    async with node_with_peer(make_config, path) as (a, b):
-        w = await start_watch("--socket", str(path), "flood")
-        await w.stderr_until(r"^watching flood ")
+    async with watched_node(make_config, path, start_watch, "flood") as (a, b, w):
         with a.subscribe("flood", buffer=FLOOD) as everything:
             payloads = [b"%08d" % i + b"." * 192 for i in range(FLOOD)]
             with anyio.fail_after(60):
