@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print what the running node receives on topics, until Ctrl-C",
         description="Print each message the running node receives on these topics "
         "(prefix/# or # for many): time, peer, topic and payload (text when printable, "
-        "else hex). It never slows the node: when this output falls behind, the node "
-        "drops the oldest messages and says how many.",
+        "else hex). It never slows the node: it gets at most 1,000 messages a second, and "
+        "when they come faster or this output falls behind, the node drops the oldest and "
+        "says how many.",
     )
     with_socket(watch)
     watch.add_argument("--json", action="store_true", help="one JSON object per message")

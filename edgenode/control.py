@@ -33,7 +33,7 @@ Protocol: one JSON object per line each way. Requests:
   at 64 KiB), and, before the next messages whenever the client fell
   behind and messages were dropped, ``{"event": "dropped", "dropped":
   TOTAL}``. "watching" leaves out a topic another one covers. At most 8
-  topics a watch and 4 watches at once.
+  topics a watch, 4 watches at once, 1,000 messages a second a watch.
 
 A request may carry an ``"id"``; the response echoes it. A failure answers
 ``{"ok": false, "error": "<message>", "type": "<error type>"}`` (the type,

@@ -9,10 +9,11 @@ command-line process, as text for people::
 
 or, with ``--json``, as one JSON object per message for scripts. A payload
 is shown as text when it is UTF-8 and printable (tabs and line breaks
-escaped), else as hex. When the terminal (or whatever reads the output)
-is slower than the messages arrive, the node drops the oldest and says
-how many: the new total is noted on stderr (at most once a second), and
-the summary at the end (Ctrl-C) gives the last.
+escaped), else as hex. When messages arrive faster than the watch's rate
+(1,000 a second) or than the terminal (or whatever reads the output)
+takes them, the node drops the oldest and says how many: the new total
+is noted on stderr (at most once a second), and the summary at the end
+(Ctrl-C) gives the last.
 """
 
 from __future__ import annotations

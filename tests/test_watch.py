@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.abc import Process
 
+from edgenode import control_watch
 from edgenode.control import handle_request
 from edgenode.control_watch import (
     MAX_WATCH_PAYLOAD_BYTES,
@@ -259,6 +261,35 @@ async def test_watch_that_stops_reading_never_slows_the_node(
                     seen.append(int(bytes.fromhex(event["hex"])[:8]))
     # The oldest were dropped: what arrived is in order, ending with the last.
     assert dropped > 0 and seen == sorted(seen) and seen[-1] == FLOOD - 1
+
+
+async def test_watch_keeps_to_its_rate_and_counts_the_rest(
+    make_config: Any, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that reads everything at once still gets at most the watch's
+    rate: a burst beyond it is dropped, oldest first, and counted."""
+    monkeypatch.setattr(control_watch, "MAX_WATCH_LINES_PER_S", 200)
+    path = sock_dir / "control.sock"
+    burst = 1000
+    async with Node(make_config("a", "127.0.0.2")) as a, serving(a, path):
+        async with Client.connect(path) as client:
+            assert (await watching(client, "t"))["ok"] is True
+            for i in range(burst):
+                await a.publish_local("t", b"%04d" % i)
+                # Let the watch run between messages: unpaced, it would send
+                # each at once, and drop none.
+                await anyio.lowlevel.checkpoint()
+            seen: list[int] = []
+            dropped = 0
+            with anyio.fail_after(LINE_TIMEOUT_S):
+                while len(seen) + dropped < burst:
+                    event = await client.answer()
+                    if event["event"] == "dropped":
+                        dropped = event["dropped"]
+                    else:
+                        seen.append(int(bytes.fromhex(event["hex"])))
+    assert dropped > 0 and len(seen) <= control_watch.WATCH_BUFFER + 64
+    assert seen == sorted(seen) and seen[-1] == burst - 1
 
 
 def _status(path: Path) -> dict[str, Any]:
