@@ -1,7 +1,8 @@
 """The ``edgenode`` command line.
 
-Errors print one line, ``error: ...``, without a traceback. Usage and
-configuration errors exit 2; other failures exit 1.
+Errors print one line, ``error: ...``, without a traceback (and never an
+exception's class name). Usage and configuration errors exit 2; other
+failures exit 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .bench_options import add_bench_arguments
 from .config import DEFAULT_PORT, NodeConfig, parse_address
-from .errors import ConfigError, EdgeNodeError
+from .errors import ConfigError, EdgeNodeError, InvalidArgument
 from .settings import default_state_dir
 from .version import __version__
 
@@ -35,6 +36,30 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def _peer_address(text: str) -> str:
+    """``edgenode send``'s PEER: an IP, a node ID, or ``IP/DEVICE``."""
+    from .addresses import split_address
+
+    try:
+        split_address(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _topic(text: str) -> str:
+    """A topic as the node takes it: non-empty, at most the topic limit in bytes."""
+    from .proto.messages import Limits
+
+    limit = Limits().max_topic_bytes
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty topic")
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise argparse.ArgumentTypeError(f"topic of {size} bytes exceeds {limit}-byte limit")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,9 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", help="send a text message through the running node")
     with_socket(send)
-    send.add_argument("peer", metavar="PEER", help="IP, node ID, or IP/DEVICE")
-    send.add_argument("topic", metavar="TOPIC")
+    send.add_argument("peer", type=_peer_address, metavar="PEER", help="IP, node ID, or IP/DEVICE")
+    send.add_argument("topic", type=_topic, metavar="TOPIC")
     send.add_argument("text", metavar="TEXT")
+
+    watch = sub.add_parser(
+        "watch",
+        help="print what the running node receives on topics, until Ctrl-C",
+        description="Print each message the running node receives on these topics "
+        "(prefix/# or # for many): time, peer, topic and payload (text when printable, "
+        "else hex). It never slows the node: it gets at most 1,000 messages a second, and "
+        "when they come faster or this output falls behind, the node drops the oldest and "
+        "says how many.",
+    )
+    with_socket(watch)
+    watch.add_argument("--json", action="store_true", help="one JSON object per message")
+    watch.add_argument(
+        "topics",
+        type=_topic,
+        nargs="+",
+        metavar="TOPIC",
+        help="a topic to watch: exact, prefix/# or # for all (up to 8)",
+    )
 
     demo = sub.add_parser("demo", help="three nodes on 127.0.0.2-4: connect, fail, rejoin")
     demo.add_argument(
@@ -222,10 +266,18 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .identity import create_identity
+    from .identity import IdentityExists, create_identity
 
     state_dir = args.state_dir or default_state_dir()
-    identity = create_identity(state_dir, overwrite=args.force)
+    try:
+        identity = create_identity(state_dir, overwrite=args.force)
+    except IdentityExists as exc:
+        raise IdentityExists(
+            f"state directory {state_dir} already holds {exc.what}; "
+            "edgenode keygen --force replaces it (peers that authorised the old ID "
+            "must then authorise the new one)",
+            exc.what,
+        ) from None
     print(identity.node_id)
     print(f"identity written to {state_dir}", file=sys.stderr)
     return 0
@@ -388,30 +440,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _control_path(args: argparse.Namespace) -> Path:
+    from .control_client import default_control_path
+
+    return args.socket or default_control_path(args.state_dir or default_state_dir())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .control_client import ControlError, control_request, default_control_path
+    from .control_client import control_request, raise_for_failure
     from .status_text import format_status
 
-    path = args.socket or default_control_path(args.state_dir or default_state_dir())
-    response = control_request(path, {"op": "status"})
-    if not response["ok"]:
-        raise ControlError(str(response.get("error")))
+    response = raise_for_failure(control_request(_control_path(args), {"op": "status"}))
     print(json.dumps(response, indent=2) if args.json else format_status(response))
     return 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .control_client import ControlError, control_request, default_control_path
+    from .control_client import control_request, raise_for_failure
 
-    path = args.socket or default_control_path(args.state_dir or default_state_dir())
     request = {"op": "send", "peer": args.peer, "topic": args.topic, "text": args.text}
-    response = control_request(path, request)
-    if not response["ok"]:
-        raise ControlError(str(response.get("error")))
+    raise_for_failure(control_request(_control_path(args), request))
     print("sent")
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .watch_text import run_watch
+
+    return run_watch(_control_path(args), list(args.topics), as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -430,6 +488,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "status": cmd_status,
     "send": cmd_send,
+    "watch": cmd_watch,
 }
 
 
@@ -438,12 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, InvalidArgument) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except EdgeNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # The node refused a request that was wrong (a bad peer, topic or text):
+        # a usage error, as the same mistake caught here would be.
+        return 2 if getattr(exc, "is_usage_error", False) else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -26,17 +26,30 @@ Protocol: one JSON object per line each way. Requests:
   ``await node.send(P, T, S.encode())``.
 * ``{"op": "reload-trust"}`` -> ``{"ok": true, "added": [...], "removed": [...]}``:
   ``await node.reload_trust()`` (``edgenode authorise`` and ``revoke``).
+* ``{"op": "watch", "topics": [T, ...]}`` -> ``{"ok": true, "watching":
+  [T, ...]}``, then the connection carries messages until the client closes
+  it (:mod:`edgenode.control_watch`): one line per message that arrives on
+  those topics (``#`` wildcards as ``subscribe`` takes them), ``{"event":
+  "message", "time": UNIX_S, "peer": P, "node_id": N, "topic": T, "size":
+  BYTES, "hex": PAYLOAD}`` (``"truncated": true`` when the payload was cut
+  at 64 KiB), and, before the next messages whenever the client fell
+  behind and messages were dropped, ``{"event": "dropped", "dropped":
+  TOTAL}``. "watching" leaves out a topic another one covers. At most 8
+  topics a watch, 4 watches at once, 1,000 messages a second a watch.
 
 A request may carry an ``"id"``; the response echoes it. A failure answers
-``{"ok": false, "error": "<type>: <message>"}`` and the connection stays
-usable, except after an oversize request (the rest of its line cannot be
-told from the next request) or a timeout, after which it is closed.
+``{"ok": false, "error": "<message>", "type": "<error type>"}`` (the type,
+such as ``PeerUnavailable`` or ``InvalidArgument``, is for scripts; the
+message is for people) and the connection stays usable, except after an
+oversize request (the rest of its line cannot be told from the next
+request) or a timeout, after which it is closed.
 
 Each client is served by a small task of its own, never by the node's
-dispatcher: a status reads snapshots the dispatcher keeps, and a send waits,
-like any API caller, for room in the node's inbox. Everything a client
+dispatcher: a status reads snapshots the dispatcher keeps, a send waits,
+like any API caller, for room on the peer's connection, and a watch reads
+subscriptions that drop rather than make the node wait. Everything a client
 controls is bounded: request size, time to send a request, time to take
-the answer, and the number of clients at once.
+the answer, the number of clients and of watches at once.
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from .control_client import (
     ControlError,
     NotPermitted,
 )
+from .control_watch import MAX_WATCHERS, Watch
 from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
 from .refusals import RefusalLog
 from .version import __version__
@@ -88,8 +102,7 @@ class Node(Protocol):
     def stats(self) -> dict[str, Any]:
         """The node's figures."""
 
-    async def reload_trust(self) -> Any:
-        """Re-read the authorised-nodes file; return a TrustChange."""
+_OPS = ("status", "send", "watch", "reload-trust")
 
 log = logging.getLogger("edgenode.control")
 
@@ -109,6 +122,7 @@ _MAX_SOCKET_PATH_BYTES = 107
 _READ_BYTES = 65536
 _ACCEPT_RETRY_S = 0.5
 _OPS = ("status", "send", "reload-trust")
+_OPS = ("status", "send", "watch")
 
 
 class BadRequest(ControlError):
@@ -330,10 +344,12 @@ def _remove_socket(path: Path, created: os.stat_result) -> None:
 
 
 class _Clients:
-    __slots__ = ("count",)
+    __slots__ = ("count", "watchers")
 
     def __init__(self) -> None:
         self.count = 0
+        #: Connections given over to a watch.
+        self.watchers = 0
 
 
 async def _serve_client(node: Node, sock: socket.socket, clients: _Clients) -> None:
@@ -346,7 +362,7 @@ async def _serve_client(node: Node, sock: socket.socket, clients: _Clients) -> N
                 )
                 await _reply(sock, _failure(error, None))
                 return
-            await _serve_requests(node, sock)
+            await _serve_requests(node, sock, clients)
     except (EndOfStream, OSError):
         pass  # the client went away, or did not take its answer
     except Exception:  # a bug: contain it, the node carries on
@@ -355,7 +371,7 @@ async def _serve_client(node: Node, sock: socket.socket, clients: _Clients) -> N
         clients.count -= 1
 
 
-async def _serve_requests(node: Node, sock: socket.socket) -> None:
+async def _serve_requests(node: Node, sock: socket.socket, clients: _Clients) -> None:
     buffer = bytearray()
     while True:
         line: bytes | None = None
@@ -375,7 +391,18 @@ async def _serve_requests(node: Node, sock: socket.socket) -> None:
             await _reply(sock, _failure(error, None))
             return
         if line.strip():
-            await _reply(sock, await handle_request(node, line))
+            response, watch = await _answer(node, line, clients)
+            if watch is None:
+                await _reply(sock, response)
+                continue
+            # The connection is the watch's from now on, until the client leaves.
+            try:
+                await _reply(sock, response)
+                await watch.run(sock)
+            finally:
+                watch.close()
+                clients.watchers -= 1
+            return
 
 
 async def _read_line(sock: socket.socket, buffer: bytearray) -> bytes:
@@ -427,15 +454,35 @@ async def _reply(sock: socket.socket, response: dict[str, Any]) -> None:
 
 
 def _failure(error: BaseException, request_id: Any) -> dict[str, Any]:
-    response: dict[str, Any] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    """A failure answer: the message for people, the error's type for scripts."""
+    response: dict[str, Any] = {
+        "ok": False,
+        "error": str(error) or "internal error",
+        "type": type(error).__name__,
+    }
     if request_id is not None:
         response["id"] = request_id
     return response
 
 
 async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
-    """Answer one request line; failures become ``{"ok": false, "error": ...}``."""
+    """Answer one request line; failures become ``{"ok": false, "error": ...}``.
+
+    A watch needs a connection of its own (the server's), so here it is
+    answered with an error.
+    """
+    response, watch = await _answer(node, line, None)
+    assert watch is None
+    return response
+
+
+async def _answer(
+    node: Node, line: bytes, clients: _Clients | None
+) -> tuple[dict[str, Any], Watch | None]:
+    """Answer one request line; for a watch, also return it, opened, its
+    place among the watchers taken (the caller runs it and gives it back)."""
     request_id = None
+    watch = None
     try:
         request = _parse(line)
         request_id = request.get("id")
@@ -445,6 +492,9 @@ async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
         elif op == "send":
             await _send(node, request)
             response = {"ok": True}
+        elif op == "watch":
+            watch = _open_watch(node, request, clients)
+            response = {"ok": True, "watching": watch.topics}
         elif op == "reload-trust":
             change = await node.reload_trust()
             response = {
@@ -455,16 +505,38 @@ async def handle_request(node: Node, line: bytes) -> dict[str, Any]:
         else:
             raise BadRequest(f"unknown op {op!r:.40}: expected one of {', '.join(_OPS)}")
     except EdgeNodeError as exc:
-        return _failure(exc, request_id)
+        return _failure(exc, request_id), None
     except TimeoutError:
-        error = f"TimeoutError: the node did not take the message within {SEND_TIMEOUT_S} s"
-        response = {"ok": False, "error": error}
+        response = {
+            "ok": False,
+            "error": f"the node did not take the message within {SEND_TIMEOUT_S} s",
+            "type": "TimeoutError",
+        }
     except Exception as exc:  # a bug: answer it rather than drop the client
         log.exception("control request failed: %s", hexdump(line, 64))
-        return _failure(exc, request_id)
+        return _failure(exc, request_id), None
     if request_id is not None:
         response["id"] = request_id
-    return response
+    return response, watch
+
+
+def _open_watch(node: Node, request: dict[str, Any], clients: _Clients | None) -> Watch:
+    """Open the watch a request asks for, and take a watcher's place for it.
+
+    Raises :class:`BadRequest` without a connection to give over to it,
+    :class:`TooManyPending` past :data:`MAX_WATCHERS`, and what
+    :meth:`Watch.open` raises.
+    """
+    if clients is None:
+        raise BadRequest("watch: needs a control connection of its own")
+    if clients.watchers >= MAX_WATCHERS:
+        raise TooManyPending(
+            f"{clients.watchers} watches already running (limit {MAX_WATCHERS}); "
+            "stop one first"
+        )
+    watch = Watch.open(node, request.get("topics"))
+    clients.watchers += 1
+    return watch
 
 
 _MAX_DEPTH = 8

@@ -407,6 +407,15 @@ def _check_state_dir(state: Path) -> None:
         )
 
 
+class IdentityExists(IdentityError):
+    """A state directory already holds an identity, and replacing it was not asked for."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        #: What is there: ``identity <node id>``, or the files of a broken one.
+        self.what = what
+
+
 def _existing_identity_error(state_dir: Path, key_path: Path, cert_path: Path) -> IdentityError:
     try:
         node_id = _read_cert(cert_path)[1]
@@ -414,9 +423,10 @@ def _existing_identity_error(state_dir: Path, key_path: Path, cert_path: Path) -
     except IdentityError:
         present = [p.name for p in (key_path, cert_path) if os.path.lexists(p)]
         what = "an identity (" + " and ".join(present) + ")"
-    return IdentityError(
-        f"state directory {state_dir} already holds {what}; "
-        "pass overwrite=True / --force to replace it"
+    # The command line words its own hint (edgenode keygen --force).
+    return IdentityExists(
+        f"state directory {state_dir} already holds {what}; pass overwrite=True to replace it",
+        what,
     )
 
 
@@ -426,8 +436,9 @@ def create_identity(state_dir: str | os.PathLike[str], *, overwrite: bool = Fals
     Creates the directory (mode 0700) if missing, and writes ``node.key``
     (unencrypted PKCS#8 PEM, mode 0600) and ``node.crt`` (PEM, mode 0644),
     each atomically. Imports ``cryptography``. Raises
-    :class:`IdentityError` if an identity is already there and
-    ``overwrite`` is false, or if the files cannot be written, and
+    :class:`IdentityExists` (an :class:`IdentityError`) if an identity is
+    already there and ``overwrite`` is false, :class:`IdentityError` if the
+    files cannot be written, and
     :class:`InsecureKeyFile` if the directory exists and others can write in it.
     """
     state = Path(state_dir)

@@ -80,6 +80,13 @@ Command-line flags replace the file's values, lists included (``--peer``
 replaces ``peers.connect``). The state directory's ``authorised_nodes``
 file is trusted in addition to ``peers.authorised``.
 
+Peers are keyed by IP address (one connection per IP): two entries of
+``peers.connect`` with one IP are one peer, and the last one is kept, with
+a warning. A peer that is the node itself is a configuration error: its
+own listen address, or, for a node listening on every address
+(``0.0.0.0`` or ``::``), one of this host's addresses at the node's own
+port, which the node would dial, refuse and redial for ever.
+
 Every bad value raises :class:`~edgenode.errors.ConfigError` naming the file,
 the key, the value and what is allowed: ``/etc/edgenode.toml:
 keepalive.interval_s: expected a number > 0, got 'soon'``. Unknown sections
@@ -87,8 +94,11 @@ and keys are errors too, with a suggestion when one is close.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,7 +120,8 @@ from .config_keys import (
     read_psk_file,
     read_toml_file,
 )
-from .errors import ConfigError
+from .errors import ConfigError, EdgeNodeError
+from .registry import normalise_ip
 
 # The table is config_keys'; these names stay importable from here.
 __all__ = [
@@ -126,6 +137,7 @@ __all__ = [
     "UPLINK_FIELDS",
     "Resolved",
     "Setting",
+    "check_peers",
     "default_state_dir",
     "format_table",
     "load_config_file",
@@ -137,6 +149,8 @@ __all__ = [
     "resolve",
     "show_value",
 ]
+
+log = logging.getLogger("edgenode.settings")
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"
@@ -208,7 +222,7 @@ def _rank(source: str) -> int:
 class Resolved:
     """A resolved configuration: the NodeConfig and where each setting came from."""
 
-    __slots__ = ("board", "config", "sources", "values")
+    __slots__ = ("board", "config", "sources", "values", "warnings")
 
     def __init__(
         self,
@@ -216,6 +230,7 @@ class Resolved:
         values: dict[str, object],
         sources: dict[str, str],
         board: Any,
+        warnings: list[str] | None = None,
     ) -> None:
         self.config = config
         #: ``"section.key"`` -> its value (a path, an address, a number...).
@@ -225,6 +240,9 @@ class Resolved:
         self.sources = sources
         #: The :class:`~edgenode.profiles.Profile` applied, or None.
         self.board = board
+        #: What the configuration does that its author may not expect
+        #: (logged as warnings by :func:`resolve`).
+        self.warnings = list(warnings or ())
 
     def rows(self) -> list[tuple[str, str, str]]:
         """``(key, value as text, source)`` for every setting, in the file's order."""
@@ -340,7 +358,110 @@ def resolve(
         config.validate()
     except ConfigError as exc:
         raise _with_source(exc, sources) from None
-    return Resolved(config, values, sources, profile)
+    peers, warnings = check_peers(config, source=sources["peers.connect"])
+    config = config.replace(peers=peers)
+    values["peers.connect"] = peers
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Resolved(config, values, sources, profile, warnings)
+
+
+# -- peers ------------------------------------------------------------------------------
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def check_peers(
+    config: NodeConfig, *, source: str = COMMAND_LINE
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """Check ``config.peers``; return them one per IP, and warnings about the rest.
+
+    Peers are keyed by IP address, so of two entries with one IP only the
+    last counts (the registry would replace the first with it): it is kept,
+    in its place, and a warning says so. ``source`` (``"file PATH"``,
+    ``"command line"``) is named in messages.
+
+    Raises :class:`ConfigError` for a peer that is this node: its listen
+    address, or, on a wildcard listener, an address of this host at the
+    node's own port. A host name is passed over here (it is resolved when
+    dialled).
+    """
+    where = _where("peers.connect", source)
+    kept: dict[str, tuple[str, int]] = {}
+    warnings = []
+    for host, port in config.peers:
+        key = _ip_or_none(host) or host.strip().lower()
+        earlier = kept.pop(key, None)
+        if earlier == (host, port):
+            warnings.append(f"{where}: {_host_port(host, port)} is listed twice")
+        elif earlier is not None:
+            warnings.append(
+                f"{where}: {_host_port(*earlier)} and {_host_port(host, port)} are one peer "
+                f"(peers are keyed by ip address): using {_host_port(host, port)}, the last"
+            )
+        kept[key] = (host, port)
+    peers = list(kept.values())
+    for host, port in peers:
+        _refuse_ourselves(config, host, port, where)
+    return peers, warnings
+
+
+def _refuse_ourselves(config: NodeConfig, host: str, port: int, where: str) -> None:
+    ip = _ip_or_none(host)
+    if ip is None:
+        return
+    listen = _host_port(config.listen_host, config.listen_port)
+    peer = _host_port(host, port)
+    if config.listen_host not in _WILDCARDS:
+        if ip == _ip_or_none(config.listen_host):
+            raise ConfigError(
+                f"{where}: {peer} is this node's own address (node.listen is {listen}); "
+                "list the other nodes"
+            )
+        return
+    if port == config.listen_port and _is_local_address(ip):
+        raise ConfigError(
+            f"{where}: {peer} is this node itself: listening on {listen}, it is reachable at "
+            f"every address of this host, {ip} included; list the other nodes"
+        )
+
+
+def _ip_or_none(host: str) -> str | None:
+    try:
+        return normalise_ip(host)
+    except EdgeNodeError:
+        return None
+
+
+def _where(key: str, source: str) -> str:
+    if source.startswith("file "):
+        return f"{source[5:]}: {key}"
+    return "--peer" if source == COMMAND_LINE and key == "peers.connect" else key
+
+
+def _is_local_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of this host: whether a socket can be bound to it.
+
+    Where the system lets any address be bound (``ip_nonlocal_bind``), that
+    proves nothing, and the answer is False: the check is skipped rather
+    than refuse a peer that may be another host.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    version = "ipv6" if family == socket.AF_INET6 else "ipv4"
+    try:
+        with open(f"/proc/sys/net/{version}/ip_nonlocal_bind", "rb") as flag:
+            if flag.read().strip() not in (b"", b"0"):
+                return False
+    except OSError:
+        pass  # not Linux, or no such setting: binding tells
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+                log.debug("cannot tell whether %s is an address of this host: %s", ip, exc)
+            return False
+    return True
 
 
 def _build(values: Mapping[str, object]) -> NodeConfig:

@@ -92,7 +92,7 @@ def _delivery_lines(node: dict[str, Any]) -> list[str]:
         f"{node.get('pending_requests', 0)}, handlers running {node.get('handlers_running', 0)}"
     ]
     undelivered = [
-        ("unrouted_messages", "with no subscriber"),
+        ("unrouted_messages", "unrouted (no subscriber)"),
         ("subscriptions_stalled", "subscriptions ended for stalling"),
         ("subscription_drops", "dropped by drop-policy subscriptions"),
         ("broadcast_dropped", "broadcasts skipped (peer full)"),

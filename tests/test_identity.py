@@ -41,6 +41,7 @@ from edgenode.identity import (
     KEY_FILENAME,
     MAX_CERT_BYTES,
     Identity,
+    IdentityExists,
     PinnedContexts,
     client_context,
     create_identity,
@@ -255,23 +256,25 @@ def test_identity_repr_shows_id_and_paths_only(node_a: Identity) -> None:
 
 def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
     first = create_identity(tmp_path)
-    with pytest.raises(IdentityError) as info:
+    with pytest.raises(IdentityExists) as info:
         create_identity(tmp_path)
     assert str(info.value) == (
         f"state directory {tmp_path} already holds identity {first.node_id}; "
-        "pass overwrite=True / --force to replace it"
+        "pass overwrite=True to replace it"
     )
+    assert isinstance(info.value, IdentityError)
+    assert info.value.what == f"identity {first.node_id}"
     assert load_identity(tmp_path).node_id == first.node_id
 
 
 def test_create_refuses_to_overwrite_a_lone_key(tmp_path: Path) -> None:
     create_identity(tmp_path)
     (tmp_path / CERT_FILENAME).unlink()
-    with pytest.raises(IdentityError) as info:
+    with pytest.raises(IdentityExists) as info:
         create_identity(tmp_path)
     assert str(info.value) == (
         f"state directory {tmp_path} already holds an identity (node.key); "
-        "pass overwrite=True / --force to replace it"
+        "pass overwrite=True to replace it"
     )
 
 

@@ -7,6 +7,7 @@ type and its whole message. ``--print-config`` runs as a real subprocess.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import subprocess
@@ -62,8 +63,8 @@ def test_every_nodeconfig_field_has_a_key() -> None:
 
 def test_documented_example_sets_every_key(tmp_path: Path) -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    example = re.search(r"```toml\n(.*?)```", doc, re.S)
-    assert example
+    # The longest of the page's TOML examples is the one that sets every key.
+    example = max(re.finditer(r"```toml\n(.*?)```", doc, re.S), key=lambda m: len(m.group(1)))
     text = example.group(1).replace("/etc/edgenode/uart.key", str(key_file(tmp_path)))
     password = tmp_path / "mqtt.password"
     password.write_text("secret\n")
@@ -571,4 +572,124 @@ def test_run_rejects_microcontroller_board(tmp_path: Path) -> None:
         "board 'esp32' is a microcontroller: its profile describes the device end of a UART "
         "link, not a node; node boards: pi-zero-w, pi-zero-2-w, generic-arm64, pi-3b, pi-4b, "
         "pi-5",
+    )
+
+
+# -- peers: one per IP, never the node itself ----------------------------------------------
+
+
+def test_two_peers_with_one_ip_keep_the_last_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(
+        tmp_path,
+        '[peers]\nconnect = ["10.0.0.2:7300", "10.0.0.3", "10.0.0.2:7301", "10.0.0.3"]\n',
+    )
+    caplog.set_level(logging.WARNING, logger="edgenode.settings")
+    resolved = resolve(config_file=path)
+    assert resolved.config.peers == [("10.0.0.2", 7301), ("10.0.0.3", 7300)]
+    assert resolved.values["peers.connect"] == resolved.config.peers
+    assert resolved.warnings == [
+        f"{path}: peers.connect: 10.0.0.2:7300 and 10.0.0.2:7301 are one peer (peers are keyed "
+        "by ip address): using 10.0.0.2:7301, the last",
+        f"{path}: peers.connect: 10.0.0.3:7300 is listed twice",
+    ]
+    assert [r.getMessage() for r in caplog.records] == resolved.warnings
+    assert {r.levelname for r in caplog.records} == {"WARNING"}
+
+
+def test_one_ip_written_two_ways_is_one_peer() -> None:
+    resolved = resolve(
+        command_line={"peers.connect": [("::ffff:10.0.0.2", 7300), ("10.0.0.2", 7302)]}
+    )
+    assert resolved.config.peers == [("10.0.0.2", 7302)]
+    assert resolved.warnings == [
+        "--peer: [::ffff:10.0.0.2]:7300 and 10.0.0.2:7302 are one peer (peers are keyed by "
+        "ip address): using 10.0.0.2:7302, the last"
+    ]
+
+
+def test_print_config_warns_of_peers_with_one_ip(tmp_path: Path) -> None:
+    result = edgenode(
+        tmp_path, "run", "--peer", "10.0.0.2:7300", "--peer", "10.0.0.2:7400", "--print-config"
+    )
+    assert result.returncode == 0, result.stderr
+    assert table(result.stdout)["peers.connect"] == ("10.0.0.2:7400", "command line")
+    [warning] = result.stderr.splitlines()
+    assert warning.endswith(
+        " WARNING --peer: 10.0.0.2:7300 and 10.0.0.2:7400 are one peer (peers are keyed by "
+        "ip address): using 10.0.0.2:7400, the last"
+    ), warning
+
+
+@pytest.mark.parametrize(
+    ("listen", "peer", "message"),
+    [
+        (
+            ("127.0.0.5", 7300),
+            ("127.0.0.5", 7301),
+            "--peer: 127.0.0.5:7301 is this node's own address (node.listen is "
+            "127.0.0.5:7300); list the other nodes",
+        ),
+        (
+            ("0.0.0.0", 7355),
+            ("127.0.0.5", 7355),
+            "--peer: 127.0.0.5:7355 is this node itself: listening on 0.0.0.0:7355, it is "
+            "reachable at every address of this host, 127.0.0.5 included; list the other nodes",
+        ),
+        (
+            ("0.0.0.0", 7355),
+            ("0.0.0.0", 7355),
+            "--peer: 0.0.0.0:7355 is this node itself: listening on 0.0.0.0:7355, it is "
+            "reachable at every address of this host, 0.0.0.0 included; list the other nodes",
+        ),
+        (
+            ("::", 7355),
+            ("::1", 7355),
+            "--peer: [::1]:7355 is this node itself: listening on [::]:7355, it is reachable "
+            "at every address of this host, ::1 included; list the other nodes",
+        ),
+    ],
+)
+def test_a_peer_that_is_the_node_itself_is_a_config_error(
+    listen: tuple[str, int], peer: tuple[str, int], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(command_line={"node.listen": listen, "peers.connect": [peer]})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("listen", "peer"),
+    [
+        (("0.0.0.0", 7355), ("127.0.0.5", 7356)),  # another node on this host
+        (("0.0.0.0", 7355), ("192.0.2.1", 7355)),  # TEST-NET-1: not an address here
+        (("0.0.0.0", 0), ("127.0.0.5", 7300)),  # a port of the kernel's choosing
+        (("127.0.0.5", 7300), ("127.0.0.6", 7300)),
+    ],
+)
+def test_other_nodes_on_this_host_are_peers(
+    listen: tuple[str, int], peer: tuple[str, int]
+) -> None:
+    resolved = resolve(command_line={"node.listen": listen, "peers.connect": [peer]})
+    assert resolved.config.peers == [peer]
+
+
+def test_run_refuses_itself_as_its_peer_as_print_config_does(tmp_path: Path) -> None:
+    args = ("run", "--listen", "0.0.0.0:7355", "--peer", "127.0.0.5:7355")
+    message = (
+        "--peer: 127.0.0.5:7355 is this node itself: listening on 0.0.0.0:7355, it is "
+        "reachable at every address of this host, 127.0.0.5 included; list the other nodes"
+    )
+    assert_one_error_line(edgenode(tmp_path, *args, "--print-config"), message)
+    assert_one_error_line(edgenode(tmp_path, *args), message)
+
+
+def test_a_file_naming_the_node_itself_is_named_in_the_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nlisten = "127.0.0.5:7300"\n[peers]\nconnect = ["127.0.0.5"]\n')
+    with pytest.raises(ConfigError) as info:
+        resolve(config_file=path)
+    assert str(info.value) == (
+        f"{path}: peers.connect: 127.0.0.5:7300 is this node's own address (node.listen is "
+        "127.0.0.5:7300); list the other nodes"
     )
