@@ -102,7 +102,12 @@ class Node(Protocol):
     def stats(self) -> dict[str, Any]:
         """The node's figures."""
 
-_OPS = ("status", "send", "watch", "reload-trust")
+    async def reload_trust(self) -> Any:
+        """Re-read the authorised-nodes file; return a TrustChange."""
+
+    def subscribe(self, topic: str, *, on_full: str = ..., buffer: int | None = ...) -> Any:
+        """Open a subscription (``edgenode watch``)."""
+
 
 log = logging.getLogger("edgenode.control")
 
@@ -121,8 +126,7 @@ MAX_CLIENTS = 16
 _MAX_SOCKET_PATH_BYTES = 107
 _READ_BYTES = 65536
 _ACCEPT_RETRY_S = 0.5
-_OPS = ("status", "send", "reload-trust")
-_OPS = ("status", "send", "watch")
+_OPS = ("status", "send", "watch", "reload-trust")
 
 
 class BadRequest(ControlError):

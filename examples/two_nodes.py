@@ -12,7 +12,8 @@ from pathlib import Path
 import anyio
 
 from edgenode import Node, NodeConfig
-from edgenode.identity import add_authorised, create_identity
+from edgenode.identity import create_identity
+from edgenode.trust import add_authorised
 
 SENSOR_IP, HUB_IP = "127.0.0.2", "127.0.0.3"  # on two boards: their own addresses
 

@@ -233,6 +233,9 @@ NOT_HERE: dict[str, str] = {
     "edgenode demo": "runs in tests/test_cli.py::test_demo_runs_all_steps (about 20 s)",
     "edgenode bench": _BENCH,
     "sudo apt install -y python3-venv": "installs a Debian package as root",
+    "sudo apt install -y gcc libffi-dev python3-dev": (
+        "installs Debian packages as root; .ci/arm.sh runs this line in the armhf chroot"
+    ),
     "sudo python3 -m venv /opt/edgenode/venv": "root; writes to /opt",
     "sudo /opt/edgenode/venv/bin/pip install ./edgenode": (
         "root; tests/test_profiles.py builds the wheel and runs edgenode from it"
@@ -259,6 +262,12 @@ NOT_HERE: dict[str, str] = {
     "sudo systemctl daemon-reload": _SERVICE,
     "sudo systemctl enable --now edgenode": _SERVICE,
     "journalctl -u edgenode -f": "reads the service's journal (systemd, the service installed)",
+    "journalctl -u edgenode -g 'watchdog|fatal python error'": (
+        "reads the service's journal; tests/test_systemd_node.py checks the lines the node "
+        "writes when its watchdog is withheld and the stack a SIGABRT leaves"
+    ),
+    "systemctl status edgenode": _SERVICE,
+    "systemctl show edgenode -p NRestarts -p Result": _SERVICE,
     "journalctl -u edgenode -p warning": (
         "reads the service's journal; tests/test_logs.py checks the priorities the node writes"
     ),
@@ -369,7 +378,29 @@ BLOCKS: dict[tuple[str, str], str] = {
         "sample log lines of a broker that refuses us; tests/uplink/test_mosquitto.py makes a "
         "real broker refuse and checks the lines"
     ),
-    ("docs/protocol.md", "TCP ──► preamble (plaintext, dialler → listener only)"): "a diagram",
+    (
+        "docs/protocol.md",
+        "TCP ──► preamble (plaintext, dialler → listener), verdict (listener → dialler)",
+    ): "a diagram",
+    ("docs/microcontrollers.md", "from firmware_bridge.driver import Device"): (
+        "a fragment (top-level await) needing a serial adapter; tests/firmware_bridge/"
+        "test_driver.py runs a Device over open_tty on a real pty"
+    ),
+    ("docs/microcontrollers.md", "async def main():"): (
+        "needs machine.UART (a board); it is boards/esp32/main.py's loop, which "
+        "test_mpy_cross_commands compiles"
+    ),
+    ("docs/systemd.md", "edgenode.service: Watchdog timeout (limit 30s)!"): (
+        "systemd's own journal lines (systemd, the service installed)"
+    ),
+    (
+        "docs/systemd.md",
+        "loop lag 17.2 s over the 15 s bound (the keepalive timeout): not feeding the systemd "
+        "watchdog; systemd restarts the node if this lasts",
+    ): "tests/test_systemd_node.py checks these log lines of a stalled node",
+    ("docs/systemd.md", "[Service]"): (
+        "tests/test_deploy.py::test_systemd_accepts_the_unit_with_the_drop_ins_docs_systemd_shows"
+    ),
     ("docs/protocol.md", '45 44 47 4e        magic "EDGN"'): (
         "a byte layout; tests/test_proto.py checks the preamble byte by byte"
     ),
