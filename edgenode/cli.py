@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_state(keygen)
     keygen.add_argument("--force", action="store_true", help="replace an existing identity")
 
-    auth = sub.add_parser("authorise", help="trust a node ID")
-    with_state(auth)
-    auth.add_argument("node_id", metavar="NODE_ID")
+    auth = sub.add_parser("authorise", help="trust a node ID (a running node, at once)")
+    revoke = sub.add_parser(
+        "revoke", help="stop trusting a node ID (a running node closes its link at once)"
+    )
 
     bench = sub.add_parser(
         "bench", help="measure this machine: node-to-node TLS, serial, a fleet of peers"
@@ -216,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PATH",
             help="the running node's control socket (default: control.sock in the state dir)",
         )
+
+    for trust in (auth, revoke):
+        with_socket(trust)
+        trust.add_argument("node_id", metavar="NODE_ID")
 
     status = sub.add_parser("status", help="show the running node's peers and figures")
     with_socket(status)
@@ -297,6 +302,47 @@ def cmd_authorise(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
     added = add_authorised(os.path.join(state_dir, AUTHORISED_FILE), node_id)
     print(f"{'authorised' if added else 'already authorised'}: {node_id}")
+    return _tell_running_node(args, node_id, "accepts it now")
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .identity import parse_node_id
+    from .trust import remove_authorised
+
+    state_dir = args.state_dir or default_state_dir()
+    node_id = parse_node_id(args.node_id)
+    removed = remove_authorised(os.path.join(state_dir, AUTHORISED_FILE), node_id)
+    print(f"{'revoked' if removed else 'not in the authorised nodes file'}: {node_id}")
+    return _tell_running_node(args, node_id, "no longer trusts it", revoked=True)
+
+
+def _tell_running_node(
+    args: argparse.Namespace, node_id: str, effect: str, *, revoked: bool = False
+) -> int:
+    """Ask the node running on this state directory to re-read its trust."""
+    from .control_client import NoNodeRunning, control_request, raise_for_failure
+
+    path = _control_path(args)
+    try:
+        request = {"op": "reload-trust", "node_id": node_id}
+        response = raise_for_failure(control_request(path, request))
+    except NoNodeRunning:
+        print("no node is running on this state directory: it takes effect when the node starts")
+        return 0
+    except EdgeNodeError as exc:
+        print(
+            f"error: the file is changed, but the running node was not told: {exc} "
+            "(systemctl reload edgenode, or a SIGHUP, makes it re-read the file)",
+            file=sys.stderr,
+        )
+        return 1
+    if revoked and response.get("trusted"):
+        print(
+            f"the running node still trusts {node_id}: its configuration lists it "
+            "(peers.authorised or --authorise)"
+        )
+        return 1
+    print(f"the running node {effect}")
     return 0
 
 
@@ -364,12 +410,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from .trust import load_authorised
-
+    # The node reads the state directory's authorised_nodes itself (and again
+    # on SIGHUP), trusting it besides peers.authorised (edgenode.trust).
     config = resolved.config
-    # The state directory's list is always trusted, besides peers.authorised.
-    authorised = load_authorised(os.path.join(config.state_dir, AUTHORISED_FILE))
-    config = config.replace(authorised=authorised | (config.authorised or frozenset()))
     if config.control_socket is None:
         from .control_client import default_control_path
 
@@ -423,13 +466,20 @@ async def _run_node(config: NodeConfig, identity: object, demo_app: bool) -> Non
     # Catch the signals before the node listens: a SIGTERM that arrives while
     # it starts must still make it say bye, not kill it (nor SIGINT exit 130).
     # Signals during the shutdown are ignored; it ends within shutdown_grace_s.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP (systemctl reload) re-reads the authorised nodes file.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with Node(config, identity=identity) as node:  # type: ignore[arg-type]
             if demo_app:
                 from .demo import install_demo_app
 
                 install_demo_app(node)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        await node.reload_trust()
+                    except ConfigError as exc:
+                        log.error("SIGHUP: trust not reloaded, nothing changed: %s", exc)
+                    continue
                 log.info("received %s: saying bye to peers", signal.Signals(signum).name)
                 break
 
@@ -484,6 +534,7 @@ COMMANDS = {
     "id": cmd_id,
     "keygen": cmd_keygen,
     "authorise": cmd_authorise,
+    "revoke": cmd_revoke,
     "demo": cmd_demo,
     "bench": cmd_bench,
     "status": cmd_status,

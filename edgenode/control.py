@@ -25,7 +25,9 @@ Protocol: one JSON object per line each way. Requests:
 * ``{"op": "send", "peer": P, "topic": T, "text": S}`` -> ``{"ok": true}``:
   ``await node.send(P, T, S.encode())``.
 * ``{"op": "reload-trust"}`` -> ``{"ok": true, "added": [...], "removed": [...]}``:
-  ``await node.reload_trust()`` (``edgenode authorise`` and ``revoke``).
+  ``await node.reload_trust()`` (``edgenode authorise`` and ``revoke``). With
+  ``"node_id": N`` the answer also says whether the node trusts N now
+  (``"trusted": true``), for instance through its configuration.
 * ``{"op": "watch", "topics": [T, ...]}`` -> ``{"ok": true, "watching":
   [T, ...]}``, then the connection carries messages until the client closes
   it (:mod:`edgenode.control_watch`): one line per message that arrives on
@@ -77,7 +79,7 @@ from .control_client import (
     NotPermitted,
 )
 from .control_watch import MAX_WATCHERS, Watch
-from .errors import ConfigError, EdgeNodeError, TooManyPending, hexdump
+from .errors import ConfigError, EdgeNodeError, InvalidArgument, TooManyPending, hexdump
 from .refusals import RefusalLog
 from .version import __version__
 
@@ -104,6 +106,10 @@ class Node(Protocol):
 
     async def reload_trust(self) -> Any:
         """Re-read the authorised-nodes file; return a TrustChange."""
+
+    @property
+    def authorised(self) -> frozenset[str]:
+        """The node IDs trusted now."""
 
     def subscribe(self, topic: str, *, on_full: str = ..., buffer: int | None = ...) -> Any:
         """Open a subscription (``edgenode watch``)."""
@@ -457,6 +463,24 @@ async def _reply(sock: socket.socket, response: dict[str, Any]) -> None:
     raise TimeoutError(f"client did not take its answer within {WRITE_TIMEOUT_S} s")
 
 
+async def _reload_trust(node: Node, request: dict[str, Any]) -> dict[str, Any]:
+    node_id = request.get("node_id")
+    if node_id is not None:
+        from .identity import parse_node_id
+
+        if not isinstance(node_id, str):
+            raise BadRequest(f"reload-trust: 'node_id' should be text, got {node_id!r:.40}")
+        try:
+            node_id = parse_node_id(node_id)
+        except EdgeNodeError as exc:
+            raise InvalidArgument(f"reload-trust: {exc}") from None
+    change = await node.reload_trust()
+    response = {"ok": True, "added": sorted(change.added), "removed": sorted(change.removed)}
+    if node_id is not None:
+        response["trusted"] = node_id in node.authorised
+    return response
+
+
 def _failure(error: BaseException, request_id: Any) -> dict[str, Any]:
     """A failure answer: the message for people, the error's type for scripts."""
     response: dict[str, Any] = {
@@ -500,12 +524,7 @@ async def _answer(
             watch = _open_watch(node, request, clients)
             response = {"ok": True, "watching": watch.topics}
         elif op == "reload-trust":
-            change = await node.reload_trust()
-            response = {
-                "ok": True,
-                "added": sorted(change.added),
-                "removed": sorted(change.removed),
-            }
+            response = await _reload_trust(node, request)
         else:
             raise BadRequest(f"unknown op {op!r:.40}: expected one of {', '.join(_OPS)}")
     except EdgeNodeError as exc:

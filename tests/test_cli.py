@@ -26,6 +26,7 @@ import pytest
 NODE_ID_RE = re.compile(r"^[a-z2-7]{4}(?:-[a-z2-7]{4}){6}$")
 # Well-formed (28 base32 characters) but its checksum does not match.
 BAD_CHECKSUM_ID = "aaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaa"
+NOT_RUNNING = "no node is running on this state directory: it takes effect when the node starts"
 
 # Seconds to wait for a command that should answer at once, and for a node
 # to log a line. Generous: CI boards and loaded runners are slow.
@@ -275,12 +276,12 @@ def test_authorise_adds_node_id_once(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = edgenode(tmp_path, "authorise", "--state-dir", str(state), other)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == f"authorised: {other}\n"
+    assert first.stdout == f"authorised: {other}\n{NOT_RUNNING}\n"
     # Any case and without dashes: the same node.
     typed = other.replace("-", "").upper()
     second = edgenode(tmp_path, "authorise", "--state-dir", str(state), typed)
     assert second.returncode == 0, second.stderr
-    assert second.stdout == f"already authorised: {other}\n"
+    assert second.stdout == f"already authorised: {other}\n{NOT_RUNNING}\n"
     assert (state / "authorised_nodes").read_text().split() == [other]
 
 

@@ -386,6 +386,15 @@ async def test_bad_requests_get_errors_and_connection_stays_usable(
                     "InvalidArgument: topic of 129 bytes exceeds 128-byte limit",
                 ),
                 (
+                    b'{"op": "reload-trust", "node_id": 5}\n',
+                    "BadRequest: reload-trust: 'node_id' should be text, got 5",
+                ),
+                (
+                    b'{"op": "reload-trust", "node_id": "abcd"}\n',
+                    "InvalidArgument: reload-trust: node id 'abcd' should be 28 base32 "
+                    "characters (dashes optional), got 4",
+                ),
+                (
                     b'{"op": "send", "peer": 1, "topic": "t", "text": "x"}\n',
                     "BadRequest: send: 'peer' should be text, got 1",
                 ),

@@ -177,6 +177,7 @@ README_SESSION = (
     'edgenode send 192.168.1.20 alerts "door open"',
     "edgenode run --config /etc/edgenode/edgenode.toml --print-config",
     "edgenode boards",
+    f"edgenode revoke {DOC_NODE_ID} --state-dir /var/lib/edgenode",
 )
 README_SERIAL = "edgenode run --serial /dev/ttyAMA0:115200 --peer ..."
 CONFIGURATION_SESSION = (
@@ -560,7 +561,9 @@ def test_readme_command_line(tmp_path: Path) -> None:
         ("192.168.1.21", "127.0.77.21"),
     ]
     env_a, env_b = environment(a_dir), environment(b_dir)
-    keygen, ident, authorise, run_a, status, watch, send, print_config, boards = README_SESSION
+    keygen, ident, authorise, run_a, status, watch, send, print_config, boards, revoke = (
+        README_SESSION
+    )
 
     made = run(argv_of(shown(keygen), subs), env=env_a)
     assert made.returncode == 0, made.stderr
@@ -570,7 +573,10 @@ def test_readme_command_line(tmp_path: Path) -> None:
     b_id = b_made.stdout.strip()
     assert run(argv_of(shown(ident), subs), env=env_a).stdout == f"{a_id}\n"
     authorised = run(argv_of(shown(authorise), [(DOC_NODE_ID, b_id), *subs]), env=env_a)
-    assert authorised.stdout == f"authorised: {b_id}\n", authorised.stderr
+    assert authorised.stdout == (
+        f"authorised: {b_id}\nno node is running on this state directory: it takes effect "
+        "when the node starts\n"
+    ), authorised.stderr
     by_b = [(DOC_NODE_ID, a_id), ("/var/lib/edgenode", str(b_dir))]
     assert run(argv_of(authorise, by_b), env=env_b).returncode == 0
 
@@ -606,6 +612,10 @@ def test_readme_command_line(tmp_path: Path) -> None:
         finally:
             watcher.kill()
             watcher.wait()
+        # A stops trusting B: the running A closes the link, and B hears why.
+        revoked = run(argv_of(shown(revoke), [(DOC_NODE_ID, b_id), *subs]), env=env_a)
+        assert revoked.stdout == f"revoked: {b_id}\nthe running node no longer trusts it\n"
+        node_b.wait_for(rf"peer down 127\.0\.77\.10 .*: node {b_id} is no longer authorised")
         for node in (node_a, node_b):
             assert node.stop(signal.SIGTERM) == 0, node.log()
             assert "Traceback" not in node.log()
