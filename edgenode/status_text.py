@@ -1,6 +1,6 @@
 """What ``edgenode status`` prints: a status response rendered as text.
 
-The response is the control socket's (``edgenode.control.node_status``,
+The response is the control socket's (``edgenode.control_ops.node_status``,
 also ``edgenode status --json``); this module only formats it, so it runs
 in the command-line process and needs nothing of the node.
 """

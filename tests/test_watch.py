@@ -27,7 +27,7 @@ import pytest
 from anyio.abc import Process
 
 from edgenode import control_watch
-from edgenode.control import handle_request
+from edgenode.control_ops import handle_request
 from edgenode.control_watch import (
     MAX_WATCH_PAYLOAD_BYTES,
     MAX_WATCHERS,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from edgenode.config import NodeConfig
-from edgenode.control import node_status
+from edgenode.control_ops import node_status
 from edgenode.node import Node
 from edgenode.status_text import format_status
 from edgenode.testing.procs import free_port
