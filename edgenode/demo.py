@@ -397,7 +397,7 @@ async def _run(demo: _Demo, duration_s: float | None) -> int:
             try:
                 await console.send(ip, "demo/note", b"anyone there?")
             except EdgeNodeError as exc:
-                _say(f"   a send to {name} now fails at once: {type(exc).__name__}: {exc}")
+                _say(f"   a send to {name} now fails at once: {exc}")
 
             _step(7, f"restarting {name} with the same identity: it must rejoin by itself")
             restarted_at = time.monotonic()

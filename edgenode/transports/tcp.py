@@ -367,7 +367,9 @@ async def _wrap(stream: ByteStream, context: ssl.SSLContext, *, server_side: boo
         raise
     except ssl.SSLError as exc:
         raise HandshakeError(f"{peer_ip}: tls handshake failed: {ssl_reason(exc)}") from None
-    except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+    except (anyio.BrokenResourceError, anyio.EndOfStream):
+        raise HandshakeError(f"{peer_ip}: connection closed during tls handshake") from None
+    except OSError as exc:
         raise HandshakeError(
-            f"{peer_ip}: connection closed during tls handshake ({type(exc).__name__})"
+            f"{peer_ip}: connection failed during tls handshake: {exc.strerror or exc}"
         ) from None

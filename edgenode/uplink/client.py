@@ -87,7 +87,7 @@ def describe_connect_error(broker: Broker, exc: BaseException) -> UplinkError:
         return BrokerUnavailable(f"broker {broker}: {what.lower()}")
     if isinstance(exc, OSError):
         return BrokerUnavailable(f"broker {broker}: cannot connect: {exc.strerror or exc}")
-    return BrokerUnavailable(f"broker {broker}: cannot connect: {type(exc).__name__}: {exc}")
+    return BrokerUnavailable(f"broker {broker}: cannot connect: {exc or type(exc).__name__}")
 
 
 class Session:
