@@ -39,13 +39,6 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
-def _same_ip(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
-    except ValueError:
-        return False
-
-
 def is_host_name(text: str) -> bool:
     """Whether ``text`` is a syntactically valid DNS host name (not an IP address)."""
     name = text[:-1] if text.endswith(".") else text
@@ -248,11 +241,6 @@ class NodeConfig:
             check_peer_host(host, "peers")
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise ConfigError(f"peers: port of {host}: expected 1..65535, got {port!r}")
-            if _same_ip(host, self.listen_host):
-                raise ConfigError(
-                    f"peers: {host} is this node's own listen address; a node does not "
-                    "dial itself"
-                )
         if self.control_group is not None:
             resolve_group(self.control_group, "control_group")
         if self.uplink is not None:

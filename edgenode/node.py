@@ -57,6 +57,7 @@ from .keepalive import Keepalive
 from .learning import PeerLearning
 from .mailbox import WAIT
 from .names import PeerNames
+from .peer_list import check_peers
 from .proto.framing import encode_frame
 from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
 from .refusals import RefusalLog
@@ -97,7 +98,12 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, identity: Identity | None = None) -> None:
-        self.config = config = config.validate()
+        config = config.validate()
+        # One peer per IP, never the node itself: as `edgenode run` checks them.
+        peers, warnings = check_peers(config)
+        for warning in warnings:
+            log.warning("%s", warning)
+        self.config = config = config.replace(peers=peers)
         self.identity = identity if identity is not None else load_identity(config.state_dir)
         self.node_id = self.identity.node_id
         #: Whom the node trusts; :meth:`reload_trust` re-reads its file.

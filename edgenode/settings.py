@@ -92,13 +92,12 @@ the key, the value and what is allowed: ``/etc/edgenode.toml:
 keepalive.interval_s: expected a number > 0, got 'soon'``. Unknown sections
 and keys are errors too, with a suggestion when one is close.
 """
+
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -120,8 +119,8 @@ from .config_keys import (
     read_psk_file,
     read_toml_file,
 )
-from .errors import ConfigError, EdgeNodeError
-from .registry import normalise_ip
+from .errors import ConfigError
+from .peer_list import check_peers, host_port
 
 # The table is config_keys'; these names stay importable from here.
 __all__ = [
@@ -264,7 +263,7 @@ def show_value(key: str, value: object) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
     if key == "node.listen":
-        return _host_port(*value)  # type: ignore[misc]
+        return host_port(*value)  # type: ignore[misc]
     if key == "serial.psk_file":
         path, psk = value  # type: ignore[misc]
         return f"{path} ({len(psk)}-byte key)"
@@ -273,7 +272,7 @@ def show_value(key: str, value: object) -> str:
     if key in ("uplink.out", "uplink.in"):
         return "; ".join(_show_map(m) for m in value) or "(none)"  # type: ignore[attr-defined]
     if key == "peers.connect":
-        return ", ".join(_host_port(h, p) for h, p in value) or "(none)"  # type: ignore[attr-defined]
+        return ", ".join(host_port(h, p) for h, p in value) or "(none)"  # type: ignore[attr-defined]
     if key == "serial.ports":
         ports = [p if b is None else f"{p}:{b}" for p, b in value]  # type: ignore[attr-defined]
         return ", ".join(ports) or "(none)"
@@ -286,10 +285,6 @@ def _show_map(entry: Any) -> str:
     if hasattr(entry, "deliver"):
         return f"{entry.topic} -> {entry.node_template} ({entry.deliver}, qos {entry.qos})"
     return f"{entry.topic} -> {entry.broker_template} (qos {entry.qos})"
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def resolve(
@@ -358,7 +353,7 @@ def resolve(
         config.validate()
     except ConfigError as exc:
         raise _with_source(exc, sources) from None
-    peers, warnings = check_peers(config, source=sources["peers.connect"])
+    peers, warnings = check_peers(config, where=_where("peers.connect", sources["peers.connect"]))
     config = config.replace(peers=peers)
     values["peers.connect"] = peers
     for warning in warnings:
@@ -368,100 +363,11 @@ def resolve(
 
 # -- peers ------------------------------------------------------------------------------
 
-_WILDCARDS = ("0.0.0.0", "::", "")
-
-
-def check_peers(
-    config: NodeConfig, *, source: str = COMMAND_LINE
-) -> tuple[list[tuple[str, int]], list[str]]:
-    """Check ``config.peers``; return them one per IP, and warnings about the rest.
-
-    Peers are keyed by IP address, so of two entries with one IP only the
-    last counts (the registry would replace the first with it): it is kept,
-    in its place, and a warning says so. ``source`` (``"file PATH"``,
-    ``"command line"``) is named in messages.
-
-    Raises :class:`ConfigError` for a peer that is this node: its listen
-    address, or, on a wildcard listener, an address of this host at the
-    node's own port. A host name is passed over here (it is resolved when
-    dialled).
-    """
-    where = _where("peers.connect", source)
-    kept: dict[str, tuple[str, int]] = {}
-    warnings = []
-    for host, port in config.peers:
-        key = _ip_or_none(host) or host.strip().lower()
-        earlier = kept.pop(key, None)
-        if earlier == (host, port):
-            warnings.append(f"{where}: {_host_port(host, port)} is listed twice")
-        elif earlier is not None:
-            warnings.append(
-                f"{where}: {_host_port(*earlier)} and {_host_port(host, port)} are one peer "
-                f"(peers are keyed by ip address): using {_host_port(host, port)}, the last"
-            )
-        kept[key] = (host, port)
-    peers = list(kept.values())
-    for host, port in peers:
-        _refuse_ourselves(config, host, port, where)
-    return peers, warnings
-
-
-def _refuse_ourselves(config: NodeConfig, host: str, port: int, where: str) -> None:
-    ip = _ip_or_none(host)
-    if ip is None:
-        return
-    listen = _host_port(config.listen_host, config.listen_port)
-    peer = _host_port(host, port)
-    if config.listen_host not in _WILDCARDS:
-        if ip == _ip_or_none(config.listen_host):
-            raise ConfigError(
-                f"{where}: {peer} is this node's own address (node.listen is {listen}); "
-                "list the other nodes"
-            )
-        return
-    if port == config.listen_port and _is_local_address(ip):
-        raise ConfigError(
-            f"{where}: {peer} is this node itself: listening on {listen}, it is reachable at "
-            f"every address of this host, {ip} included; list the other nodes"
-        )
-
-
-def _ip_or_none(host: str) -> str | None:
-    try:
-        return normalise_ip(host)
-    except EdgeNodeError:
-        return None
-
 
 def _where(key: str, source: str) -> str:
     if source.startswith("file "):
         return f"{source[5:]}: {key}"
     return "--peer" if source == COMMAND_LINE and key == "peers.connect" else key
-
-
-def _is_local_address(ip: str) -> bool:
-    """Whether ``ip`` is an address of this host: whether a socket can be bound to it.
-
-    Where the system lets any address be bound (``ip_nonlocal_bind``), that
-    proves nothing, and the answer is False: the check is skipped rather
-    than refuse a peer that may be another host.
-    """
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    version = "ipv6" if family == socket.AF_INET6 else "ipv4"
-    try:
-        with open(f"/proc/sys/net/{version}/ip_nonlocal_bind", "rb") as flag:
-            if flag.read().strip() not in (b"", b"0"):
-                return False
-    except OSError:
-        pass  # not Linux, or no such setting: binding tells
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((ip, 0))
-        except OSError as exc:
-            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
-                log.debug("cannot tell whether %s is an address of this host: %s", ip, exc)
-            return False
-    return True
 
 
 def _build(values: Mapping[str, object]) -> NodeConfig:

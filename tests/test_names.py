@@ -47,11 +47,24 @@ def test_config_accepts_names_and_rejects_what_is_neither_a_name_nor_an_address(
     assert str(raised.value) == (
         "peers: expected an ip address or a host name, got 'pi kitchen'"
     )
+    # A node built in Python checks its peers as `edgenode run` does.
     with pytest.raises(ConfigError) as raised:
-        NodeConfig(listen_host="10.0.0.1", peers=[("10.0.0.1", 7300)]).validate()
+        Node(NodeConfig(listen_host="10.0.0.1", peers=[("10.0.0.1", 7300)]))
     assert str(raised.value) == (
-        "peers: 10.0.0.1 is this node's own listen address; a node does not dial itself"
+        "peers: 10.0.0.1:7300 is this node's own address (node.listen is 10.0.0.1:7300); "
+        "list the other nodes"
     )
+
+
+def test_a_node_built_in_python_keeps_one_peer_per_ip(
+    make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config("a", "127.0.0.2", [("127.0.0.3", 7300), ("127.0.0.3", 7301)])
+    assert Node(config).config.peers == [("127.0.0.3", 7301)]
+    assert (
+        "peers: 127.0.0.3:7300 and 127.0.0.3:7301 are one peer (peers are keyed by ip "
+        "address): using 127.0.0.3:7301, the last"
+    ) in caplog.text
 
 
 async def test_a_peer_configured_by_name_connects_and_shows_its_name(make_config: Any) -> None:
