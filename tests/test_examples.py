@@ -311,7 +311,6 @@ NOT_HERE: dict[str, str] = {
     ".venv/bin/edgenode bench --quick": _BENCH,
     ".venv/bin/edgenode bench --runs 5": _BENCH,
     "python -m edgenode.bench --only fleet --peers 200 --window 30": _BENCH,
-    "python -m edgenode.bench --quick --json": _BENCH,
     # docs/reliability.md
     "python -m pytest -m soak -q": "the suite's soak tests: .ci/run runs them (60 s)",
     "python -m pytest tests/fuzz": "the suite's fuzz tests: they run in every suite run",
