@@ -50,7 +50,7 @@ from .errors import (
     RequestTimeout,
 )
 from .handshake import Handshakes
-from .identity import Identity, client_context, load_identity
+from .identity import Identity, load_identity
 from .inbox import AddPeer, Inbox, Revoked, Shutdown
 from .ips import is_ip, normalise_ip
 from .keepalive import Keepalive
@@ -65,6 +65,7 @@ from .requests import Requests
 from .sending import Sending
 from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer
 from .subscriptions import EventFeed, Stream, Subscriptions, check_policy, check_size
+from .tls import client_context
 from .trust import Trust, TrustChange, authorised_path
 
 if TYPE_CHECKING:

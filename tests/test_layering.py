@@ -51,6 +51,7 @@ UPPER = {
     "edgenode.demo",
     "edgenode.transports",
     "edgenode.identity",
+    "edgenode.tls",
     "edgenode.config",
     "edgenode.dispatcher",
     "edgenode.datapath",
