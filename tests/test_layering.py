@@ -54,6 +54,8 @@ UPPER = {
     "edgenode.tls",
     "edgenode.config",
     "edgenode.dispatcher",
+    "edgenode.dials",
+    "edgenode.parts",
     "edgenode.datapath",
     "edgenode.handshake",
     "edgenode.connection",
