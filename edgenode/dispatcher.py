@@ -22,7 +22,8 @@ settled transport: failure 4):
   ``PeerUp``, and data may flow. So a simultaneous open never flaps and
   never strands data on the losing connection.
 - Keepalive. Both ends ping (failure 2); any frame proves liveness; a peer
-  silent for the timeout is closed; down peers are redialled with backoff.
+  silent for the timeout is closed; down peers are redialled with backoff
+  (:mod:`edgenode.dials` starts the dials and handles their failures).
 - Closing. A closed connection's peer is down at once; requests waiting
   on it fail with the reason.
 """
@@ -41,19 +42,17 @@ from anyio import WouldBlock
 
 from .api import PeerDown, PeerUp, Refused
 from .connection import Connection
+from .dials import Dials
 from .errors import AdmissionRefused, EdgeNodeError, NodeClosed, PeerUnavailable, SlowPeer
-from .handshake import log_refusal_summary
 from .inbox import AddPeer, Closed, Control, Failed, Inbox, Opened, Revoked, Shutdown
-from .ips import is_ip
 from .keepalive import DEAD, DIAL, PING, Keepalive
 from .memtrim import trim as trim_heap
 from .names import PeerNames, Resolved
 from .proto.connection import PeerProtocol
 from .proto.messages import Bye, Devices, PeerInfo, Peers, Ping, Pong, Ready
 from .refusals import RefusalLog
-from .registry import DOWN, INBOUND, UP, PeerEntry, Registry
+from .registry import INBOUND, UP, PeerEntry, Registry
 from .requests import Requests, clip
-from .transports.tcp import Unreachable
 
 if TYPE_CHECKING:
     from .devices import DeviceRouter
@@ -101,27 +100,35 @@ class Dispatcher:
         self.requests = requests
         self.learning = learning
         self.devices = devices
-        self._start_dial_task = start_dial
         #: Start a task in the node's task group (a save, never I/O here).
         self._spawn = spawn
         self.wildcard = wildcard
         self.max_peers_listed = max_peers_listed
-        #: Refused connections and failed inbound handshakes (edgenode.refusals).
-        self.refusals = refusals
         #: Peers configured by host name (edgenode.names).
         self.names = names
         #: Whether a node ID is trusted now (edgenode.trust).
         self.is_authorised = is_authorised
-        self._refusal_summary_due: float | None = None
-        self.dials_failed = 0
+        #: Dials, their failures, failed inbound handshakes, added peers (edgenode.dials).
+        self.dials = Dials(
+            registry=registry,
+            keepalive=keepalive,
+            events=events,
+            learning=learning,
+            names=names,
+            refusals=refusals,
+            start_dial=start_dial,
+            schedule=self.schedule,
+            after_own_dial=self._after_own_dial,
+            is_closing=lambda: self.closing,
+        )
         self.handlers: dict[type, Callable[[Any, float], None]] = {
             Opened: self._on_opened,
             Control: self._on_control,
             Closed: self._on_closed,
-            Failed: self._on_failed,
-            AddPeer: self._on_add_peer,
+            Failed: self.dials.on_failed,
+            AddPeer: self.dials.on_add_peer,
             Shutdown: self._on_shutdown,
-            Resolved: self._on_resolved,
+            Resolved: self.dials.on_resolved,
             Revoked: self._on_revoked,
         }
         self._control: dict[type, Callable[[Connection, Any, float], None]] = {
@@ -136,8 +143,6 @@ class Dispatcher:
         self._seq = itertools.count()
         #: Admitted connections that are not closing.
         self.conns: set[Connection] = set()
-        #: Peers a dial is on its way to (from its start to its outcome).
-        self.dialing: set[str] = set()
         #: Peers the application was told are up (PeerUp without PeerDown since).
         self._announced: set[str] = set()
         #: Callers waiting for an address (``ip`` or ``ip/device``) to come up.
@@ -152,13 +157,18 @@ class Dispatcher:
         self.lag_last_s = 0.0
         self.lag_max_s = 0.0
         self.lag_sum_s = 0.0
-        self.refused = 0
+        self._admissions_refused = 0
         self.broadcast_dropped = 0
         #: Told (peers up, peers known) when either has changed, at most once
         #: per wake-up, before the loop waits (systemd's status line:
         #: edgenode.systemd). None: nobody asked, nothing is counted.
         self.on_peer_count: Callable[[int, int], None] | None = None
         self._peer_count = (-1, -1)
+
+    @property
+    def refused(self) -> int:
+        """Connections refused at admission, and inbound handshakes that failed."""
+        return self._admissions_refused + self.dials.refused
 
     # -- the loop --------------------------------------------------------------------
 
@@ -234,7 +244,7 @@ class Dispatcher:
             elif action == DIAL:
                 # A name's peer is resolved again before each dial.
                 if not self.names.dial_due(ip):
-                    self._start_dial(entry)
+                    self.dials.start(entry)
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
@@ -326,7 +336,7 @@ class Dispatcher:
     def _on_opened(self, ev: Opened, now: float) -> None:
         conn = ev.conn
         if conn.direction != INBOUND:
-            self.dialing.discard(conn.ip)
+            self.dials.dialing.discard(conn.ip)
         if self.closing:
             self.drop(conn, "node shutting down", now)
             return
@@ -390,7 +400,7 @@ class Dispatcher:
         self._send_ready(conn, now)
 
     def _refuse(self, conn: Connection, reason: str, now: float) -> None:
-        self.refused += 1
+        self._admissions_refused += 1
         log.info(
             "not admitting %s connection with %s: %s",
             conn.direction,
@@ -418,7 +428,7 @@ class Dispatcher:
         """
         if conn.ready_sent or conn.closing or not conn.admitted:
             return
-        if conn.direction == INBOUND and conn.ip in self.dialing:
+        if conn.direction == INBOUND and conn.ip in self.dials.dialing:
             return
         if not self.queue(conn, _READY_FRAME, now):
             return
@@ -564,87 +574,7 @@ class Dispatcher:
             self._announced.discard(ip)
             self.events.publish(PeerDown(ip, entry.node_id, reason, error))
 
-    # -- dials --------------------------------------------------------------------------
-
-    def _start_dial(self, entry: PeerEntry | None) -> None:
-        if entry is None or entry.state == UP or self.closing or not entry.listen_port:
-            return
-        if entry.ip in self.dialing:
-            return
-        self.dialing.add(entry.ip)
-        self._start_dial_task(entry.ip, entry.listen_port)
-
-    def _on_failed(self, ev: Failed, now: float) -> None:
-        ip, error = ev.ip, ev.error
-        self.events.publish(Refused(ip, error))
-        if not ev.dialled:
-            self.refused += 1
-            if not ev.recorded:
-                # Counted exactly; logged while the log's budget lasts, the
-                # rest summarised across all addresses (bounded under a flood).
-                line = self.refusals.record(ip, str(error), now)
-                if line is not None:
-                    log.warning(line, extra={"peer": ip, "reason": str(error)})
-                else:
-                    self._arm_refusal_summary()
-            entry = self.registry.get(ip)
-            if entry is not None and entry.state == DOWN:
-                # Its address tried to reach us: it is back, dial it soon.
-                self.keepalive.peer_alive(ip, now)
-            return
-        self.dials_failed += 1
-        self.dialing.discard(ip)
-        entry = self.registry.get(ip)
-        if entry is None or self.closing:
-            return
-        # Our dial failed while the peer's connection waited for it: that one
-        # is ours to keep now.
-        self._after_own_dial(ip, now)
-        if entry.state == DOWN:
-            # Status, and a send to the peer, say why it is still down.
-            entry.down_reason = f"dial failed: {error}"
-            # A connect nobody answered is not a flap: the peer is away.
-            reached = not isinstance(error, Unreachable)
-            delay = self.keepalive.dial_failed(ip, now, reached=reached)
-            log.info(
-                "dial %s failed: %s; retry in %.1f s",
-                ip,
-                error,
-                delay,
-                extra={"peer": ip, "reason": str(error)},
-            )
-
-    def _arm_refusal_summary(self) -> None:
-        """Wake the dispatcher when the refusal log's summary falls due."""
-        due = self.refusals.next_summary_at()
-        if due is None or self._refusal_summary_due is not None:
-            return
-        self._refusal_summary_due = due
-
-        def summary(now: float) -> None:
-            self._refusal_summary_due = None
-            log_refusal_summary(self.refusals, now)
-            self._arm_refusal_summary()
-
-        self.schedule(due, summary)
-
-    def _on_resolved(self, ev: Resolved, now: float) -> None:
-        entry = self.names.on_resolved(ev, now)
-        if entry is not None:
-            self.learning.forget_pruned()
-            self._start_dial(entry)
-
-    def _on_add_peer(self, ev: AddPeer, now: float) -> None:
-        if not is_ip(ev.ip):
-            self.names.add(ev.ip, ev.port, now)
-            return
-        try:
-            self.registry.add_configured(ev.ip, ev.port, now)
-        except EdgeNodeError as exc:
-            log.warning("cannot add peer %s:%d: %s", ev.ip, ev.port, exc)
-            return
-        self.learning.forget_pruned()
-        self.keepalive.schedule_dial(ev.ip, now)
+    # -- shutting down ---------------------------------------------------------------
 
     def _on_shutdown(self, ev: Shutdown, now: float) -> None:
         self.closing = True

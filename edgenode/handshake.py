@@ -27,13 +27,14 @@ from anyio.abc import ByteStream, TaskGroup
 from .connection import Connection
 from .datapath import READ_BYTES, close_stream, os_detail
 from .errors import EdgeNodeError, HandshakeError
-from .identity import Identity, PinnedContexts
+from .identity import Identity
 from .inbox import Failed, Inbox
 from .ips import normalise_ip
 from .proto.connection import PeerProtocol
 from .proto.messages import AnyMessage, Hello, Limits
 from .refusals import RefusalLog
 from .registry import INBOUND, OUTBOUND
+from .tls import PinnedContexts
 from .transports.tcp import HandshakeAdmission, Link, accept_link, dial_link, refuse_socket
 
 log = logging.getLogger("edgenode.node")

@@ -14,7 +14,7 @@ node's work of answering them (``edgenode bench``).
 
 Each peer has an identity of its own, not one shared by all. The registry
 would accept one node ID on many IPs, but a listener keeps one pinned TLS
-context per distinct dialler certificate (``identity.PinnedContexts``): a
+context per distinct dialler certificate (``tls.PinnedContexts``): a
 shared identity would hide that per-peer cost and measure a node no real
 fleet runs. Identities are made once with ``cryptography`` and cached in a
 directory (about 2 ms each), so only the caller's process ever loads it.
@@ -45,9 +45,10 @@ import anyio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from .errors import EdgeNodeError, HandshakeError
-from .identity import Identity, client_context, create_identity, load_identity
+from .identity import Identity, create_identity, load_identity
 from .proto.connection import PeerProtocol
 from .proto.messages import BYE, PING, PONG, Hello, Ping, Pong, Ready
+from .tls import client_context
 from .transports.tcp import dial_link
 
 #: Most simulated peers one generator holds: 127.0.1.1 .. 127.0.254.254.

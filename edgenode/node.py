@@ -3,7 +3,8 @@
 A node is a few parts on one event loop (docs/architecture.md):
 
 - the dispatcher (:mod:`edgenode.dispatcher`), the one owner of peer state,
-  fed by one bounded inbox (:mod:`edgenode.inbox`);
+  fed by one bounded inbox (:mod:`edgenode.inbox`), and its dials
+  (:mod:`edgenode.dials`);
 - the listener and dialler (:mod:`edgenode.handshake`), which turn sockets
   into connections (:mod:`edgenode.connection`);
 - the data path (:mod:`edgenode.datapath`): each connection's reader,
@@ -14,19 +15,18 @@ A node is a few parts on one event loop (docs/architecture.md):
   (:mod:`edgenode.bridge`, with :mod:`edgenode.devices`), discovery, the
   control socket, the MQTT uplink.
 
-This module builds them, runs them in one task group, and offers the API.
-An application message goes from ``send()`` to its connection's outbox in
-one synchronous step when there is room, and waits for room otherwise: it
-never crosses the dispatcher.
+:mod:`edgenode.parts` builds them and wires them to each other; this module
+runs them in one task group and offers the API. An application message
+goes from ``send()`` to its connection's outbox in one synchronous step
+when there is room, and waits for room otherwise: it never crosses the
+dispatcher.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -34,13 +34,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .addresses import LOCAL, split_address
+from .addresses import split_address
 from .api import Handler, Incoming, NodeEvent, PeerDown, PeerSnapshot, PeerUp, Refused
 from .config import NodeConfig, check_peer_host
-from .connection import Connection
-from .datapath import DataPath
-from .devices import DeviceRouter, frame_of
-from .dispatcher import HOUSEKEEPING_S, Dispatcher
+from .devices import frame_of
+from .dispatcher import HOUSEKEEPING_S
 from .errors import (
     ConfigError,
     EdgeNodeError,
@@ -49,28 +47,19 @@ from .errors import (
     NodeClosed,
     RequestTimeout,
 )
-from .handshake import Handshakes
-from .identity import Identity, client_context, load_identity
-from .inbox import AddPeer, Inbox, Revoked, Shutdown
+from .identity import Identity, load_identity
+from .inbox import AddPeer, Revoked, Shutdown
 from .ips import is_ip, normalise_ip
-from .keepalive import Keepalive
-from .learning import PeerLearning
 from .mailbox import WAIT
-from .names import PeerNames
+from .parts import Parts
 from .peer_list import check_peers
 from .proto.framing import encode_frame
-from .proto.messages import DeviceRequest, Limits, ToDevice, encode_data, encode_request
-from .refusals import RefusalLog
-from .registry import Registry
-from .requests import Requests
-from .sending import Sending
+from .proto.messages import DeviceRequest, ToDevice, encode_data, encode_request
 from .snapshot import PEERS_TOPIC, node_figures, peer_rows, peers_answer
-from .subscriptions import EventFeed, Stream, Subscriptions, check_policy, check_size
+from .subscriptions import Stream, check_policy, check_size
 from .trust import Trust, TrustChange, authorised_path
 
 if TYPE_CHECKING:
-    from .bridge import SerialBridge
-    from .systemd import SystemdNotifier
     from .transports.discovery import DiscoveryWiring
 
 # The public types, importable from here as before (their home is edgenode.api).
@@ -80,11 +69,7 @@ __all__ += ["PeerUp", "Refused", "Stream"]
 log = logging.getLogger("edgenode.node")
 
 monotonic = time.monotonic
-_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _RETRYABLE_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
-#: Pings due within this share of an interval go out together: one wake-up
-#: for many idle peers.
-_PING_SLACK = 0.05
 #: send_many joins frames into outbox items of about this size.
 _CHUNK_BYTES = 64 * 1024
 
@@ -111,142 +96,38 @@ class Node:
         #: A new random epoch per process: peers see a restart as a new session.
         self.epoch = random.getrandbits(62)
         self.listen_port = config.listen_port
-        self._wildcard = config.listen_host in _WILDCARD_HOSTS
-        our_ip = "0.0.0.0" if self._wildcard else normalise_ip(config.listen_host)
-        self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
-        self.registry = Registry(
-            our_ip,
-            max_peers=config.max_peers,
-            prune_after_s=config.prune_after_s,
-            # Each side's handshake ends within its timeout: two of them bound
-            # how far apart the two halves of a simultaneous open can be.
-            simultaneous_window_s=2 * config.handshake_timeout_s,
-        )
-        self.keepalive = Keepalive(
-            interval_s=config.keepalive_interval_s,
-            timeout_s=config.keepalive_timeout_s,
-            rand=random.random,
-            jitter=config.keepalive_jitter,
-            backoff_base_s=config.backoff_base_s,
-            backoff_cap_s=config.backoff_cap_s,
-            ping_slack_s=config.keepalive_interval_s * _PING_SLACK,
-        )
-        self.inbox = Inbox(config.inbox_size)
-        #: Refused connections and failed inbound handshakes: exact counts, and
-        #: the ration of log lines about them (edgenode.refusals).
-        self.refusals = RefusalLog()
-        self.subscriptions = Subscriptions(stall_timeout_s=config.subscriber_stall_timeout_s)
-        self._events = EventFeed()
-        self.requests = Requests(
-            max_pending=config.max_pending_requests,
-            max_inflight=config.max_inflight_handlers,
-            handler_timeout_s=config.handler_timeout_s,
-            traffic=self._traffic,
-        )
-        self.requests.handlers[PEERS_TOPIC] = lambda request: peers_answer(self)
-        self.learning = PeerLearning(
-            node_id=self.node_id,
-            registry=self.registry,
-            keepalive=self.keepalive,
-            is_authorised=self.trust.allows,
-            learn_from_peers=config.learn_peers,
-            state_dir=config.state_dir if config.remember_peers else None,
-            max_known_peers=config.max_known_peers,
-        )
-        self.devices = DeviceRouter(
-            node_id=self.node_id,
-            address=lambda: self.address,
-            registry=self.registry,
-            subscriptions=self.subscriptions,
-            events=self._events,
-            requests=self.requests,
-            inbox=self.inbox,
-            queue_to_peers=lambda frame, droppable: self.dispatcher.queue_to_peers(
-                frame, droppable
-            ),
-            schedule=lambda when, callback: self.dispatcher.schedule(when, callback),
+        #: The parts, built and wired to each other (edgenode.parts); the node
+        #: holds each of them, for the API and for status.
+        self._parts = parts = Parts(
+            config,
+            self.identity,
+            self.trust,
+            self.epoch,
+            spawn=self._spawn,
             task_group=lambda: self._tg,
-        )
-        self.names = PeerNames(
-            registry=self.registry,
-            keepalive=self.keepalive,
-            spawn=self._spawn,
-            post=self.inbox.post,
-            timeout_s=2 * config.handshake_timeout_s,
-            prefer_family=socket.AF_INET6 if ":" in our_ip else socket.AF_INET,
-            our_ip=lambda: self.registry.our_ip,
-        )
-        self.dispatcher = Dispatcher(
-            config=config,
-            registry=self.registry,
-            keepalive=self.keepalive,
-            inbox=self.inbox,
-            events=self._events,
-            requests=self.requests,
-            learning=self.learning,
-            devices=self.devices,
-            start_dial=self._start_dial,
-            spawn=self._spawn,
-            wildcard=self._wildcard,
-            max_peers_listed=self._limits.max_peers_listed,
-            refusals=self.refusals,
-            names=self.names,
-            is_authorised=self.trust.allows,
-        )
-        self.devices.on_up = self.dispatcher.wake
-        self.sending = Sending(
-            limits=self._limits,
-            registry=self.registry,
-            keepalive=self.keepalive,
-            dispatcher=self.dispatcher,
-            devices=self.devices,
-            address=lambda: self.address,
             is_closing=lambda: self._closing or self._tg is None,
-            settle_wait_s=config.handshake_timeout_s,
-        )
-        self.devices.resolve_node = self.sending.resolve_node
-        self.datapath = DataPath(
-            subscriptions=self.subscriptions,
-            requests=self.requests,
-            inbox=self.inbox,
-            keepalive=self.keepalive,
-            devices=self.devices,
             on_all_closed=self._all_closed_now,
         )
-        self.dispatcher.on_all_closed = self._all_closed_now
-        self.dispatcher.open_connections = lambda: self.datapath.open_connections
-        self.handshakes = Handshakes(
-            config=config,
-            identity=self.identity,
-            is_authorised=self.trust.allows,
-            limits=self._limits,
-            epoch=self.epoch,
-            inbox=self.inbox,
-            run_connection=self.datapath.run,
-            client_context=client_context(self.identity),
-            refusals=self.refusals,
-        )
+        self.registry = parts.registry
+        self.keepalive = parts.keepalive
+        self.inbox = parts.inbox
+        self.refusals = parts.refusals
+        self.subscriptions = parts.subscriptions
+        self._events = parts.events
+        self.requests = parts.requests
+        self.requests.handlers[PEERS_TOPIC] = lambda request: peers_answer(self)
+        self.learning = parts.learning
+        self.devices = parts.devices
+        self.names = parts.names
+        self.dispatcher = parts.dispatcher
+        self.sending = parts.sending
+        self.datapath = parts.datapath
+        self.handshakes = parts.handshakes
+        self.bridge = parts.bridge
+        self.systemd = parts.systemd
         self.discovery: DiscoveryWiring | None = None
-        self.bridge: SerialBridge | None = None
-        if config.serial_ports:
-            from .bridge import SerialBridge  # pyserial and the link load only when needed
-
-            self.bridge = SerialBridge(self.devices, config, self.node_id, self.inbox.post)
-            self.devices.bridge = self.bridge
-            for event_type, handler in self.bridge.handlers().items():
-                self.dispatcher.register(event_type, handler)
         #: The MQTT uplink when configured (edgenode.uplink; loaded only then).
         self.uplink: Any = None
-        #: systemd's notify socket, under a Type=notify unit (edgenode.systemd,
-        #: loaded only then; a bad $NOTIFY_SOCKET or $WATCHDOG_USEC raises
-        #: ConfigError here, before anything starts).
-        self.systemd: SystemdNotifier | None = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            from .systemd import SystemdNotifier
-
-            self.systemd = SystemdNotifier.from_environ(
-                os.environ, pid=os.getpid(), max_lag_s=config.keepalive_timeout_s
-            )
         self._tg: Any = None
         self._outer: Any = None
         self._listener_scope: anyio.CancelScope | None = None
@@ -318,7 +199,7 @@ class Node:
             await tg.start(serve_control, self, config.control_socket)
         try:
             listener = await anyio.create_tcp_listener(
-                local_host=None if self._wildcard else config.listen_host,
+                local_host=None if self._parts.wildcard else config.listen_host,
                 local_port=config.listen_port,
             )
         except OSError as exc:
@@ -339,7 +220,7 @@ class Node:
                     self.node_id,
                     self.listen_port,
                     self.epoch,
-                    wildcard=self._wildcard,
+                    wildcard=self._parts.wildcard,
                     is_authorised=self.trust.allows,
                     post=self.inbox.post,
                     learner=self.learning,
@@ -445,9 +326,6 @@ class Node:
     def _spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._tg is not None and not self._closed:
             self._tg.start_soon(func, *args)
-
-    def _start_dial(self, ip: str, port: int) -> None:
-        self._spawn(self.handshakes.dial, ip, port)
 
     # -- sending ---------------------------------------------------------------------
 
@@ -708,14 +586,11 @@ class Node:
     @property
     def address(self) -> str:
         """This node's IP as its devices are addressed (``local`` on a wildcard listener)."""
-        return LOCAL if self._wildcard else self.registry.our_ip
+        return self._parts.address()
 
     def device_address(self, device_id: str) -> str:
         """The address of a device on this node's serial ports."""
         return self.devices.device_address(device_id)
-
-    def _traffic(self, conn: Connection) -> None:
-        self.keepalive.sent(conn.ip, monotonic())
 
 
 def _count(n: int, what: str) -> str:

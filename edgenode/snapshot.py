@@ -136,7 +136,7 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
         "device_messages_lost": node.devices.lost,
         "peer_names": node.names.rows(monotonic()),
         "refused_connections": node.refusals.total,
-        "dials_failed": d.dials_failed,
+        "dials_failed": d.dials.failed,
     }
 
 

@@ -123,7 +123,7 @@ class RawPeer:
     async def connect(
         cls, identity: Identity, ip: str, port: int, *, local_ip: str = "127.0.0.9"
     ) -> RawPeer:
-        from edgenode.identity import client_context
+        from edgenode.tls import client_context
         from edgenode.transports.tcp import dial_link
 
         link = await dial_link(

@@ -25,12 +25,12 @@ from edgenode.errors import (
     UnknownMessageType,
     VersionMismatch,
 )
-from edgenode.identity import client_context
 from edgenode.node import PeerDown, PeerUp, Refused
 from edgenode.proto.connection import PeerProtocol
 from edgenode.proto.framing import encode_frame
 from edgenode.proto.messages import Bye, Data, Hello
 from edgenode.proto.preamble import ACCEPTED, encode_preamble
+from edgenode.tls import client_context
 
 from .conftest import Pair, RawPeer, wait_event
 

@@ -506,7 +506,7 @@ class Pair:
             nodes = (self.a, self.b)
             return (
                 self.proxy.open_connections == 1
-                and not any(node.dispatcher.dialing for node in nodes)  # none on its way
+                and not any(node.dispatcher.dials.dialing for node in nodes)  # none on its way
                 and all(node.peers()[0].state == "up" for node in nodes)
             )
 

@@ -1,4 +1,5 @@
-"""Tests of edgenode.identity: real files, real certificates, real TLS on loopback."""
+"""Tests of edgenode.identity and edgenode.tls: real files, real certificates,
+real TLS on loopback."""
 
 from __future__ import annotations
 
@@ -42,18 +43,15 @@ from edgenode.identity import (
     MAX_CERT_BYTES,
     Identity,
     IdentityExists,
-    PinnedContexts,
-    client_context,
     create_identity,
     load_identity,
     load_or_create_identity,
     node_id_from_cert_der,
     node_id_from_public_key,
     parse_node_id,
-    peer_node_id,
     public_key_from_cert_der,
-    server_context,
 )
+from edgenode.tls import PinnedContexts, client_context, peer_node_id, server_context
 
 NODE_ID_RE = re.compile(r"^[a-z2-7]{4}(-[a-z2-7]{4}){6}$")
 LOOPBACK = "127.0.0.2"
@@ -639,10 +637,11 @@ def test_running_node_paths_do_not_import_cryptography(node_a: Identity) -> None
     script = (
         "import sys\n"
         "import edgenode.identity as i\n"
+        "import edgenode.tls as t\n"
         f"ident = i.load_identity({str(node_a.state_dir)!r})\n"
-        "i.server_context(ident)\n"
-        "i.PinnedContexts(ident).for_certificate(ident.cert_der, ident.node_id)\n"
-        "i.client_context(ident)\n"
+        "t.server_context(ident)\n"
+        "t.PinnedContexts(ident).for_certificate(ident.cert_der, ident.node_id)\n"
+        "t.client_context(ident)\n"
         "i.node_id_from_cert_der(ident.cert_der)\n"
         "i.parse_node_id(ident.node_id)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'cryptography']\n"

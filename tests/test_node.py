@@ -130,22 +130,24 @@ def test_config_from_python_rejects_non_finite_numbers(make_config: Any, value: 
 
 
 def test_dispatcher_handlers_are_plain_functions() -> None:
-    """Nothing the dispatcher runs can await: of the dispatcher, the peer
-    learning and the device router it calls, only the loop itself, a save
-    (a task of its own) and the reader's routes are coroutines."""
+    """Nothing the dispatcher runs can await: of the dispatcher, its dials,
+    the peer learning and the device router it calls, only the loop itself,
+    a save (a task of its own) and the reader's routes are coroutines."""
     from edgenode.devices import DeviceRouter
+    from edgenode.dials import Dials
     from edgenode.dispatcher import Dispatcher
     from edgenode.learning import PeerLearning
 
     allowed = {"run", "save", "to_device", "send_local"}
     checked = []
-    for cls in (Dispatcher, PeerLearning, DeviceRouter):
+    for cls in (Dispatcher, Dials, PeerLearning, DeviceRouter):
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
             checked.append(name)
             if name not in allowed:
                 assert not inspect.iscoroutinefunction(fn), f"{cls.__name__}.{name} can await"
     assert len(checked) >= 30
-    assert {"_on_opened", "_on_control", "_on_closed", "_on_failed"} <= set(dir(Dispatcher))
+    assert {"_on_opened", "_on_control", "_on_closed"} <= set(dir(Dispatcher))
+    assert {"on_failed", "on_add_peer", "on_resolved"} <= set(dir(Dials))
 
 
 async def test_message_is_delivered_promptly_while_a_handshake_hangs(make_config: Any) -> None:

@@ -54,15 +54,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from edgenode.errors import ConfigError, HandshakeError, InsecureKeyFile, NotAuthorised
-from edgenode.identity import (
-    KEY_FILENAME,
-    client_context,
-    create_identity,
-    load_identity,
-)
+from edgenode.identity import KEY_FILENAME, create_identity, load_identity
 from edgenode.node import Node, PeerUp, Refused
 from edgenode.proto.preamble import ACCEPTED, encode_preamble
 from edgenode.simdevice import PtyPair, SimulatedDevice
+from edgenode.tls import client_context
 from edgenode.trust import load_authorised
 from firmware_bridge import cobs
 from firmware_bridge.link import DATA, FLAG_AUTH

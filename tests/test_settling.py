@@ -140,8 +140,8 @@ def test_the_lower_side_waits_for_its_own_dial_before_saying_ready() -> None:
     after a loss and replaced the settled connection on both sides: PeerUp,
     PeerDown, PeerUp, and what had been written on it was lost."""
     low, high = Side(LOW), Side(HIGH)
-    low.dispatcher.dialing.add(HIGH)  # both dial at once
-    high.dispatcher.dialing.add(LOW)
+    low.dispatcher.dials.dialing.add(HIGH)  # both dial at once
+    high.dispatcher.dials.dialing.add(LOW)
     # The higher side's dial lands first on both sides.
     h_at_high, h_at_low = high.connection(LOW, OUTBOUND, 1.0), low.connection(HIGH, INBOUND, 1.0)
     high.opened(h_at_high, 2.0)
@@ -165,8 +165,8 @@ def test_the_lower_side_waits_for_its_own_dial_before_saying_ready() -> None:
 
 def test_the_higher_side_waits_for_its_own_dial_and_keeps_it() -> None:
     low, high = Side(LOW), Side(HIGH)
-    low.dispatcher.dialing.add(HIGH)
-    high.dispatcher.dialing.add(LOW)
+    low.dispatcher.dials.dialing.add(HIGH)
+    high.dispatcher.dials.dialing.add(LOW)
     # The lower side's dial lands first on both sides.
     l_at_low, l_at_high = low.connection(HIGH, OUTBOUND, 1.0), high.connection(LOW, INBOUND, 1.0)
     low.opened(l_at_low, 2.0)
@@ -186,7 +186,7 @@ def test_the_higher_side_waits_for_its_own_dial_and_keeps_it() -> None:
 
 def test_a_dial_that_fails_releases_the_ready_it_held() -> None:
     low, high = Side(LOW), Side(HIGH)
-    low.dispatcher.dialing.add(HIGH)
+    low.dispatcher.dials.dialing.add(HIGH)
     h_at_low, h_at_high = low.connection(HIGH, INBOUND, 1.0), high.connection(LOW, OUTBOUND, 1.0)
     high.opened(h_at_high, 2.0)
     low.opened(h_at_low, 2.0)

@@ -254,7 +254,7 @@ async def run_flood(
     hello = client_hello() if kind in NEEDS_CERT else b""
     client_ctx = None
     if kind in NEEDS_IDENTITY:
-        from ..identity import client_context
+        from ..tls import client_context
 
         client_ctx = client_context(identity)
     limiter = anyio.CapacityLimiter(concurrency)

@@ -22,7 +22,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ..errors import EdgeNodeError, HandshakeError, IdentityError, NotAuthorised, PeerRefused
-from ..identity import PinnedContexts, node_id_from_cert_der, ssl_reason
+from ..identity import node_id_from_cert_der
 from ..ips import normalise_ip
 from ..proto.preamble import (
     ACCEPTED,
@@ -34,6 +34,7 @@ from ..proto.preamble import (
     parse_verdict,
 )
 from ..refusals import address_group
+from ..tls import PinnedContexts, ssl_reason
 
 
 class Unreachable(HandshakeError):

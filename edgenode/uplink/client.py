@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..identity import ssl_reason
+from ..tls import ssl_reason
 from .config import Broker, UplinkConfig
 from .errors import BrokerRefused, BrokerUnavailable, BrokerUntrusted, UplinkError
 

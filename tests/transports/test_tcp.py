@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from edgenode.errors import HandshakeError
-from edgenode.identity import client_context
+from edgenode.tls import client_context
 from edgenode.transports.tcp import Unreachable, dial_link
 
 from ..conftest import free_port
