@@ -87,4 +87,4 @@ done
 # more than 10 % over tests/micropython/heap_figures.json, or misses a target.
 echo "-- heap figures"
 "$cache/venv/bin/python" tests/micropython/heap.py --runtime "$runtime" --mpy-cross "$mpy_cross" \
-    --build "$cache/heap" --json "$cache/heap.json"
+    --build "$cache/heap" --json "$cache/heap.json" --check
