@@ -22,6 +22,7 @@ accepted is ever queued on a connection that loses a tie
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .mailbox import Mailbox
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .proto.connection import PeerProtocol
     from .proto.messages import Hello
     from .transports.tcp import Link
+
+log = logging.getLogger("edgenode.node")
 
 #: Frames that may not wait or be lost (answers, device lists, a bye) may go
 #: beyond a full outbox by this many; past that the peer is too slow.
@@ -142,6 +145,25 @@ class Connection:
             return False
         box.put_beyond_capacity(frame)
         return True
+
+    def queue_droppable(self, frame: bytes) -> bool:
+        """Queue a best-effort frame (a ping, a pong, a peer list) without waiting.
+
+        A full outbox drops it, counted in ``drops`` and logged at the first
+        drop and every 100th after. Returns whether it was queued.
+        """
+        if self.queue_nowait(frame, droppable=True):
+            return True
+        drops = self.drops
+        if not self.outbox.closed and (drops == 1 or drops % 100 == 0):
+            log.warning(
+                "peer %s is not reading: outbox full (%d frames); dropped "
+                "best-effort traffic (%d drops)",
+                self.ip,
+                self.outbox.capacity,
+                drops,
+            )
+        return False
 
     def take_unsent_data(self) -> list[bytes]:
         """Remove and return the data frames not yet written, oldest first.

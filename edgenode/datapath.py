@@ -12,8 +12,11 @@ type, at once:
   ended, so the wait is bounded;
 - a request to its handler (a task of the connection's own), an answer to
   the caller waiting for it, device traffic to the device router;
-- everything that changes peer state (ping, pong, ready, bye, peer and
-  device lists) to the dispatcher's inbox, after the data read with it.
+- a ping is answered at once: the reader queues the pong itself (a pong
+  changes no peer state, and the read already counted as a sign of life),
+  sparing the dispatcher a wake-up for every ping a peer sends;
+- everything that changes peer state (pong, ready, bye, peer and device
+  lists) to the dispatcher's inbox, after the data read with it.
 
 The writer drains the connection's outbox into the TLS stream, joining
 what is queued into writes of up to 64 KiB. It is woken only when the
@@ -36,6 +39,7 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from .api import Incoming
 from .errors import EdgeNodeError, HandshakeError, ProtocolError, SlowPeer
 from .inbox import Closed, Control, Inbox, Opened
+from .proto.connection import PeerProtocol
 from .proto.messages import (
     Bye,
     Data,
@@ -55,6 +59,7 @@ from .proto.messages import (
 if TYPE_CHECKING:
     from .connection import Connection
     from .keepalive import Keepalive
+    from .mailbox import Mailbox
     from .requests import Requests
     from .subscriptions import Subscriptions
 
@@ -67,7 +72,8 @@ READ_BYTES = 65536
 #: Most bytes joined into one TLS write.
 COALESCE_BYTES = 64 * 1024
 
-_CONTROL = (Ping, Pong, Bye, Peers, Devices, Ready)
+_CONTROL = (Pong, Bye, Peers, Devices, Ready)
+_frame = PeerProtocol.send
 
 
 def os_detail(exc: BaseException) -> str:
@@ -95,6 +101,21 @@ async def close_stream(stream: Any) -> None:
             await stream.aclose()
         except (OSError, BrokenResourceError, ClosedResourceError):
             pass
+
+
+def take_write(box: Mailbox[bytes]) -> bytes:
+    """Take the next frame from a non-empty outbox, joined with what is
+    queued behind it into one write of up to :data:`COALESCE_BYTES`."""
+    frame = box.get_nowait()
+    size = len(frame)
+    if not box or size >= COALESCE_BYTES:
+        return frame
+    parts = [frame]
+    while box and size < COALESCE_BYTES:
+        more = box.get_nowait()
+        parts.append(more)
+        size += len(more)
+    return b"".join(parts)
 
 
 class DeviceRoutes(Protocol):
@@ -135,16 +156,15 @@ class DataPath:
         """Run ``conn`` until it closes: tell the dispatcher, then read and write."""
         self.open_connections += 1
         try:
-            with anyio.CancelScope() as scope:
-                conn.scope = scope
+            # The reader reports the end of the stream to the dispatcher,
+            # which cancels this task group, or first lets the writer flush a
+            # bye that tells the peer why. Its own cancel scope is the
+            # connection's: one scope less per connection.
+            async with anyio.create_task_group() as tg:
+                conn.tg, conn.scope = tg, tg.cancel_scope
                 await self.inbox.post(Opened(conn))
-                # The reader reports the end of the stream to the dispatcher,
-                # which cancels this scope, or first lets the writer flush a
-                # bye that tells the peer why.
-                async with anyio.create_task_group() as tg:
-                    conn.tg = tg
-                    tg.start_soon(self._write, conn)
-                    await self._read(conn)
+                tg.start_soon(self._write, conn)
+                await self._read(conn)
         except Exception as exc:
             # A bug, not a peer's doing. The other connections share the
             # node's task group, so contain it here and keep the registry
@@ -165,8 +185,7 @@ class DataPath:
         error: EdgeNodeError | None = None
         try:
             if conn.early:
-                early, conn.early = conn.early, []
-                await self._route(conn, early)
+                await self._route_early(conn)
             while True:
                 data = await stream.receive(READ_BYTES)
                 conn.bytes_in += len(data)
@@ -174,6 +193,9 @@ class DataPath:
                 messages = proto.receive_data(data)
                 if messages:
                     await self._route(conn, messages)
+                # Nothing read is kept alive while the next read waits: on an
+                # idle connection that was busy, up to a 64 KiB read.
+                del data, messages
         except EndOfStream:
             try:
                 proto.receive_eof()
@@ -185,6 +207,10 @@ class DataPath:
         except (BrokenResourceError, ClosedResourceError, OSError) as exc:
             reason = f"connection lost: {os_detail(exc)}"
         await self.inbox.post(Closed(conn, reason, error))
+
+    async def _route_early(self, conn: Connection) -> None:
+        early, conn.early = conn.early, []
+        await self._route(conn, early)
 
     async def _route(self, conn: Connection, messages: list[Any]) -> None:
         """Route each message by its type; control messages go to the inbox last."""
@@ -207,6 +233,11 @@ class DataPath:
                 # reserve; past it the peer asks without reading answers.
                 if refusal is not None and not conn.queue_nowait(refusal):
                     raise SlowPeer(f"{conn.ip}: slow peer: it sends requests but reads no answers")
+            elif kind is Ping:
+                # Best effort, as every pong is (a full outbox drops it,
+                # counted); not traffic: a pong does not postpone our own
+                # ping (failure 2).
+                conn.queue_droppable(_frame(Pong(msg.nonce)))
             elif kind in _CONTROL:
                 if kind is Ready:
                     conn.ready_received = True
@@ -250,18 +281,11 @@ class DataPath:
                         break
                     await box.wait_item()
                     continue
-                frame = box.get_nowait()
-                size = len(frame)
-                if box and size < COALESCE_BYTES:
-                    # Join what is already queued into one TLS write.
-                    parts = [frame]
-                    while box and size < COALESCE_BYTES:
-                        more = box.get_nowait()
-                        parts.append(more)
-                        size += len(more)
-                    frame = b"".join(parts)
+                frame = take_write(box)
                 await stream.send(frame)
-                conn.bytes_out += size
+                conn.bytes_out += len(frame)
+                # Not kept alive while the writer waits: up to 64 KiB.
+                del frame
         except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
             # EndOfStream: TLS needed to read while writing and the peer had gone.
             reason = f"connection lost while sending: {os_detail(exc)}"

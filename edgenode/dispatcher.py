@@ -132,7 +132,6 @@ class Dispatcher:
             Revoked: self._on_revoked,
         }
         self._control: dict[type, Callable[[Connection, Any, float], None]] = {
-            Ping: self._on_ping,
             Pong: self._on_pong,
             Bye: self._on_bye,
             Peers: lambda conn, msg, now: self.learning.from_peer_list(msg, now),
@@ -294,34 +293,24 @@ class Dispatcher:
         now: float,
         *,
         droppable: bool = False,
-        is_traffic: bool = True,
     ) -> bool:
         """Queue a frame without waiting; apply the slow-peer policy if full.
 
         A full outbox drops a ``droppable`` frame (counted); a peer that lets
         the reserve for other frames fill up too is closed as slow. A frame
-        that ``is_traffic`` postpones our next ping; a pong does not, or the
-        side that answers pings would never ping itself, and only one
-        direction would ever be proved alive (failure 2).
+        queued postpones our next ping. (Pongs are queued by the connection's
+        reader, and are not traffic: failure 2, edgenode.datapath.)
         """
         if conn.closing:
             return False
-        if not conn.queue_nowait(frame, droppable=droppable):
-            if droppable:
-                if conn.drops == 1 or conn.drops % 100 == 0:
-                    log.warning(
-                        "peer %s is not reading: outbox full (%d frames); dropped "
-                        "best-effort traffic (%d drops)",
-                        conn.ip,
-                        conn.outbox.capacity,
-                        conn.drops,
-                    )
-            else:
-                reason = f"slow peer: outbox full ({conn.outbox.capacity} frames and the reserve)"
-                self.drop(conn, reason, now, error=SlowPeer(f"{conn.ip}: {reason}"), bye=False)
+        if droppable:
+            if not conn.queue_droppable(frame):
+                return False
+        elif not conn.queue_nowait(frame):
+            reason = f"slow peer: outbox full ({conn.outbox.capacity} frames and the reserve)"
+            self.drop(conn, reason, now, error=SlowPeer(f"{conn.ip}: {reason}"), bye=False)
             return False
-        if is_traffic:
-            self.keepalive.sent(conn.ip, now)
+        self.keepalive.sent(conn.ip, now)
         return True
 
     def queue_to_peers(self, frame: bytes, droppable: bool) -> None:
@@ -484,9 +473,6 @@ class Dispatcher:
             if conn.closing:
                 return
             handlers[type(msg)](conn, msg, now)
-
-    def _on_ping(self, conn: Connection, msg: Ping, now: float) -> None:
-        self.queue(conn, _frame(Pong(msg.nonce)), now, droppable=True, is_traffic=False)
 
     def _on_pong(self, conn: Connection, msg: Pong, now: float) -> None:
         self.keepalive.pong(conn.ip, msg.nonce, now)

@@ -4,8 +4,10 @@ Sources (a connection's reader, handshakes and dials, the serial bridge,
 discovery, ``add_peer`` and shutdown) post the events below and may wait
 for room; the dispatcher takes them and never waits on anything else.
 Only what changes peer state comes through here: connections opened and
-closed, handshakes that failed, keepalive, bye, ready, peer and device
-lists. Application data does not (docs/architecture.md, "The data path").
+closed, handshakes that failed, pongs (our pings' round trips), bye,
+ready, peer and device lists. Application data does not, nor do the
+peer's pings, which its connection's reader answers itself
+(docs/architecture.md, "The data path").
 
 Each event records when it was posted, for the loop-lag figure.
 """
