@@ -9,9 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
+
 from .errors import ConfigError
 
 DEFAULT_PORT = 7300
+#: Baud rates a serial port may be set to (pyserial takes any; a UART's own
+#: limits are narrower).
+MIN_BAUD = 50
+MAX_BAUD = 4_000_000
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -221,16 +227,20 @@ class NodeConfig:
                 f"serial_keepalive_timeout_s: expected more than serial_keepalive_interval_s "
                 f"({self.serial_keepalive_interval_s}), got {self.serial_keepalive_timeout_s}"
             )
-        if not 128 <= self.serial_max_frame <= 4096:
+        if not MIN_FRAME_BYTES <= self.serial_max_frame <= MAX_FRAME_BYTES:
             raise ConfigError(
-                f"serial_max_frame: expected 128..4096, got {self.serial_max_frame!r}"
+                f"serial_max_frame: expected {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES}, "
+                f"got {self.serial_max_frame!r}"
             )
-        if self.serial_psk is not None and not 16 <= len(self.serial_psk) <= 64:
+        psk = self.serial_psk
+        if psk is not None and not MIN_PSK_BYTES <= len(psk) <= MAX_PSK_BYTES:
             raise ConfigError(
-                f"serial_psk: expected 16..64 bytes, got {len(self.serial_psk)} bytes"
+                f"serial_psk: expected {MIN_PSK_BYTES}..{MAX_PSK_BYTES} bytes, got {len(psk)} bytes"
             )
-        if not 50 <= self.serial_baud <= 4_000_000:
-            raise ConfigError(f"serial_baud: expected 50..4000000, got {self.serial_baud!r}")
+        if not MIN_BAUD <= self.serial_baud <= MAX_BAUD:
+            raise ConfigError(
+                f"serial_baud: expected {MIN_BAUD}..{MAX_BAUD}, got {self.serial_baud!r}"
+            )
         if not 16 <= self.memory_budget_mb <= 1_048_576:
             raise ConfigError(
                 f"memory_budget_mb: expected 16..1048576, got {self.memory_budget_mb!r}"

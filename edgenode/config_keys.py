@@ -18,7 +18,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import parse_address
+from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
+
+from .config import MAX_BAUD, MIN_BAUD, parse_address
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -160,8 +162,11 @@ def read_psk_file(path: Path) -> bytes:
 def _psk_file(value: object, base: Path | None) -> tuple[Path, bytes]:
     path = _path(value, base)
     key = read_psk_file(path)
-    if not 16 <= len(key) <= 64:
-        raise ConfigError(f"{path}: expected a key of 16..64 bytes, got {len(key)} bytes")
+    if not MIN_PSK_BYTES <= len(key) <= MAX_PSK_BYTES:
+        raise ConfigError(
+            f"{path}: expected a key of {MIN_PSK_BYTES}..{MAX_PSK_BYTES} bytes, "
+            f"got {len(key)} bytes"
+        )
     return path, key
 
 
@@ -393,10 +398,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.handler_timeout_s", "handler_timeout_s", _positive),
     Setting("limits.subscriber_stall_timeout_s", "subscriber_stall_timeout_s", _positive),
     Setting("serial.ports", "serial_ports", _serial_ports, flag="--serial"),
-    Setting("serial.baud", "serial_baud", _integer(50, 4_000_000), profile=True),
+    Setting("serial.baud", "serial_baud", _integer(MIN_BAUD, MAX_BAUD), profile=True),
     Setting("serial.psk_file", "serial_psk", _psk_file, flag="--serial-psk-file"),
     Setting("serial.reliable", "serial_reliable", _boolean, flag="--serial-reliable"),
-    Setting("serial.max_frame", "serial_max_frame", _integer(128, 4096), profile=True),
+    Setting(
+        "serial.max_frame",
+        "serial_max_frame",
+        _integer(MIN_FRAME_BYTES, MAX_FRAME_BYTES),
+        profile=True,
+    ),
     Setting("serial.keepalive_interval_s", "serial_keepalive_interval_s", _positive, profile=True),
     Setting("serial.keepalive_timeout_s", "serial_keepalive_timeout_s", _positive, profile=True),
     Setting("discovery.enabled", "discovery", _boolean, flag="--discovery"),

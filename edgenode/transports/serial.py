@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from ..config import MAX_BAUD, MIN_BAUD
 from ..errors import ConfigError, EdgeNodeError
 
 DEFAULT_BAUD = 115200
@@ -37,9 +38,9 @@ def parse_serial_spec(text: str) -> tuple[str, int]:
         return text, DEFAULT_BAUD
     if not path:
         raise ConfigError(f"serial port {text!r}: missing device path")
-    if not baud_text.isdigit() or not 50 <= int(baud_text) <= 4_000_000:
+    if not baud_text.isdigit() or not MIN_BAUD <= int(baud_text) <= MAX_BAUD:
         raise ConfigError(
-            f"serial port {text!r}: baud rate should be 50..4000000, got {baud_text!r}"
+            f"serial port {text!r}: baud rate should be {MIN_BAUD}..{MAX_BAUD}, got {baud_text!r}"
         )
     return path, int(baud_text)
 
