@@ -80,7 +80,7 @@ class Dropped(Record):
 
 
 class LinkStats:
-    """Counters: frames and bytes each way, drops by reason, retransmissions."""
+    """Counters: frames and bytes each way, drops by reason, retransmissions, held back."""
 
     __slots__ = (
         "bytes_in",
@@ -88,6 +88,7 @@ class LinkStats:
         "drops",
         "frames_in",
         "frames_out",
+        "held_back",
         "out_of_memory",
         "retransmits",
         "tx_skipped",
@@ -99,6 +100,7 @@ class LinkStats:
         self.bytes_in = 0  # every byte fed to receive_bytes
         self.bytes_out = 0  # every byte queued for the line
         self.retransmits = 0
+        self.held_back = 0  # frames not taken for want of room (flow control): resent
         self.out_of_memory = 0  # frames lost to a MemoryError while being read
         self.tx_skipped = 0  # control frames not queued because the output was full
         self.drops = {}  # reason -> count
@@ -112,7 +114,8 @@ class LinkStats:
         return (
             f"LinkStats(frames_in={self.frames_in}, frames_out={self.frames_out}, "
             f"bytes_in={self.bytes_in}, bytes_out={self.bytes_out}, "
-            f"retransmits={self.retransmits}, tx_skipped={self.tx_skipped}, "
+            f"retransmits={self.retransmits}, held_back={self.held_back}, "
+            f"tx_skipped={self.tx_skipped}, "
             f"out_of_memory={self.out_of_memory}, "
             f"drops={self.drops!r})"
         )
