@@ -7,7 +7,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
 
@@ -38,6 +38,67 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"invalid address {text!r}: port should be 0..65535, got {port_text!r}")
     return host, int(port_text)
+
+
+class SerialPortSpec(NamedTuple):
+    """One configured serial port: ``PORT[:BAUD][,dtr=on|off][,rts=on|off]``.
+
+    ``baud`` None (in a parsed spec): the node's ``serial_baud``. ``dtr`` and
+    ``rts`` None: the node's ``serial_dtr`` / ``serial_rts`` (board defaults),
+    the state the modem lines are set to when the port opens (True:
+    asserted, as pyserial does by default).
+    """
+
+    path: str
+    baud: int | None = None
+    dtr: bool | None = None
+    rts: bool | None = None
+
+    def __str__(self) -> str:
+        text = self.path if self.baud is None else f"{self.path}:{self.baud}"
+        for name in ("dtr", "rts"):
+            value = getattr(self, name)
+            if value is not None:
+                text += f",{name}={'on' if value else 'off'}"
+        return text
+
+
+_LINE_STATES = {"on": True, "off": False}
+
+
+def parse_serial_spec(text: str) -> SerialPortSpec:
+    """Parse ``PORT[:BAUD][,dtr=on|off][,rts=on|off]`` (``/dev/ttyUSB0:115200,dtr=off``).
+
+    The baud rate, ``dtr`` and ``rts`` are None when not given. Raises
+    :class:`ConfigError` for a missing path, a bad baud rate or option.
+    """
+    head, *options = text.split(",")
+    path, sep, baud_text = head.rpartition(":")
+    baud: int | None = None
+    if not sep or "/" in baud_text:
+        path = head
+    elif not baud_text.isdigit() or not MIN_BAUD <= int(baud_text) <= MAX_BAUD:
+        raise ConfigError(
+            f"serial port {text!r}: baud rate should be {MIN_BAUD}..{MAX_BAUD}, got {baud_text!r}"
+        )
+    else:
+        baud = int(baud_text)
+    if not path:
+        raise ConfigError(f"serial port {text!r}: missing device path")
+    lines: dict[str, bool] = {}
+    for option in options:
+        name, eq, value = option.strip().partition("=")
+        if name not in ("dtr", "rts") or not eq:
+            raise ConfigError(
+                f"serial port {text!r}: unknown option {option!r:.40}, "
+                f"expected dtr=on|off or rts=on|off"
+            )
+        if value.lower() not in _LINE_STATES:
+            raise ConfigError(
+                f"serial port {text!r}: {name} should be on or off, got {value!r:.20}"
+            )
+        lines[name] = _LINE_STATES[value.lower()]
+    return SerialPortSpec(path, baud, lines.get("dtr"), lines.get("rts"))
 
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or
@@ -116,8 +177,15 @@ class NodeConfig:
     max_handshake_rate_per_ip: float = 4.0
     #: Dial authorised peers that other peers tell us about.
     learn_peers: bool = True
-    #: Serial ports bridging microcontrollers, as (device path, baud rate).
-    serial_ports: list[tuple[str, int]] = field(default_factory=list)
+    #: Serial ports bridging microcontrollers: (device path, baud rate) or a
+    #: :class:`SerialPortSpec` (which may set the port's DTR and RTS).
+    serial_ports: list[tuple[str, int] | SerialPortSpec] = field(default_factory=list)
+    #: The DTR and RTS lines of every serial port at open, unless its spec
+    #: says otherwise: True asserts the line (pyserial's default). Many ESP32
+    #: boards reset when one toggles; native-USB boards take DTR low as "no
+    #: host" (docs/microcontrollers.md, "DTR and RTS").
+    serial_dtr: bool = True
+    serial_rts: bool = True
     #: Pre-shared key (16..64 bytes) authenticating every UART frame, or None.
     serial_psk: bytes | None = None
     #: Ask devices for reliable delivery (sequence numbers, acks, retransmission).
@@ -227,6 +295,11 @@ class NodeConfig:
                 f"serial_keepalive_timeout_s: expected more than serial_keepalive_interval_s "
                 f"({self.serial_keepalive_interval_s}), got {self.serial_keepalive_timeout_s}"
             )
+        for spec in self.serial_ports:
+            check_serial_port(spec)
+        for name in ("serial_dtr", "serial_rts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if not MIN_FRAME_BYTES <= self.serial_max_frame <= MAX_FRAME_BYTES:
             raise ConfigError(
                 f"serial_max_frame: expected {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES}, "
@@ -260,14 +333,33 @@ class NodeConfig:
                 raise ConfigError(f"peers: port of {host}: expected 1..65535, got {port!r}")
             if _same_ip(host, self.listen_host):
                 raise ConfigError(
-                    f"peers: {host} is this node's own listen address; a node does not "
-                    "dial itself"
+                    f"peers: {host} is this node's own listen address; a node does not dial itself"
                 )
         if self.control_group is not None:
             resolve_group(self.control_group, "control_group")
         if self.uplink is not None:
             self.uplink.validate()
         return self
+
+
+def check_serial_port(spec: object) -> None:
+    """Check one ``serial_ports`` entry; raise :class:`ConfigError`."""
+    if not isinstance(spec, tuple) or len(spec) not in (2, 4):
+        raise ConfigError(
+            f"serial_ports: expected (path, baud) or a SerialPortSpec, got {spec!r:.60}"
+        )
+    path, baud = spec[0], spec[1]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"serial_ports: expected a device path, got {path!r:.60}")
+    if isinstance(baud, bool) or not isinstance(baud, int) or not MIN_BAUD <= baud <= MAX_BAUD:
+        raise ConfigError(
+            f"serial_ports: {path}: expected a baud rate in {MIN_BAUD}..{MAX_BAUD}, got {baud!r}"
+        )
+    for name, value in zip(("dtr", "rts"), spec[2:]):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(
+                f"serial_ports: {path}: {name} should be true, false or None, got {value!r}"
+            )
 
 
 def resolve_group(group: str | int, what: str = "group") -> tuple[int, str]:

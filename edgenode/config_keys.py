@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
 
-from .config import MAX_BAUD, MIN_BAUD, parse_address
+from .config import MAX_BAUD, MIN_BAUD, SerialPortSpec, parse_address, parse_serial_spec
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -125,20 +125,18 @@ def _node_ids(value: object, base: Path | None) -> frozenset[str]:
     return frozenset(parse_node_id(text) for text in _strings(value, "node ID strings"))
 
 
-def parse_serial_port(text: str) -> tuple[str, int | None]:
-    """Parse ``PORT[:BAUD]``; the baud rate is None when not given.
+def parse_serial_port(text: str) -> SerialPortSpec:
+    """Parse ``PORT[:BAUD][,dtr=on|off][,rts=on|off]``; what is not given is None.
 
-    Raises :class:`ConfigError` (a bad or missing device path, a bad baud rate).
+    Raises :class:`ConfigError` (a bad or missing device path, a bad baud rate
+    or option).
     """
-    from .transports.serial import parse_serial_spec
-
-    path, baud = parse_serial_spec(text)
-    # parse_serial_spec returns the whole text as the path when it has no baud.
-    return (path, None) if path == text else (path, baud)
+    return parse_serial_spec(text)
 
 
-def _serial_ports(value: object, base: Path | None) -> list[tuple[str, int | None]]:
-    return [parse_serial_port(text) for text in _strings(value, '"PORT[:BAUD]" strings')]
+def _serial_ports(value: object, base: Path | None) -> list[SerialPortSpec]:
+    what = '"PORT[:BAUD][,dtr=on|off][,rts=on|off]" strings'
+    return [parse_serial_port(text) for text in _strings(value, what)]
 
 
 def read_psk_file(path: Path) -> bytes:
@@ -399,6 +397,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.subscriber_stall_timeout_s", "subscriber_stall_timeout_s", _positive),
     Setting("serial.ports", "serial_ports", _serial_ports, flag="--serial"),
     Setting("serial.baud", "serial_baud", _integer(MIN_BAUD, MAX_BAUD), profile=True),
+    Setting("serial.dtr", "serial_dtr", _boolean, profile=True),
+    Setting("serial.rts", "serial_rts", _boolean, profile=True),
     Setting("serial.psk_file", "serial_psk", _psk_file, flag="--serial-psk-file"),
     Setting("serial.reliable", "serial_reliable", _boolean, flag="--serial-reliable"),
     Setting(
@@ -446,6 +446,7 @@ KEY_OF_FIELD: dict[str, str] = {
     "listen_port": "node.listen",
 }
 PROFILE_KEYS: frozenset[str] = frozenset(s.key for s in SETTINGS if s.profile)
+
 
 # A timeout set below the layer of its interval follows it: 3 intervals.
 def _suggest(word: str, choices: Iterable[str]) -> str | None:
