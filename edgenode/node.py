@@ -198,7 +198,7 @@ class Node:
             is_closing=lambda: self._closing or self._tg is None,
             settle_wait_s=config.handshake_timeout_s,
         )
-        self.devices.resolve_node = self.sending.resolve_node
+        self.devices.sending = self.sending
         self.datapath = DataPath(
             subscriptions=self.subscriptions,
             requests=self.requests,
