@@ -388,7 +388,8 @@ class SerialBridge:
             return
         before = port.device_memory_errors or 0
         port.device_memory_errors = count
-        if count > before and first_of_a_power_of_ten(count):
+        # Said at the first report, then as the count reaches 10, 100, ...
+        if count > before and (before == 0 or len(str(count)) > len(str(before))):
             log.warning(
                 "device %s on %s has survived %d MemoryError(s): its heap is too small or "
                 'too fragmented (docs/microcontrollers.md, "When the heap runs out")',

@@ -60,6 +60,7 @@ class Port:
     """One configured serial port and, while a device answers on it, its session."""
 
     __slots__ = (
+        "attempts",
         "baud",
         "delivery",
         "device_id",
@@ -101,6 +102,8 @@ class Port:
         #: Sessions that came up on this port: answers name the one they are for.
         self.session = 0
         self.state = OPENING
+        #: Failed tries to open it since it was last open.
+        self.attempts = 0
         self.error: str | None = None
         #: The fault last logged (a SerialUnavailable kind, or LOST); None once open.
         self.fault: str | None = None
@@ -120,6 +123,7 @@ class Port:
     def open_failed(self, error: SerialUnavailable, now: float) -> str | None:
         """The port could not be opened: its state, and the warning, once per fault."""
         state = WAITING if error.kind == MISSING else ERROR
+        self.attempts += 1
         if state != self.state:
             self.since = now
         self.state = state
@@ -137,6 +141,7 @@ class Port:
         self.state = OPEN
         self.error = None
         self.since = now
+        self.attempts = 0
         if fault is None:
             return None
         what = "lost" if fault == LOST else (was if was == WAITING else f"in error ({fault})")
@@ -185,6 +190,7 @@ class Port:
             "state": self.state,
             "error": self.error,
             "for_s": now - self.since,
+            "attempts": self.attempts,
             "device": self.device_id,
             "session": "up" if link is not None and link.is_up else "down",
             "reliable": bool(link is not None and link.reliable),

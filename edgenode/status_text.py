@@ -137,6 +137,8 @@ def _serial_lines(ports: list[dict[str, Any]] | None) -> list[str]:
             )
         else:
             line = f"{head}{where}: {state} for {_duration(port.get('for_s'))}"
+            if port.get("attempts"):
+                line += f" ({port['attempts']:,} tries)"
             if port.get("error"):
                 line += f": {port['error']}"
             lines.append(line)
