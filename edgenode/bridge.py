@@ -65,7 +65,7 @@ log = logging.getLogger("edgenode.bridge")
 MAX_DEVICE_REQUESTS = 8
 #: Messages from a port's devices waiting for its delivery task. In reliable
 #: mode the link holds back what does not fit (the device resends it).
-DELIVERY_SLOTS = 32
+DELIVERY_SLOTS = 256
 #: Writes waiting for a port. Application data waits for room below this;
 #: the link's own frames (hellos, pings, acks) never wait and never drop.
 _OUTBOX_CHUNKS = 64
