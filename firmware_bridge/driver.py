@@ -73,13 +73,9 @@ from .cobs import LinkError
 from .handlers import (
     COUNTERS,
     MAX_TASKS,
-    STATUS_BUSY,
-    STATUS_HANDLER_FAILED,
-    STATUS_NO_HANDLER,
-    STATUS_OK,
     Handlers,
     RequestError,
-    RequestFailed,
+    RequestFailed,  # noqa: F401 (re-exported: the errors of request())
     RequestLost,
     RequestTimeout,
     error_text,
@@ -90,27 +86,9 @@ from .link import (
     Link,
     LinkDown,
     LinkUsageError,
-    MessageTooLarge,
+    MessageTooLarge,  # noqa: F401 (re-exported: what publish() raises)
     SendQueueFull,
 )
-
-__all__ = [
-    "MAX_PENDING_REQUESTS",
-    "MAX_TASKS",
-    "MEMORY_TOPIC",
-    "STATUS_BUSY",
-    "STATUS_HANDLER_FAILED",
-    "STATUS_NO_HANDLER",
-    "STATUS_OK",
-    "Device",
-    "MessageTooLarge",
-    "RequestError",
-    "RequestFailed",
-    "RequestLost",
-    "RequestTimeout",
-    "default_clock",
-    "new_epoch",
-]
 
 try:
     from micropython import const

@@ -11,41 +11,31 @@ the wire format byte by byte.
 
 The parts, one module each, imported only when used (as micropython-lib
 splits optional features): :mod:`.frame` (types, limits, errors, fields),
-:mod:`.hello`, :mod:`.events`, :mod:`.session` (hellos, the session's
-transitions, keepalive: the base class of :class:`Link`), and, loaded by a
-Link that is configured for them, :mod:`.auth` (a pre-shared key) and
-:mod:`.reliable`. This module frames, sends and receives, and re-exports
-the names of the others.
+:mod:`.hello`, :mod:`.events`, :mod:`.session` (hellos, the session,
+keepalive: the base class of :class:`Link`), and, for a Link configured
+for them, :mod:`.auth` (a pre-shared key) and :mod:`.reliable`. This
+module frames, sends and receives, and re-exports the others' names.
 
-The rules, in the order a link meets them:
+The rules, in the order a link meets them (docs/serial-protocol.md):
 
-1. Framing. Every frame is ``COBS(body + CRC-32(body), little-endian)``
-   followed by 0x00. A frame that is oversize, bad COBS, short, or fails
-   its CRC is dropped and counted; the reader resynchronises at the next
-   0x00. Hello frames are sent with a leading 0x00 so that they also end
-   any garbage the receiver holds.
-2. Header. The body's first byte holds the frame type (low 4 bits) and
-   two flags: RELIABLE (a 1-byte sequence number follows) and AUTH (a
-   4-byte counter follows, a 16-byte HMAC-SHA256 tag ends the body).
+1. Framing: ``COBS(body + CRC-32(body), little-endian)`` and 0x00. A bad
+   frame is dropped and counted; the reader resynchronises at the next
+   0x00. Hellos are sent with a leading 0x00 that ends any garbage.
+2. Header: the frame type (low 4 bits), RELIABLE (a sequence number
+   follows) and AUTH (a counter follows, a 16-byte tag ends the body).
 3. The session and keepalive: :mod:`.session`.
-4. Reliable mode, when both hellos ask for it: application frames carry an
-   8-bit sequence number; the receiver delivers them exactly once and in
-   order and acknowledges cumulatively; the sender keeps at most ``window``
-   frames unacknowledged, retransmits all of them (go-back-N) after
-   ``rto_ms`` without progress (then after 2, 4, 8 times that while none
-   comes), and queues at most ``send_queue`` more.
-5. Flow control, in reliable mode: ``receive_bytes(..., room=n)`` takes at
-   most ``n`` new DATA, REQUEST and SEND_TO frames (a RESPONSE needs no
-   room); the next ones are held back, not acknowledged, so their sender
-   keeps them and sends them again. They are counted in
-   ``stats.held_back``, not as drops. When the owner has room again,
-   ``resume()`` acknowledges what it has (a repeated ack), and a sender
-   that gets an ack of the frame just before its oldest unacknowledged one
-   resends at once, once per such frame, instead of waiting for ``rto_ms``.
-6. Authentication, when both sides hold the same pre-shared key: each frame
-   carries a counter that strictly increases per direction and a tag over
-   (sender epoch, receiver epoch, body). A bad tag is "auth failure"; a
-   counter not above the last accepted is "replay".
+4. Reliable mode, when both hellos ask for it: exactly once and in order,
+   cumulative acks, at most ``window`` frames unacknowledged, go-back-N
+   after ``rto_ms`` without progress (then 2 and 4 times that), at most
+   ``send_queue`` more queued.
+5. Flow control (reliable mode): ``receive_bytes(..., room=n)`` takes at
+   most ``n`` new DATA, REQUEST and SEND_TO frames; the next ones are held
+   back unacknowledged, for their sender to resend (``stats.held_back``,
+   not drops). ``resume()`` acknowledges again once there is room; an ack
+   of the frame just before a sender's oldest unacknowledged one makes it
+   resend at once, once per such frame.
+6. Authentication with a shared key: a counter that strictly increases per
+   direction and a tag over (sender epoch, receiver epoch, body).
 
 Bad bytes from the line never raise: each bad frame becomes a
 :class:`Dropped` event and a count in ``stats.drops``, and the session
@@ -60,15 +50,17 @@ from binascii import crc32
 
 from . import cobs
 from .cobs import BadCOBS, FrameError, FrameTooLarge, LinkError, hex_preview
-from .events import Dropped, LinkStats, Received, SessionDown, SessionUp
+from .events import Dropped, LinkStats, Received, SessionDown, SessionUp, parse_app
 from .frame import (
     ACK,
+    APP_TYPES,
     AUTH_BYTES,
     COUNTER_BYTES,
     CRC_BYTES,
     DATA,
     FLAG_AUTH,
     FLAG_RELIABLE,
+    FLAGS_RESERVED,
     HELLO,
     HELLO_AUTH,
     HELLO_RELIABLE,
@@ -110,73 +102,29 @@ from .frame import (
     SendQueueFull,
     UnknownType,
     payload_bytes,
+    response_fields,
     topic_bytes,
     u16,
 )
 from .hello import Hello
-from .receive import Receiver
+from .session import Session
 
+# fmt: off
 __all__ = [
-    "ACK",
-    "AUTH_BYTES",
-    "COUNTER_BYTES",
-    "CRC_BYTES",
-    "DATA",
-    "FLAG_AUTH",
-    "FLAG_RELIABLE",
-    "HELLO",
-    "HELLO_AUTH",
-    "HELLO_RELIABLE",
-    "HELLO_UP",
-    "KIND_DATA",
-    "KIND_REQUEST",
-    "KIND_RESPONSE",
-    "KIND_SEND_TO",
-    "MAX_DEST_BYTES",
-    "MAX_FRAME_BYTES",
-    "MAX_ID_BYTES",
-    "MAX_PSK_BYTES",
-    "MAX_TOPIC_BYTES",
-    "MAX_WINDOW",
-    "MEMORY_TOPIC",
-    "MIN_FRAME_BYTES",
-    "MIN_PSK_BYTES",
-    "PING",
-    "PONG",
-    "PROTOCOL_VERSION",
-    "REQUEST",
-    "RESPONSE",
-    "SEND_TO",
-    "TAG_BYTES",
-    "TYPE_NAMES",
-    "AuthFailure",
-    "BadCOBS",
-    "BadCRC",
-    "BadFrame",
-    "BadHello",
-    "Dropped",
-    "Duplicate",
-    "FrameError",
-    "FrameTooLarge",
-    "Hello",
-    "Link",
-    "LinkDown",
-    "LinkError",
-    "LinkStats",
-    "LinkUsageError",
-    "MessageTooLarge",
-    "NotUp",
-    "OutOfOrder",
-    "Received",
-    "Replay",
-    "SendQueueFull",
-    "SessionDown",
-    "SessionUp",
-    "UnknownType",
+    "ACK", "AUTH_BYTES", "COUNTER_BYTES", "CRC_BYTES", "DATA", "FLAG_AUTH", "FLAG_RELIABLE",
+    "HELLO", "HELLO_AUTH", "HELLO_RELIABLE", "HELLO_UP", "KIND_DATA", "KIND_REQUEST",
+    "KIND_RESPONSE", "KIND_SEND_TO", "MAX_DEST_BYTES", "MAX_FRAME_BYTES", "MAX_ID_BYTES",
+    "MAX_PSK_BYTES", "MAX_TOPIC_BYTES", "MAX_WINDOW", "MEMORY_TOPIC", "MIN_FRAME_BYTES",
+    "MIN_PSK_BYTES", "PING", "PONG", "PROTOCOL_VERSION", "REQUEST", "RESPONSE", "SEND_TO",
+    "TAG_BYTES", "TYPE_NAMES", "AuthFailure", "BadCOBS", "BadCRC", "BadFrame", "BadHello",
+    "Dropped", "Duplicate", "FrameError", "FrameTooLarge", "Hello", "Link", "LinkDown",
+    "LinkError", "LinkStats", "LinkUsageError", "MessageTooLarge", "NotUp", "OutOfOrder",
+    "Received", "Replay", "SendQueueFull", "SessionDown", "SessionUp", "UnknownType",
 ]
+# fmt: on
 
 
-class Link(Receiver):
+class Link(Session):
     """One end of a UART link: framing, session, keepalive, reliability, auth.
 
     ``role`` is "host" or "device"; ``my_id`` names this end (a device ID,
@@ -300,12 +248,62 @@ class Link(Receiver):
 
     # --- public API --------------------------------------------------------
 
-    def room(self) -> "int | None":
-        """How many more messages a send would take now; None: no limit.
+    def receive_bytes(
+        self, data: "bytes | bytearray | memoryview", now_ms: int, room: "int | None" = None
+    ) -> list:
+        """Feed bytes from the line; return the events they cause, in order.
 
-        In reliable mode a send beyond the window waits in a small queue;
-        beyond that it raises :class:`SendQueueFull`. Callers that can wait
-        should wait for room (the peer's acknowledgements make it).
+        ``room``, in reliable mode: take at most this many new DATA, REQUEST
+        and SEND_TO frames; the next ones are held back, unacknowledged, for
+        their sender to send again (call :meth:`resume` once there is room).
+        None takes everything. Bad frames never raise: each becomes a
+        :class:`Dropped` event. Raises :class:`LinkUsageError` before
+        ``start()``.
+        """
+        if not self._started:
+            raise LinkUsageError("receive_bytes before start()")
+        events = []
+        self.stats.bytes_in += len(data)
+        rel = self._rel
+        if rel is not None:
+            rel.rx_room = room
+        for item in self._splitter.frames(data):
+            if isinstance(item, FrameError):
+                self._drop(item, events)
+                continue
+            try:
+                self._receive_frame(item, now_ms, events)
+            except FrameError as exc:
+                self._drop(exc, events)
+            except MemoryError:
+                # Lost, but the link stays consistent: a reliable frame is
+                # accepted last, so its sender retransmits it. Counted only
+                # (an event would need memory too).
+                self.stats.out_of_memory += 1
+        if rel is not None and rel.ack_pending:
+            # One cumulative ack per batch of bytes.
+            rel.ack_pending = False
+            self._ack(now_ms)
+        return events
+
+    def resume(self, now_ms: int) -> None:
+        """Say there is room again (reliable mode): if frames were held back,
+        acknowledge what was delivered once more, which makes the sender
+        resend the rest at once. Does nothing otherwise; call it whenever
+        room appears."""
+        rel = self._rel
+        if rel is not None and rel.held:
+            rel.held = False
+            self._ack(now_ms)
+
+    def _ack(self, now_ms: int) -> None:
+        if self.is_up and self.reliable:
+            self._emit(ACK, bytes(((self._rel.rx_expected - 1) & 0xFF,)), now_ms)
+
+    def room(self) -> "int | None":
+        """How many more messages a send would take now; None: no limit (unreliable).
+
+        Beyond it a send raises :class:`SendQueueFull`: wait for the peer's acks.
         """
         if not self.is_up:
             return 0
@@ -334,11 +332,8 @@ class Link(Receiver):
         return self._out_len
 
     def send_data(self, topic: str, payload: bytes, now_ms: int) -> None:
-        """Send a one-way message on ``topic``.
-
-        Raises :class:`LinkDown`, :class:`MessageTooLarge`,
-        :class:`SendQueueFull` or :class:`LinkUsageError`.
-        """
+        """Send a one-way message on ``topic``. Raises :class:`LinkDown`,
+        :class:`MessageTooLarge`, :class:`SendQueueFull` or :class:`LinkUsageError`."""
         raw = topic_bytes(topic, "topic", MAX_TOPIC_BYTES)
         fields = bytes((len(raw),)) + raw + payload_bytes(payload)
         self._send_app(DATA, fields, now_ms)
@@ -355,22 +350,7 @@ class Link(Receiver):
 
         Errors as for send_data.
         """
-        head = u16(req_id, "request id")
-        if type(status) is not int or not 0 <= status <= 0xFF:
-            raise LinkUsageError(f"status should be an integer in 0..255, got {status!r}")
-        if type(payload) is str:
-            if status == 0:
-                raise LinkUsageError("a response with status 0 carries bytes, not text")
-            payload = payload.encode("utf-8")
-        payload = payload_bytes(payload)
-        if status:
-            try:
-                str(payload, "utf-8")
-            except UnicodeError:
-                raise LinkUsageError(
-                    f"the error text of a response must be utf-8, got {hex_preview(payload)}"
-                ) from None
-        fields = head + bytes((status,)) + payload
+        fields = response_fields(req_id, status, payload)
         self._send_app(RESPONSE, fields, now_ms)
 
     def send_to(self, dest: str, topic: str, payload: bytes, now_ms: int) -> None:
@@ -479,6 +459,122 @@ class Link(Receiver):
         self._out_len = pos
         self.stats.frames_out += 1
         self.stats.bytes_out += pos - start
+
+    # --- receiving ---------------------------------------------------------
+
+    def _drop(self, error: FrameError, events: list) -> None:
+        drops = self.stats.drops
+        drops[error.reason] = drops.get(error.reason, 0) + 1
+        events.append(Dropped(error))
+
+    def _receive_frame(self, encoded: memoryview, now_ms: int, events: list) -> None:
+        # Decoded into the link's own buffer: no copy of the frame is made,
+        # only of what an event carries (its topic and payload).
+        n = cobs.decode_into(encoded, self._rx)
+        raw = memoryview(self._rx)[:n]
+        if n < 1 + CRC_BYTES:
+            shown = ": " + hex_preview(raw) if n else ""
+            raise BadFrame(
+                f"bad frame: {n} bytes is shorter than the {1 + CRC_BYTES}-byte minimum{shown}"
+            )
+        if n - CRC_BYTES > self.max_frame:
+            raise FrameTooLarge(
+                f"oversize frame: body of {n - CRC_BYTES} bytes exceeds the {self.max_frame}-byte "
+                f"limit: {hex_preview(raw)}"
+            )
+        body = raw[:-CRC_BYTES]
+        sent_crc = int.from_bytes(raw[-CRC_BYTES:], "little")
+        crc = crc32(body) & U32_MAX
+        if crc != sent_crc:
+            raise BadCRC(
+                f"bad crc: frame says 0x{sent_crc:08x}, body gives 0x{crc:08x}: {hex_preview(body)}"
+            )
+        header = body[0]
+        ftype = header & 0x0F
+        if header & FLAGS_RESERVED:
+            raise BadFrame(f"bad frame: reserved bits set in header 0x{header:02x}")
+        if ftype not in TYPE_NAMES:
+            raise UnknownType(f"unknown frame type {ftype} in header 0x{header:02x}")
+        name = TYPE_NAMES[ftype]
+        if ftype != HELLO and not self.is_up:
+            # Likely the peer kept a session we lost (we restarted): tell it
+            # at once, at most once per rto_ms.
+            if now_ms - self._last_hello_ms >= self.rto_ms:
+                self._send_hello(now_ms)
+            raise NotUp(f"{name} frame before the session is up")
+        pos = 1
+        seq = None
+        if header & FLAG_RELIABLE:
+            if ftype not in APP_TYPES or not self.reliable:
+                raise BadFrame(f"bad frame: unexpected sequence number on a {name} frame")
+            if len(body) < 2:
+                raise BadFrame(f"bad frame: {name} frame ends before its sequence number")
+            seq = body[1]
+            pos = 2
+        elif self.reliable and ftype in APP_TYPES:
+            raise BadFrame(f"bad frame: {name} frame without a sequence number in reliable mode")
+
+        auth = self._auth
+        counter = 0
+        if auth is None:
+            if header & FLAG_AUTH:
+                raise AuthFailure(
+                    f"auth failure: {name} frame is authenticated but no psk is configured"
+                )
+            fields = body[pos:]
+        else:
+            if not header & FLAG_AUTH:
+                raise AuthFailure(
+                    f"auth failure: {name} frame is not authenticated but a psk is configured"
+                )
+            counter, fields = auth.open(body, pos, name)
+
+        # Parse before authenticating only the hello, whose epochs the tag covers.
+        hello = None
+        message = None
+        if ftype == HELLO:
+            hello = Hello.decode(fields)
+            sender, receiver = hello.epoch, hello.echo_epoch
+        else:
+            sender, receiver = self._their_epoch, self.epoch
+        if auth is not None:
+            auth.check(body, sender, receiver, counter, name)
+        # From here the frame is the peer's: it proves the peer is alive.
+        self._last_rx_ms = now_ms
+        if ftype == PING or ftype == PONG:
+            if len(fields) != 2:
+                raise BadFrame(f"bad frame: {name} of {len(fields)} bytes, expected 2")
+        elif ftype == ACK:
+            if not self.reliable:
+                raise BadFrame("bad frame: ack outside reliable mode")
+            if len(fields) != 1:
+                raise BadFrame(f"bad frame: ack of {len(fields)} bytes, expected 1")
+        elif ftype != HELLO:
+            if seq is not None and self._rel.hold(seq, ftype):
+                # No room for it: not acknowledged, so its sender keeps it
+                # (flow control, not a fault: counted apart from drops).
+                self.stats.held_back += 1
+                return
+            message = parse_app(ftype, fields, name, self.role)
+            events.append(message)  # before the sequence moves: a MemoryError loses nothing
+            if seq is not None:
+                try:
+                    self._rel.accept(seq, ftype, name)
+                except FrameError:
+                    events.pop()
+                    raise
+
+        self.stats.frames_in += 1
+        if ftype == HELLO:
+            self._on_hello(hello, now_ms, events)
+        elif ftype == PING:
+            self._emit(PONG, fields, now_ms)
+        elif ftype == PONG:
+            if self._ping_sent_ms is not None and int.from_bytes(fields, "big") == self._ping_nonce:
+                self.rtt_ms = now_ms - self._ping_sent_ms
+                self._ping_sent_ms = None
+        elif ftype == ACK:
+            self._on_ack(fields[0], now_ms)
 
     def _on_ack(self, acked: int, now_ms: int) -> None:
         rel = self._rel

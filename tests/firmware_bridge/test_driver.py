@@ -32,14 +32,12 @@ from firmware_bridge.driver import (
     MAX_PENDING_REQUESTS,
     MAX_TASKS,
     MEMORY_TOPIC,
-    STATUS_BUSY,
-    STATUS_HANDLER_FAILED,
-    STATUS_NO_HANDLER,
     Device,
     RequestFailed,
     RequestLost,
     RequestTimeout,
 )
+from firmware_bridge.handlers import STATUS_BUSY, STATUS_HANDLER_FAILED, STATUS_NO_HANDLER
 from firmware_bridge.link import (
     Link,
     LinkDown,

@@ -1660,7 +1660,6 @@ def test_module_compiles_with_mpy_cross(module: str, tmp_path: Path) -> None:
         ("auth.py", {"struct", "micropython", ""}),
         ("reliable.py", {"micropython", ""}),
         ("session.py", {"struct", ""}),
-        ("receive.py", {"binascii", ""}),
         ("link.py", {"struct", "binascii", "micropython", ""}),
     ],
 )
