@@ -6,17 +6,15 @@ where the log a user sees at the default level is what is checked.
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
+import pwd
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from firmware_bridge.link import MEMORY_TOPIC
 
 from .conftest import wait_event, wait_until
 from .test_cli import NodeProcess, edgenode, free_port, keygen
+from .transports.test_serial import port_group, without_the_right_to_open_anything
 
 pytestmark = pytest.mark.anyio
 
@@ -191,55 +190,36 @@ async def test_port_lost_while_open_is_said_once_and_again_when_it_is_back(
         await sim.aclose()
 
 
-def _as_other_user() -> list[str]:
-    """A command prefix that runs a program as a user who may not open a
-    root-owned tty (as root: nobody), or [] when this user already may not."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: cannot drop the right to open a tty")
-    return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-
-
 def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
-    pty_pair: PtyPair,
+    pty_pair: PtyPair, tmp_path: Path
 ) -> None:
-    """A real ``edgenode run``, as a user who may not open the port: one
-    warning with the fix at the default log level, the node runs on, and
-    one more line once the port is made available."""
-    prefix = _as_other_user()
-    if not prefix:
-        os.chmod(pty_pair.path, 0)
-    # A state directory the other user owns (tmp_path's parents may be closed to it).
-    state = Path(tempfile.mkdtemp(prefix="edgenode-serial-"))
-    os.chmod(state, 0o755)
-    if prefix:
-        shutil.chown(state, "nobody", "nogroup")
+    """A real ``edgenode run`` whose user may not open the port: one warning
+    with the fix at the default log level, the node runs on, and one more
+    line once the port is made available."""
+    os.chmod(pty_pair.path, 0)  # as a tty a user is not in the group of
+    state = tmp_path / "state"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env["EDGENODE_STATE_DIR"] = str(state)
     env["PYTHONUNBUFFERED"] = "1"
-    command = [*prefix, sys.executable, "-m", "edgenode"]
-    args = ["--state-dir", str(state / "node")]
+    command = [*without_the_right_to_open_anything(), sys.executable, "-m", "edgenode"]
+    args = ["--state-dir", str(state)]
+    made = subprocess.run(
+        [*command, "keygen", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    port = free_port("127.0.0.2")
+    run = [*args, "--listen", f"127.0.0.2:{port}", "--serial", pty_pair.path]
+    proc = subprocess.Popen(
+        [*command, "run", *run, "--backoff-cap", "0.5"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
-        made = subprocess.run(
-            [*command, "keygen", *args], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert made.returncode == 0, made.stderr
-        port = free_port("127.0.0.2")
-        run = [*args, "--listen", f"127.0.0.2:{port}", "--serial", pty_pair.path]
-        run += ["--backoff-cap", "0.5"]
-        proc = subprocess.Popen(
-            [*command, "run", *run],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        user = "nobody" if prefix else os.environ.get("USER", "")
-        group = grp.getgrgid(os.stat(pty_pair.path).st_gid).gr_name
-        group = "dialout" if group == "root" else group
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = port_group(pty_pair.path)
         denied = (
             f"WARNING serial port {pty_pair.path}: permission denied: the node's user {user} "
             f"may not open it; add it to the port's group (sudo usermod -aG {group} {user}) "
@@ -251,21 +231,20 @@ def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
         assert row["state"] == "error" and "permission denied" in row["error"]
         os.chmod(pty_pair.path, 0o666)  # the user was given the port
         lines += _read_until(proc, "is open again")
+    finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        about = [line for line in lines if f"serial port {pty_pair.path}" in line]
-        assert [line.split(" ", 1)[1] for line in about[:1]] == [denied]
-        assert len(about) == 2, "\n".join(lines)
-        assert (
-            about[1]
-            .split(" ", 1)[1]
-            .startswith(
-                f"WARNING serial port {pty_pair.path} is open again at 115200 baud (it was in "
-                "error (denied) for "
-            )
+    about = [line for line in lines if f"serial port {pty_pair.path}" in line]
+    assert [line.split(" ", 1)[1] for line in about[:1]] == [denied]
+    assert len(about) == 2, "\n".join(lines)
+    assert (
+        about[1]
+        .split(" ", 1)[1]
+        .startswith(
+            f"WARNING serial port {pty_pair.path} is open again at 115200 baud (it was in "
+            "error (denied) for "
         )
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+    )
 
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 60.0) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tty
@@ -136,34 +135,39 @@ except SerialUnavailable as exc:
 """
 
 
-def run_unprivileged(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` as a user who may not open a root-owned tty: as root,
-    ``nobody`` (setpriv drops root's right to open anything); otherwise this
-    user, against a tty the test made unreadable."""
-    command = [sys.executable, "-c", code, *args]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot drop the right to open a tty")
-        command = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+def without_the_right_to_open_anything() -> list[str]:
+    """A command prefix under which this user is refused a file its mode
+    refuses: as root, root without the capabilities that override file
+    modes (setpriv); otherwise, nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot drop the right to open a tty")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+
+
+def port_group(path: str) -> str:
+    """The group the fix names: the device file's (dialout for a root-owned one)."""
+    import grp
+
+    group = grp.getgrgid(os.stat(path).st_gid).gr_name
+    return "dialout" if group == "root" else group
 
 
 def test_open_rejects_a_port_it_may_not_open_with_the_fix(pty_pair: tuple[int, str]) -> None:
     _, path = pty_pair
-    if os.geteuid() != 0:
-        os.chmod(path, 0)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    assert not mode & 0o007  # others may not open it
-    result = run_unprivileged(_OPEN_AS_OTHER, path)
+    os.chmod(path, 0)  # as a tty a user is not in the group of
+    command = [*without_the_right_to_open_anything(), sys.executable, "-c", _OPEN_AS_OTHER, path]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     kind, message = result.stdout.splitlines()
     assert kind == DENIED, result.stderr
-    user = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "")
-    import grp
+    import pwd
 
-    group = grp.getgrgid(os.stat(path).st_gid).gr_name
-    group = "dialout" if group == "root" else group
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = port_group(path)
     assert message == (
         f"serial port {path}: permission denied: the node's user {user} may not open it; "
         f"add it to the port's group (sudo usermod -aG {group} {user}) and restart the node"
