@@ -12,13 +12,11 @@ Fleet figures (``edgenode.bench_fleet``): memory per connected peer up to
 keepalive, and the time to notice a killed or a stopped peer, each against
 its target.
 
-The serial part measures the serial bridge: the framing efficiency of the UART
-link (payload bytes / bytes on the wire, computed from real frames) and the
-message rate from a device (the real firmware_bridge driver) to a node
-over a real pseudo-terminal. Each rate is the median of repeated runs with
-its spread. A pseudo-terminal moves bytes as fast as the CPU allows, so the
-rate is an upper bound of the software, not of a UART: at 115200 baud a
-line carries at most 11 520 bytes/s, which the table also converts.
+The serial part (``edgenode.bench_serial``) measures the serial bridge: the
+framing efficiency of the UART link, and the message rates each way
+between a node and the real firmware_bridge driver over a real
+pseudo-terminal, at default settings, in reliable and unreliable mode,
+beside the same run's pty-only reference.
 """
 
 from __future__ import annotations
@@ -36,105 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
-
-from firmware_bridge.link import Link
-
 from .bench_options import BENCH_SECTIONS as SECTIONS
 from .bench_options import add_bench_arguments
 from .testing.procs import free_port, read_rss_bytes
-
-PAYLOAD_SIZES = (16, 64, 200)
-EFFICIENCY_TARGET = 0.95  # at 200-byte payloads (issue: serial bridge)
-
-
-def _link_pair() -> tuple[Link, Link, int]:
-    """A device and a host link joined in memory, session up."""
-    device = Link("device", "bench", 1)
-    host = Link("host", "host", 2)
-    now = 0
-    device.start(now)
-    host.start(now)
-    for _ in range(4):
-        host.receive_bytes(device.bytes_to_send(), now)
-        device.receive_bytes(host.bytes_to_send(), now)
-    assert device.is_up and host.is_up
-    return device, host, now
-
-
-def framing_efficiency(topic: str = "t") -> dict[int, dict[str, float]]:
-    """Payload bytes / wire bytes of one data frame, per payload size."""
-    device, _, now = _link_pair()
-    figures = {}
-    for size in PAYLOAD_SIZES:
-        payload = bytes((i * 7 + 1) % 256 for i in range(size))  # no run of zeros
-        device.send_data(topic, payload, now)
-        wire = len(device.bytes_to_send())
-        figures[size] = {"payload_bytes": size, "wire_bytes": wire, "efficiency": size / wire}
-    return figures
-
-
-async def _pty_rate_once(messages: int, payload_bytes: int, state_dir: str) -> float:
-    from .config import NodeConfig
-    from .identity import load_or_create_identity
-    from .node import Node
-    from .simdevice import SimulatedDevice
-
-    identity = load_or_create_identity(state_dir)
-    sim = SimulatedDevice("bench", keepalive_interval_ms=1000, keepalive_timeout_ms=5000)
-    config = NodeConfig(
-        state_dir=state_dir,
-        listen_host="127.0.0.2",
-        listen_port=0,
-        authorised=frozenset(),
-        serial_ports=[(sim.pty.path, 115200)],
-        subscription_buffer=messages + 16,
-        serial_keepalive_interval_s=1.0,
-        serial_keepalive_timeout_s=5.0,
-    )
-    async with Node(config, identity=identity) as node:
-        events = node.events()
-        device = await sim.start()
-        with anyio.fail_after(10):
-            while True:
-                event = await events.receive()
-                if getattr(event, "peer", "").endswith("/bench"):
-                    break
-        sim.pty.release_slave()
-        await device.wait_up()
-        payload = b"x" * payload_bytes
-        with node.subscribe("bench") as sub:
-            started = time.perf_counter()
-            received = 0
-            async with anyio.create_task_group() as tg:
-
-                async def produce() -> None:
-                    for _ in range(messages):
-                        await device.publish("bench", payload)
-
-                tg.start_soon(produce)
-                with anyio.fail_after(60):
-                    while received < messages:
-                        await sub.receive()
-                        received += 1
-            elapsed = time.perf_counter() - started
-        await sim.aclose()
-    return messages / elapsed
-
-
-def pty_rate(runs: int, messages: int, payload_bytes: int) -> dict[str, Any]:
-    """Messages/s from a device to a node over a pseudo-terminal: median and spread."""
-    with tempfile.TemporaryDirectory() as state_dir:
-        rates = [anyio.run(_pty_rate_once, messages, payload_bytes, state_dir) for _ in range(runs)]
-    return {
-        "payload_bytes": payload_bytes,
-        "messages": messages,
-        "runs": runs,
-        "median_msgs_per_s": statistics.median(rates),
-        "min_msgs_per_s": min(rates),
-        "max_msgs_per_s": max(rates),
-    }
-
 
 # -- node to node over TLS -------------------------------------------------------------
 
@@ -424,10 +326,9 @@ def run_bench(
     if "tls" in sections:
         result["tls"] = tls_figures(runs, quick)
     if "serial" in sections:
-        efficiency = framing_efficiency()
-        result["serial_framing_efficiency"] = efficiency
-        result["serial_pty_rate"] = pty_rate(runs, messages, 64)
-        result["uart_115200_msgs_per_s_64b"] = 11520 / efficiency[64]["wire_bytes"]
+        from .bench_serial import serial_figures
+
+        result["serial"] = serial_figures(runs, messages)
     if "fleet" in sections:
         result["fleet"] = fleet_figures(runs, quick, peers, window_s)
     if "uplink" in sections:
@@ -445,7 +346,9 @@ def run_bench(
         _print_tls_table(result["tls"])
         print()
     if "serial" in sections:
-        _print_serial_tables(result)
+        from .bench_serial import print_serial_tables
+
+        print_serial_tables(result["serial"])
         print()
     if "fleet" in sections:
         print_fleet_table(result["fleet"])
@@ -462,31 +365,6 @@ def run_bench(
         line += f"; 1-min load average {start[0]:.2f} at start, {end[0]:.2f} at end"
     print(f"{line}; took {result['elapsed_s']:.0f} s")
     return 0
-
-
-def _print_serial_tables(result: dict[str, Any]) -> None:
-    efficiency, rate = result["serial_framing_efficiency"], result["serial_pty_rate"]
-    print("serial link framing (unreliable, unauthenticated, 1-byte topic)")
-    print(f"  {'payload':>8} {'on the wire':>12} {'efficiency':>11}")
-    for size, fig in efficiency.items():
-        mark = ""
-        if size == 200:
-            ok = fig["efficiency"] >= EFFICIENCY_TARGET
-            mark = f"   target >= {EFFICIENCY_TARGET:.0%}: {'met' if ok else 'MISSED'}"
-        print(f"  {size:>6} B {fig['wire_bytes']:>10} B {fig['efficiency']:>10.1%}{mark}")
-    print()
-    print(
-        f"device -> node over a pseudo-terminal, {rate['payload_bytes']}-byte payloads, "
-        f"{rate['messages']} messages x {rate['runs']} runs"
-    )
-    print(
-        f"  median {rate['median_msgs_per_s']:,.0f} msg/s "
-        f"(min {rate['min_msgs_per_s']:,.0f}, max {rate['max_msgs_per_s']:,.0f})"
-    )
-    print(
-        f"  for scale: a 115200-baud UART carries at most "
-        f"{result['uart_115200_msgs_per_s_64b']:,.0f} such frames/s"
-    )
 
 
 def run_from_args(args: Any) -> int:

@@ -1,12 +1,28 @@
 """The serial bridge: microcontrollers on UARTs join the node's network.
 
-Each configured port has one source task (open, read, reopen with backoff
-after an unplug) and one writer task; both only move bytes. The link
-state machine of each port (``firmware_bridge.link.Link``, the same code
-the microcontroller runs) belongs to the node's dispatcher, which calls the
-plain functions of :class:`SerialBridge` below: nothing here awaits on the
-dispatcher's behalf. A device is addressed as ``<this node's ip>/<device
-id>`` and appears in :meth:`Node.peers` under this node.
+Each configured port has three small tasks: a source (open the port, read
+it, reopen it after an unplug or a failure to open, with backoff), a
+writer, and a delivery task (``DeviceRouter.delivery``: edgenode.devices).
+The link state machine of each port (``firmware_bridge.link.Link``, the
+same code the microcontroller runs) is changed only by the plain functions
+of :class:`SerialBridge` below, each in one synchronous step: the
+dispatcher calls them for the bytes the source read and for the link's
+timers; senders and the delivery task call the few that queue or resume.
+Nothing here awaits on the dispatcher's behalf. A device is addressed as
+``<this node's ip>/<device id>`` and appears in :meth:`Node.peers` under
+this node.
+
+Data path (docs/architecture.md, "Bridged devices"): what a device sends
+goes from the link into the port's bounded delivery queue, never waiting,
+and the delivery task takes it from there, waiting where it must (a full
+subscription, a peer's full outbox). In reliable mode the link takes no
+more messages than the queue has room for: the others are held back,
+unacknowledged, so the device keeps them and sends them again once the
+queue has room (``resume``): nothing is lost, the device's ``publish``
+waits. In unreliable mode nothing can hold the device back: a message that
+finds the queue full is dropped and counted. Requests from a device go
+through the queue too, in order; answers from a device complete the
+waiting request at once.
 
 The bridge never sees the node: it reports what devices do through the
 small typed interface :class:`BridgeHost` (the node's device router,
@@ -26,9 +42,8 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from firmware_bridge.link import (
     KIND_DATA,
-    KIND_REQUEST,
     KIND_RESPONSE,
-    KIND_SEND_TO,
+    MEMORY_TOPIC,
     Dropped,
     Link,
     LinkUsageError,
@@ -38,6 +53,7 @@ from firmware_bridge.link import (
 )
 
 from .api import PeerSnapshot
+from .bridge_ports import Port, first_of_a_power_of_ten
 from .errors import EdgeNodeError, PeerUnavailable, RemoteError, TooManyPending
 from .keepalive import Backoff
 from .mailbox import Mailbox
@@ -47,50 +63,26 @@ log = logging.getLogger("edgenode.bridge")
 
 #: A link request id is 16 bits; at most this many are in flight per port.
 MAX_DEVICE_REQUESTS = 8
+#: Messages from a port's devices waiting for its delivery task. In reliable
+#: mode the link holds back what does not fit (the device resends it).
+DELIVERY_SLOTS = 256
 #: Writes waiting for a port. Application data waits for room below this;
 #: the link's own frames (hellos, pings, acks) never wait and never drop.
 _OUTBOX_CHUNKS = 64
 _REQUEST_TTL_S = 60.0
+#: Longest wait between two tries to open a port that is missing or in
+#: error: a device plugged in is found within this (a try costs a syscall).
+REOPEN_CAP_S = 5.0
 
 OPENED = 0
 BYTES = 1
 LOST = 2
+FAILED = 3
 
 
 def now_ms(now: float) -> int:
     """The link layer's clock: integer milliseconds of the node's monotonic clock."""
     return int(now * 1000)
-
-
-class Port:
-    """One configured serial port and, while a device answers on it, its session."""
-
-    __slots__ = (
-        "baud",
-        "device_id",
-        "link",
-        "next_request_id",
-        "outbox",
-        "path",
-        "pending",
-        "tick_at",
-        "up_since",
-    )
-
-    def __init__(self, path: str, baud: int) -> None:
-        self.path = path
-        self.baud = baud
-        self.link: Link | None = None
-        self.outbox: Mailbox[bytes] | None = None  # while open
-        self.device_id: str | None = None
-        self.up_since: float | None = None
-        self.tick_at: float | None = None
-        #: link request id -> a node ``_Pending`` or (conn, peer's request id), deadline
-        self.pending: dict[int, tuple[Any, float]] = {}
-        self.next_request_id = 1
-
-    def __repr__(self) -> str:
-        return f"<serial {self.path} {self.device_id or '-'}>"
 
 
 class SerialEvent:
@@ -103,12 +95,15 @@ class SerialEvent:
 
 
 class DeviceAnswer:
-    """Inbox event: the node's handler answered a device's request."""
+    """Inbox event: the node's handler answered a device's request (in session ``session``)."""
 
-    __slots__ = ("payload", "port", "request_id", "status", "t")
+    __slots__ = ("payload", "port", "request_id", "session", "status", "t")
 
-    def __init__(self, port: Port, request_id: int, status: int, payload: bytes | str) -> None:
-        self.port, self.request_id, self.status, self.payload = port, request_id, status, payload
+    def __init__(
+        self, port: Port, session: int, request_id: int, status: int, payload: bytes | str
+    ) -> None:
+        self.port, self.session, self.request_id = port, session, request_id
+        self.status, self.payload = status, payload
         self.t = time.monotonic()
 
 
@@ -121,28 +116,21 @@ class BridgeHost(Protocol):
     def device_changed(self, device_id: str, *, up: bool, reason: str | None) -> None:
         """A device came up or went down."""
 
-    def device_published(self, device_id: str, topic: str, payload: bytes, now: float) -> None:
-        """A device published data."""
-
-    def device_asks(
-        self, port: Port, device_id: str, request_id: int, topic: str, payload: bytes, now: float
-    ) -> None:
-        """A device sent a request to this node; answer with a :class:`DeviceAnswer`."""
-
-    def device_send_to(
-        self, device_id: str, dest: str, topic: str, payload: bytes, now: float
-    ) -> None:
-        """A device sent data to another address."""
+    def delivery(self, port: Port) -> Awaitable[None]:
+        """The port's delivery task: what its devices send, delivered in order."""
 
     def answered(self, target: Any, payload: bytes | None, error: EdgeNodeError | None) -> None:
         """A device answered (or could not answer) a request made through ``request``."""
+
+    def lost(self, what: str, why: str) -> None:
+        """Count (and log, sparingly) a message from a device that was not delivered."""
 
     def schedule_link_tick(self, port: Port, when: float) -> None:
         """Call :meth:`SerialBridge.on_tick` for ``port`` once ``when`` has passed."""
 
 
 class SerialBridge:
-    """The node's serial ports and the devices on them (dispatcher-owned state)."""
+    """The node's serial ports and the devices on them; see the module docstring."""
 
     def __init__(
         self,
@@ -155,29 +143,41 @@ class SerialBridge:
         self.config = config
         self.node_id = node_id
         self._post = post
-        self.ports = [Port(path, baud) for path, baud in config.serial_ports]
+        self.ports = [self._port(spec) for spec in config.serial_ports]
         self.devices: dict[str, Port] = {}
         #: Devices seen before and down now, with the reason.
         self.down: dict[str, str] = {}
         #: Senders waiting for room in a device's reliable send queue.
         self._room: dict[str, anyio.Event] = {}
         self._drop_logs: dict[tuple[str, str], int] = {}
-        #: Serial output dropped (none since application data waits for room;
-        #: kept for status and the tests that say so).
-        self.dropped_messages = 0
 
-    # -- sources: one task per port ---------------------------------------------------
+    def _port(self, spec: tuple[Any, ...]) -> Port:
+        config = self.config
+        dtr = spec[2] if len(spec) > 2 and spec[2] is not None else config.serial_dtr
+        rts = spec[3] if len(spec) > 3 and spec[3] is not None else config.serial_rts
+        return Port(spec[0], spec[1], dtr=dtr, rts=rts, delivery_slots=DELIVERY_SLOTS)
+
+    # -- the port's tasks --------------------------------------------------------------
 
     async def run_port(self, port: Port) -> None:
+        """Run ``port``'s source and its delivery task (until cancelled)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._deliver, port)
+            await self._source(port)
+
+    async def _deliver(self, port: Port) -> None:
+        await self.host.delivery(port)
+
+    async def _source(self, port: Port) -> None:
         """Open ``port``, feed its bytes to the inbox, reopen it after an unplug."""
         config = self.config
-        backoff = Backoff(config.backoff_base_s, config.backoff_cap_s)
+        backoff = Backoff(config.backoff_base_s, min(config.backoff_cap_s, REOPEN_CAP_S))
         post = self._post
         while True:
             try:
-                serial = SerialPort.open(port.path, port.baud)
+                serial = SerialPort.open(port.path, port.baud, dtr=port.dtr, rts=port.rts)
             except SerialUnavailable as exc:
-                await post(SerialEvent(port, LOST, str(exc)))
+                await post(SerialEvent(port, FAILED, exc))
                 await anyio.sleep(backoff.next_delay(random.random()))
                 continue
             opened = time.monotonic()
@@ -219,40 +219,58 @@ class SerialBridge:
 
     def on_event(self, ev: SerialEvent, now: float) -> None:
         port = ev.port
-        if ev.kind == BYTES:
-            if port.link is not None:
-                self._handle(port, port.link.receive_bytes(ev.data, now_ms(now)), now)
-        elif ev.kind == OPENED:
-            config = self.config
-            port.outbox = ev.data
-            port.link = Link(
-                "host",
-                self.node_id,
-                random.randrange(1, 1 << 32),
-                max_frame=config.serial_max_frame,
-                keepalive_interval_ms=int(config.serial_keepalive_interval_s * 1000),
-                keepalive_timeout_ms=int(config.serial_keepalive_timeout_s * 1000),
-                reliable=config.serial_reliable,
-                psk=config.serial_psk,
-            )
-            port.link.start(now_ms(now))
-            log.info("serial port %s open at %d baud", port.path, port.baud)
-            self._flush(port, now)
+        kind = ev.kind
+        if kind == BYTES:
+            link = port.link
+            if link is not None:
+                # Reliable mode: no more messages than the delivery queue takes.
+                box = port.delivery
+                room = box.capacity - len(box) if link.reliable else None
+                self._handle(port, link.receive_bytes(ev.data, now_ms(now), room), now)
+        elif kind == OPENED:
+            self._opened(port, ev.data, now)
+        elif kind == FAILED:
+            line = port.open_failed(ev.data, now)
+            if line is not None:
+                log.warning("%s", line)
+            else:
+                log.debug("serial port %s still unavailable: %s", port.path, ev.data)
         else:
             if port.link is not None or port.outbox is not None:
                 self._session_down(port, f"serial port lost: {ev.data}", now)
-                log.warning("serial port %s lost: %s", port.path, ev.data)
-            else:
-                log.debug("serial port %s unavailable: %s", port.path, ev.data)
+                log.warning("%s", port.lost(ev.data, now))
+            port.link_ended()
             port.link = None
             port.outbox = None
 
+    def _opened(self, port: Port, outbox: Mailbox[bytes], now: float) -> None:
+        config = self.config
+        port.outbox = outbox
+        port.link = Link(
+            "host",
+            self.node_id,
+            random.randrange(1, 1 << 32),
+            max_frame=config.serial_max_frame,
+            keepalive_interval_ms=int(config.serial_keepalive_interval_s * 1000),
+            keepalive_timeout_ms=int(config.serial_keepalive_timeout_s * 1000),
+            reliable=config.serial_reliable,
+            psk=config.serial_psk,
+        )
+        port.link.start(now_ms(now))
+        line = port.opened(now)
+        if line is not None:
+            log.warning("%s", line)
+        else:
+            log.info("serial port %s open at %d baud", port.path, port.baud)
+        self._flush(port, now)
+
     def on_answer(self, ev: DeviceAnswer, now: float) -> None:
         port = ev.port
-        if port.link is None or not port.link.is_up:
-            return
+        link = port.link
+        if link is None or not link.is_up or ev.session != port.session:
+            return  # asked in a session that has ended: nobody waits for it
         try:
-            port.link.send_response(ev.request_id, ev.status, ev.payload, now_ms(now))
+            link.send_response(ev.request_id, ev.status, ev.payload, now_ms(now))
         except LinkUsageError as exc:
             log.warning(
                 "%s: answer to device request %d dropped: %s", port.path, ev.request_id, exc
@@ -264,30 +282,22 @@ class SerialBridge:
         if port.link is not None:
             self._handle(port, port.link.tick(now_ms(now)), now)
 
+    def room_freed(self, port: Port) -> None:
+        """The delivery task took a message from ``port``'s queue: if the link
+        held frames back for want of room, it asks for them now."""
+        link = port.link
+        if link is not None and link.reliable:
+            now = time.monotonic()
+            link.resume(now_ms(now))
+            if link.pending_output:
+                self._flush(port, now)
+
     def _handle(self, port: Port, events: list[Any], now: float) -> None:
-        host = self.host
         for event in events:
             if isinstance(event, Received):
                 self._received(port, event, now)
             elif isinstance(event, SessionUp):
-                device_id = event.peer_hello.id
-                if port.device_id is not None:
-                    self._session_down(port, "device restarted", now)
-                other = self.devices.get(device_id)
-                if other is not None and other is not port:
-                    log.warning(
-                        "device %s on %s is already up on %s; ignoring it",
-                        device_id,
-                        port.path,
-                        other.path,
-                    )
-                    continue
-                port.device_id = device_id
-                port.up_since = now
-                self.devices[device_id] = port
-                self.down.pop(device_id, None)
-                log.info("device up %s on %s", host.device_address(device_id), port.path)
-                host.device_changed(device_id, up=True, reason=None)
+                self._session_up(port, event.peer_hello.id, now)
             elif isinstance(event, SessionDown):
                 self._session_down(port, f"device link down: {event.reason}", now)
             elif isinstance(event, Dropped):
@@ -296,7 +306,7 @@ class SerialBridge:
                 key = (port.path, event.reason)
                 count = self._drop_logs.get(key, 0) + 1
                 self._drop_logs[key] = count
-                if count == 10 ** (len(str(count)) - 1):
+                if first_of_a_power_of_ten(count):
                     log.info(
                         "%s: dropped a frame (%s #%d): %s",
                         port.path,
@@ -306,10 +316,30 @@ class SerialBridge:
                     )
         self._flush(port, now)
 
+    def _session_up(self, port: Port, device_id: str, now: float) -> None:
+        if port.device_id is not None:
+            self._session_down(port, "device restarted", now)
+        other = self.devices.get(device_id)
+        if other is not None and other is not port:
+            log.warning(
+                "device %s on %s is already up on %s; ignoring it",
+                device_id,
+                port.path,
+                other.path,
+            )
+            return
+        port.device_id = device_id
+        port.up_since = now
+        port.session += 1
+        self.devices[device_id] = port
+        self.down.pop(device_id, None)
+        log.info("device up %s on %s", self.host.device_address(device_id), port.path)
+        self.host.device_changed(device_id, up=True, reason=None)
+
     def _session_down(self, port: Port, reason: str, now: float) -> None:
         device_id = port.device_id
         for target, _ in port.pending.values():
-            self._fail(target, PeerUnavailable(f"device {device_id} went down: {reason}"), now)
+            self._fail(target, PeerUnavailable(f"device {device_id} went down: {reason}"))
         port.pending.clear()
         if device_id is None:
             return
@@ -325,30 +355,50 @@ class SerialBridge:
         self.host.device_changed(device_id, up=False, reason=reason)
 
     def _received(self, port: Port, msg: Received, now: float) -> None:
-        host = self.host
         device_id = port.device_id
         if device_id is None:
             return
         kind = msg.kind
-        if kind == KIND_DATA:
-            host.device_published(device_id, msg.topic or "", msg.payload, now)
-        elif kind == KIND_REQUEST:
-            host.device_asks(port, device_id, msg.req_id or 0, msg.topic or "", msg.payload, now)
-        elif kind == KIND_RESPONSE:
+        if kind == KIND_RESPONSE:
             entry = port.pending.pop(msg.req_id or 0, None)
             if entry is None:
                 log.debug("%s: answer to unknown request %s", port.path, msg.req_id)
             elif msg.status == 0:
-                self._succeed(entry[0], msg.payload, now)
+                self.host.answered(entry[0], msg.payload, None)
             else:
-                self._fail(entry[0], RemoteError(msg.status or 0, msg.error or ""), now)
-        elif kind == KIND_SEND_TO:
-            host.device_send_to(device_id, msg.dest or "", msg.topic or "", msg.payload, now)
+                self._fail(entry[0], RemoteError(msg.status or 0, msg.error or ""))
+        elif kind == KIND_DATA and msg.topic == MEMORY_TOPIC:
+            self._memory_report(port, device_id, msg.payload)
+        elif not port.delivery.put_nowait((device_id, port.session, msg)):
+            # Only in unreliable mode: in reliable mode the link took no more
+            # than the queue had room for.
+            port.undelivered += 1
+            self.host.lost(
+                f"message from device {device_id} on {port.path} dropped",
+                f"its delivery queue is full ({port.delivery.capacity} messages; "
+                f"unreliable mode cannot hold the device back)",
+            )
 
-    def _succeed(self, target: Any, payload: bytes, now: float) -> None:
-        self.host.answered(target, payload, None)
+    def _memory_report(self, port: Port, device_id: str, payload: bytes) -> None:
+        """A device says how many MemoryErrors it has survived (firmware_bridge.driver)."""
+        try:
+            count = int(payload.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            log.info("%s: device %s sent a bad %s: %r", port.path, device_id, MEMORY_TOPIC, payload)
+            return
+        before = port.device_memory_errors or 0
+        port.device_memory_errors = count
+        # Said at the first report, then as the count reaches 10, 100, ...
+        if count > before and (before == 0 or len(str(count)) > len(str(before))):
+            log.warning(
+                "device %s on %s has survived %d MemoryError(s): its heap is too small or "
+                'too fragmented (docs/microcontrollers.md, "When the heap runs out")',
+                self.host.device_address(device_id),
+                port.path,
+                count,
+            )
 
-    def _fail(self, target: Any, error: EdgeNodeError, now: float) -> None:
+    def _fail(self, target: Any, error: EdgeNodeError) -> None:
         self.host.answered(target, None, error)
 
     def _flush(self, port: Port, now: float) -> None:
@@ -406,7 +456,7 @@ class SerialBridge:
         """Send a request to a local device; its answer goes to ``target``."""
         port = self.devices.get(device_id)
         if port is None or port.link is None:
-            self._fail(target, PeerUnavailable(f"device {device_id} is not connected"), now)
+            self._fail(target, PeerUnavailable(f"device {device_id} is not connected"))
             return
         for rid in [r for r, (_, deadline) in port.pending.items() if deadline < now]:
             del port.pending[rid]
@@ -417,7 +467,6 @@ class SerialBridge:
                     f"{len(port.pending)} requests already pending on device {device_id} "
                     f"(limit {MAX_DEVICE_REQUESTS})"
                 ),
-                now,
             )
             return
         rid = port.next_request_id
@@ -425,10 +474,16 @@ class SerialBridge:
         try:
             port.link.send_request(rid, topic, payload, now_ms(now))
         except LinkUsageError as exc:
-            self._fail(target, PeerUnavailable(f"device {device_id}: {exc}"), now)
+            self._fail(target, PeerUnavailable(f"device {device_id}: {exc}"))
             return
         port.pending[rid] = (target, now + _REQUEST_TTL_S)
         self._flush(port, now)
+
+    # -- status ------------------------------------------------------------------------
+
+    def port_rows(self, now: float) -> list[dict[str, Any]]:
+        """One object per configured port, for ``edgenode status`` (``serial_ports``)."""
+        return [port.row(now) for port in self.ports]
 
     def snapshot(self, now: float) -> list[PeerSnapshot]:
         """One row per device seen on this node's ports, for :meth:`Node.peers`."""
@@ -457,6 +512,7 @@ class SerialBridge:
                     bytes_in=stats.bytes_in if stats else 0,
                     bytes_out=stats.bytes_out if stats else 0,
                     drops=stats.dropped if stats else 0,
+                    queued=len(port.delivery) if port is not None else 0,
                 )
             )
         return rows

@@ -7,11 +7,17 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
 
 from .errors import ConfigError
 
 DEFAULT_PORT = 7300
+#: Baud rates a serial port may be set to (pyserial takes any; a UART's own
+#: limits are narrower).
+MIN_BAUD = 50
+MAX_BAUD = 4_000_000
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -32,6 +38,67 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"invalid address {text!r}: port should be 0..65535, got {port_text!r}")
     return host, int(port_text)
+
+
+class SerialPortSpec(NamedTuple):
+    """One configured serial port: ``PORT[:BAUD][,dtr=on|off][,rts=on|off]``.
+
+    ``baud`` None (in a parsed spec): the node's ``serial_baud``. ``dtr`` and
+    ``rts`` None: the node's ``serial_dtr`` / ``serial_rts`` (board defaults),
+    the state the modem lines are set to when the port opens (True:
+    asserted, as pyserial does by default).
+    """
+
+    path: str
+    baud: int | None = None
+    dtr: bool | None = None
+    rts: bool | None = None
+
+    def __str__(self) -> str:
+        text = self.path if self.baud is None else f"{self.path}:{self.baud}"
+        for name in ("dtr", "rts"):
+            value = getattr(self, name)
+            if value is not None:
+                text += f",{name}={'on' if value else 'off'}"
+        return text
+
+
+_LINE_STATES = {"on": True, "off": False}
+
+
+def parse_serial_spec(text: str) -> SerialPortSpec:
+    """Parse ``PORT[:BAUD][,dtr=on|off][,rts=on|off]`` (``/dev/ttyUSB0:115200,dtr=off``).
+
+    The baud rate, ``dtr`` and ``rts`` are None when not given. Raises
+    :class:`ConfigError` for a missing path, a bad baud rate or option.
+    """
+    head, *options = text.split(",")
+    path, sep, baud_text = head.rpartition(":")
+    baud: int | None = None
+    if not sep or "/" in baud_text:
+        path = head
+    elif not baud_text.isdigit() or not MIN_BAUD <= int(baud_text) <= MAX_BAUD:
+        raise ConfigError(
+            f"serial port {text!r}: baud rate should be {MIN_BAUD}..{MAX_BAUD}, got {baud_text!r}"
+        )
+    else:
+        baud = int(baud_text)
+    if not path:
+        raise ConfigError(f"serial port {text!r}: missing device path")
+    lines: dict[str, bool] = {}
+    for option in options:
+        name, eq, value = option.strip().partition("=")
+        if name not in ("dtr", "rts") or not eq:
+            raise ConfigError(
+                f"serial port {text!r}: unknown option {option!r:.40}, "
+                f"expected dtr=on|off or rts=on|off"
+            )
+        if value.lower() not in _LINE_STATES:
+            raise ConfigError(
+                f"serial port {text!r}: {name} should be on or off, got {value!r:.20}"
+            )
+        lines[name] = _LINE_STATES[value.lower()]
+    return SerialPortSpec(path, baud, lines.get("dtr"), lines.get("rts"))
 
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or
@@ -103,8 +170,15 @@ class NodeConfig:
     max_handshake_rate_per_ip: float = 4.0
     #: Dial authorised peers that other peers tell us about.
     learn_peers: bool = True
-    #: Serial ports bridging microcontrollers, as (device path, baud rate).
-    serial_ports: list[tuple[str, int]] = field(default_factory=list)
+    #: Serial ports bridging microcontrollers: (device path, baud rate) or a
+    #: :class:`SerialPortSpec` (which may set the port's DTR and RTS).
+    serial_ports: list[tuple[str, int] | SerialPortSpec] = field(default_factory=list)
+    #: The DTR and RTS lines of every serial port at open, unless its spec
+    #: says otherwise: True asserts the line (pyserial's default). Many ESP32
+    #: boards reset when one toggles; native-USB boards take DTR low as "no
+    #: host" (docs/microcontrollers.md, "DTR and RTS").
+    serial_dtr: bool = True
+    serial_rts: bool = True
     #: Pre-shared key (16..64 bytes) authenticating every UART frame, or None.
     serial_psk: bytes | None = None
     #: Ask devices for reliable delivery (sequence numbers, acks, retransmission).
@@ -214,16 +288,25 @@ class NodeConfig:
                 f"serial_keepalive_timeout_s: expected more than serial_keepalive_interval_s "
                 f"({self.serial_keepalive_interval_s}), got {self.serial_keepalive_timeout_s}"
             )
-        if not 128 <= self.serial_max_frame <= 4096:
+        for spec in self.serial_ports:
+            check_serial_port(spec)
+        for name in ("serial_dtr", "serial_rts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if not MIN_FRAME_BYTES <= self.serial_max_frame <= MAX_FRAME_BYTES:
             raise ConfigError(
-                f"serial_max_frame: expected 128..4096, got {self.serial_max_frame!r}"
+                f"serial_max_frame: expected {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES}, "
+                f"got {self.serial_max_frame!r}"
             )
-        if self.serial_psk is not None and not 16 <= len(self.serial_psk) <= 64:
+        psk = self.serial_psk
+        if psk is not None and not MIN_PSK_BYTES <= len(psk) <= MAX_PSK_BYTES:
             raise ConfigError(
-                f"serial_psk: expected 16..64 bytes, got {len(self.serial_psk)} bytes"
+                f"serial_psk: expected {MIN_PSK_BYTES}..{MAX_PSK_BYTES} bytes, got {len(psk)} bytes"
             )
-        if not 50 <= self.serial_baud <= 4_000_000:
-            raise ConfigError(f"serial_baud: expected 50..4000000, got {self.serial_baud!r}")
+        if not MIN_BAUD <= self.serial_baud <= MAX_BAUD:
+            raise ConfigError(
+                f"serial_baud: expected {MIN_BAUD}..{MAX_BAUD}, got {self.serial_baud!r}"
+            )
         if not 16 <= self.memory_budget_mb <= 1_048_576:
             raise ConfigError(
                 f"memory_budget_mb: expected 16..1048576, got {self.memory_budget_mb!r}"
@@ -246,6 +329,26 @@ class NodeConfig:
         if self.uplink is not None:
             self.uplink.validate()
         return self
+
+
+def check_serial_port(spec: object) -> None:
+    """Check one ``serial_ports`` entry; raise :class:`ConfigError`."""
+    if not isinstance(spec, tuple) or len(spec) not in (2, 4):
+        raise ConfigError(
+            f"serial_ports: expected (path, baud) or a SerialPortSpec, got {spec!r:.60}"
+        )
+    path, baud = spec[0], spec[1]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"serial_ports: expected a device path, got {path!r:.60}")
+    if isinstance(baud, bool) or not isinstance(baud, int) or not MIN_BAUD <= baud <= MAX_BAUD:
+        raise ConfigError(
+            f"serial_ports: {path}: expected a baud rate in {MIN_BAUD}..{MAX_BAUD}, got {baud!r}"
+        )
+    for name, value in zip(("dtr", "rts"), spec[2:]):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(
+                f"serial_ports: {path}: {name} should be true, false or None, got {value!r}"
+            )
 
 
 def resolve_group(group: str | int, what: str = "group") -> tuple[int, str]:

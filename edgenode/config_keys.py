@@ -18,7 +18,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import parse_address
+from firmware_bridge.frame import MAX_FRAME_BYTES, MAX_PSK_BYTES, MIN_FRAME_BYTES, MIN_PSK_BYTES
+
+from .config import MAX_BAUD, MIN_BAUD, SerialPortSpec, parse_address, parse_serial_spec
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -123,20 +125,18 @@ def _node_ids(value: object, base: Path | None) -> frozenset[str]:
     return frozenset(parse_node_id(text) for text in _strings(value, "node ID strings"))
 
 
-def parse_serial_port(text: str) -> tuple[str, int | None]:
-    """Parse ``PORT[:BAUD]``; the baud rate is None when not given.
+def parse_serial_port(text: str) -> SerialPortSpec:
+    """Parse ``PORT[:BAUD][,dtr=on|off][,rts=on|off]``; what is not given is None.
 
-    Raises :class:`ConfigError` (a bad or missing device path, a bad baud rate).
+    Raises :class:`ConfigError` (a bad or missing device path, a bad baud rate
+    or option).
     """
-    from .transports.serial import parse_serial_spec
-
-    path, baud = parse_serial_spec(text)
-    # parse_serial_spec returns the whole text as the path when it has no baud.
-    return (path, None) if path == text else (path, baud)
+    return parse_serial_spec(text)
 
 
-def _serial_ports(value: object, base: Path | None) -> list[tuple[str, int | None]]:
-    return [parse_serial_port(text) for text in _strings(value, '"PORT[:BAUD]" strings')]
+def _serial_ports(value: object, base: Path | None) -> list[SerialPortSpec]:
+    what = '"PORT[:BAUD][,dtr=on|off][,rts=on|off]" strings'
+    return [parse_serial_port(text) for text in _strings(value, what)]
 
 
 def read_psk_file(path: Path) -> bytes:
@@ -160,8 +160,11 @@ def read_psk_file(path: Path) -> bytes:
 def _psk_file(value: object, base: Path | None) -> tuple[Path, bytes]:
     path = _path(value, base)
     key = read_psk_file(path)
-    if not 16 <= len(key) <= 64:
-        raise ConfigError(f"{path}: expected a key of 16..64 bytes, got {len(key)} bytes")
+    if not MIN_PSK_BYTES <= len(key) <= MAX_PSK_BYTES:
+        raise ConfigError(
+            f"{path}: expected a key of {MIN_PSK_BYTES}..{MAX_PSK_BYTES} bytes, "
+            f"got {len(key)} bytes"
+        )
     return path, key
 
 
@@ -393,10 +396,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.handler_timeout_s", "handler_timeout_s", _positive),
     Setting("limits.subscriber_stall_timeout_s", "subscriber_stall_timeout_s", _positive),
     Setting("serial.ports", "serial_ports", _serial_ports, flag="--serial"),
-    Setting("serial.baud", "serial_baud", _integer(50, 4_000_000), profile=True),
+    Setting("serial.baud", "serial_baud", _integer(MIN_BAUD, MAX_BAUD), profile=True),
+    Setting("serial.dtr", "serial_dtr", _boolean, profile=True),
+    Setting("serial.rts", "serial_rts", _boolean, profile=True),
     Setting("serial.psk_file", "serial_psk", _psk_file, flag="--serial-psk-file"),
     Setting("serial.reliable", "serial_reliable", _boolean, flag="--serial-reliable"),
-    Setting("serial.max_frame", "serial_max_frame", _integer(128, 4096), profile=True),
+    Setting(
+        "serial.max_frame",
+        "serial_max_frame",
+        _integer(MIN_FRAME_BYTES, MAX_FRAME_BYTES),
+        profile=True,
+    ),
     Setting("serial.keepalive_interval_s", "serial_keepalive_interval_s", _positive, profile=True),
     Setting("serial.keepalive_timeout_s", "serial_keepalive_timeout_s", _positive, profile=True),
     Setting("discovery.enabled", "discovery", _boolean, flag="--discovery"),
@@ -436,6 +446,7 @@ KEY_OF_FIELD: dict[str, str] = {
     "listen_port": "node.listen",
 }
 PROFILE_KEYS: frozenset[str] = frozenset(s.key for s in SETTINGS if s.profile)
+
 
 # A timeout set below the layer of its interval follows it: 3 intervals.
 def _suggest(word: str, choices: Iterable[str]) -> str | None:

@@ -8,22 +8,28 @@ between the node's API, its peers and its own serial bridge:
   node shows under that peer and can send to and ask;
 - data and requests from peers for our own devices (the connection's reader
   hands them here, and waits for room in the device's link);
-- what our own devices do (come up, go down, publish, ask, send to another
-  address), which the bridge reports through :class:`BridgeHost`'s methods.
+- what our own devices do: come up and go down (the bridge reports it
+  through :class:`BridgeHost`'s methods), and publish, send to an address
+  or ask (each port's delivery task, edgenode.device_delivery, routes them
+  with :meth:`DeviceRouter.publish`, :meth:`DeviceRouter.route` and
+  :meth:`DeviceRouter.device_asks`, and does the waiting).
 
 The :class:`DeviceRouter` is the node's side of the bridge's typed
 interface (``edgenode.bridge.BridgeHost``): the bridge never sees the node.
+Its methods never wait, but for the two that send to our own devices.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .addresses import LOCAL, split_address
 from .api import Incoming, PeerDown, PeerUp
+from .bridge_ports import first_of_a_power_of_ten
+from .device_delivery import DeviceDelivery, PeerSender
 from .errors import EdgeNodeError, PeerUnavailable, RemoteError, TooManyPending
 from .proto.connection import PeerProtocol
 from .proto.messages import (
@@ -41,7 +47,8 @@ from .registry import UP
 from .requests import Pending, Requests, answer_frame, clip
 
 if TYPE_CHECKING:
-    from .bridge import Port, SerialBridge
+    from .bridge import SerialBridge
+    from .bridge_ports import Port
     from .connection import Connection
     from .inbox import Inbox
     from .registry import Registry
@@ -83,14 +90,17 @@ class DeviceRouter:
         self._schedule = schedule
         self._task_group = task_group
         self.bridge: SerialBridge | None = None
-        #: Turns a node part of an address (an IP or a node ID) into an IP.
-        self.resolve_node: Callable[[str], str] = lambda node: node
+        #: The node's way to its peers (edgenode.sending.Sending), set by the node.
+        self.sending: PeerSender | None = None
+        self._delivery = DeviceDelivery(self)
         #: The devices each peer bridges, from its devices lists.
         self.remote: dict[str, tuple[str, ...]] = {}
         #: Called with an address (``ip`` or ``ip/device``) when it comes up.
         self.on_up: Callable[[str], None] = lambda address: None
-        #: Device traffic that could not be routed or delivered (each logged).
-        self.lost = 0
+        #: Device traffic that could not be routed or delivered (logged sparingly).
+        self.lost_count = 0
+        #: Device publishes a peer did not get because its connection was full.
+        self.publish_dropped = 0
 
     # -- addresses -------------------------------------------------------------------
 
@@ -140,13 +150,13 @@ class DeviceRouter:
         """Data from a peer for one of our devices: wait for room in its link."""
         bridge = self.bridge
         if bridge is None:
-            self._lost(f"{conn.ip}: message for device {msg.device_id} dropped", "no serial bridge")
+            self.lost(f"{conn.ip}: message for device {msg.device_id} dropped", "no serial bridge")
             return
         while not bridge.has_room(msg.device_id):
             await bridge.wait_for_room(msg.device_id)
         why = bridge.send_data(msg.device_id, msg.topic, msg.payload, monotonic())
         if why is not None:
-            self._lost(f"{conn.ip}: message for device {msg.device_id} dropped", why)
+            self.lost(f"{conn.ip}: message for device {msg.device_id} dropped", why)
 
     def device_request(self, conn: Connection, msg: DeviceRequest) -> None:
         """A peer asks one of our devices; the answer goes back on ``conn``."""
@@ -188,64 +198,64 @@ class DeviceRouter:
         assert self.bridge is not None
         self._queue_to_peers(frame_of(Devices(sorted(self.bridge.devices))), False)
 
-    def device_published(self, device_id: str, topic: str, payload: bytes, now: float) -> None:
-        """One of our devices published: our subscribers and every peer get it."""
-        incoming = Incoming(self.device_address(device_id), self.node_id, topic, payload)
-        full = self.subs.offer(incoming)
-        if full:
-            self._lost(
-                f"message from device {device_id} on {topic!r} not delivered to "
-                f"{len(full)} full subscription(s)",
-                "the serial bridge cannot wait",
-            )
-        self._queue_to_peers(frame_of(FromDevice(device_id, topic, payload)), True)
+    def delivery(self, port: Port) -> Awaitable[None]:
+        """The port's delivery task (edgenode.device_delivery), for the bridge to run."""
+        return self._delivery.run(port)
 
-    def device_asks(
-        self, port: Port, device_id: str, request_id: int, topic: str, payload: bytes, now: float
-    ) -> None:
-        """One of our devices asks this node: run the topic's handler."""
-        from .bridge import DeviceAnswer
+    def publish(self, device_id: str, topic: str, payload: bytes) -> Incoming:
+        """One of our devices published: queue it to every peer, best effort
+        (as ``Node.broadcast``: a full connection does not get it, counted),
+        and return it for our own subscribers (the delivery task waits for them)."""
+        assert self.sending is not None
+        _, dropped = self.sending.queue_to_all(frame_of(FromDevice(device_id, topic, payload)))
+        if dropped:
+            self.publish_dropped += dropped
+            if first_of_a_power_of_ten(self.publish_dropped):
+                log.warning(
+                    "message from device %s on %r not sent to %d peer(s) whose connection is "
+                    "full (best effort, as a broadcast; %d so far)",
+                    device_id,
+                    topic,
+                    dropped,
+                    self.publish_dropped,
+                )
+        return Incoming(self.device_address(device_id), self.node_id, topic, payload)
 
-        async def reply(status: int, answer: bytes | str) -> None:
-            await self.inbox.post(DeviceAnswer(port, request_id, status, answer))
+    def route(
+        self, device_id: str, dest: str, topic: str, payload: bytes
+    ) -> tuple[str | None, Any]:
+        """Where one of our devices' send_to goes: ``(peer ip, frame)`` for a
+        peer or a device it bridges, ``(None, device id)`` for one of ours.
 
-        incoming = Incoming(self.device_address(device_id), self.node_id, topic, payload)
-        refused = self.requests.start_for_device(self._task_group(), incoming, reply)
-        if refused is not None and self.bridge is not None:
-            self.bridge.on_answer(DeviceAnswer(port, request_id, *refused), now)
-
-    def device_send_to(
-        self, device_id: str, dest: str, topic: str, payload: bytes, now: float
-    ) -> None:
-        """One of our devices sends to an address: a peer, or a device anywhere."""
-        try:
-            node, device = split_address(dest)
-            ip = self._address() if node == LOCAL else self.resolve_node(node)
-        except EdgeNodeError as exc:
-            self._lost(f"device {device_id}: cannot route to {dest!r:.60}", str(exc))
-            return
+        Raises :class:`PeerUnavailable` (or :class:`InvalidArgument` for a bad
+        address) when it cannot go anywhere.
+        """
+        assert self.sending is not None
+        node, device = split_address(dest)
+        ip = self._address() if node == LOCAL else self.sending.resolve_node(node)
         if device is not None and self.is_local(ip):
-            assert self.bridge is not None
-            why = self.bridge.send_data(device, topic, payload, now)
-            if why is not None:
-                self._lost(f"device {device_id}: cannot route to {dest}", why)
-            return
-        try:
-            entry = self.registry.get(ip)
-        except EdgeNodeError as exc:
-            self._lost(f"device {device_id}: cannot route to {dest!r:.60}", str(exc))
-            return
-        conn = entry.conn if entry is not None else None
-        if conn is None or not getattr(conn, "settled", False):
-            self._lost(f"device {device_id}: cannot route to {dest}", "not connected")
-            return
+            return None, device
         message: AnyMessage
         if device is None:
             message = FromDevice(device_id, topic, payload)
         else:
             message = ToDevice(device, topic, payload)
-        if not conn.queue_nowait(frame_of(message), droppable=True):  # type: ignore[attr-defined]
-            self._lost(f"device {device_id}: cannot route to {dest}", "the peer's outbox is full")
+        return ip, frame_of(message)
+
+    def device_asks(
+        self, port: Port, session: int, device_id: str, request_id: int, topic: str, payload: bytes
+    ) -> None:
+        """One of our devices asks this node: run the topic's handler."""
+        from .bridge import DeviceAnswer
+
+        async def reply(status: int, answer: bytes | str) -> None:
+            await self.inbox.post(DeviceAnswer(port, session, request_id, status, answer))
+
+        incoming = Incoming(self.device_address(device_id), self.node_id, topic, payload)
+        refused = self.requests.start_for_device(self._task_group(), incoming, reply)
+        if refused is not None and self.bridge is not None:
+            answer = DeviceAnswer(port, session, request_id, *refused)
+            self.bridge.on_answer(answer, monotonic())
 
     def answered(self, target: Any, payload: bytes | None, error: EdgeNodeError | None) -> None:
         """A device answered (or could not answer) a request made of it."""
@@ -277,6 +287,9 @@ class DeviceRouter:
 
         self._schedule(when, tick)
 
-    def _lost(self, what: str, why: str) -> None:
-        self.lost += 1
-        log.warning("%s: %s", what, why)
+    def lost(self, what: str, why: str) -> None:
+        """Count a message from or for a device that was not delivered; log the
+        1st, 10th, 100th ... (a flood must not flood the journal)."""
+        self.lost_count += 1
+        if first_of_a_power_of_ten(self.lost_count):
+            log.warning("%s: %s (%d device messages lost so far)", what, why, self.lost_count)

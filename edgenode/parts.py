@@ -175,7 +175,7 @@ class Parts:
             is_closing=is_closing,
             settle_wait_s=config.handshake_timeout_s,
         )
-        self.devices.resolve_node = self.sending.resolve_node
+        self.devices.sending = self.sending
         self.datapath = DataPath(
             subscriptions=self.subscriptions,
             requests=self.requests,

@@ -59,8 +59,10 @@ prefix (``keepalive.interval_s`` sets ``keepalive_interval_s``)::
     subscriber_stall_timeout_s = 30.0
 
     [serial]
-    ports = ["/dev/serial0:115200", "/dev/ttyUSB0"]   # PORT[:BAUD]
+    ports = ["/dev/serial0:115200", "/dev/ttyUSB0,rts=off"]   # PORT[:BAUD][,dtr=..][,rts=..]
     baud = 115200                     # for ports given without one
+    dtr = true                        # DTR and RTS at open, for ports that do not say
+    rts = true                        # (true asserts the line; the board profile's default)
     psk_file = "/etc/edgenode/uart.key"
     reliable = false
     max_frame = 256                   # 128 .. 4096
@@ -274,8 +276,7 @@ def show_value(key: str, value: object) -> str:
     if key == "peers.connect":
         return ", ".join(host_port(h, p) for h, p in value) or "(none)"  # type: ignore[attr-defined]
     if key == "serial.ports":
-        ports = [p if b is None else f"{p}:{b}" for p, b in value]  # type: ignore[attr-defined]
-        return ", ".join(ports) or "(none)"
+        return ", ".join(str(spec) for spec in value) or "(none)"  # type: ignore[attr-defined]
     if isinstance(value, frozenset):
         return ", ".join(sorted(value)) or "(none)"
     return str(value)
@@ -380,8 +381,8 @@ def _build(values: Mapping[str, object]) -> NodeConfig:
     fields["serial_psk"] = psk[1] if psk is not None else None  # type: ignore[index]
     baud = values["serial.baud"]
     fields["serial_ports"] = [
-        (path, port_baud or baud)
-        for path, port_baud in values["serial.ports"]  # type: ignore[attr-defined]
+        spec._replace(baud=spec.baud or baud)
+        for spec in values["serial.ports"]  # type: ignore[attr-defined]
     ]
     fields["peers"] = list(values["peers.connect"])  # type: ignore[call-overload]
     fields["uplink"] = _build_uplink(values)

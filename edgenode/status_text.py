@@ -37,6 +37,7 @@ def format_status(response: dict[str, Any]) -> str:
         f"  rss        {_size(node.get('rss_bytes'))}",
         f"  peers      {_by_state(node.get('peers_by_state') or {})}",
         *_delivery_lines(node),
+        *_serial_lines(node.get("serial_ports")),
         *_uplink_lines(response.get("uplink")),
         *_refused(node.get("refusals")),
         "",
@@ -98,11 +99,49 @@ def _delivery_lines(node: dict[str, Any]) -> list[str]:
         ("broadcast_dropped", "broadcasts skipped (peer full)"),
         ("event_drops", "node events dropped"),
         ("device_messages_lost", "device messages lost"),
+        ("device_publish_dropped", "device publishes skipped (peer full)"),
         ("handler_timeouts", "handlers timed out"),
         ("answers_dropped", "answers given up"),
     ]
     counts = [f"{node[key]:,} {what}" for key, what in undelivered if node.get(key)]
     lines.append(f"  not delivered  {'; '.join(counts) if counts else 'nothing'}")
+    return lines
+
+
+_PORT_COUNTS = ("frames_in", "frames_out", "dropped", "retransmits", "held_back", "queued")
+_PORT_COUNTS += ("undelivered",)
+
+
+def _serial_lines(ports: list[dict[str, Any]] | None) -> list[str]:
+    """One or two lines per configured serial port (edgenode.bridge_ports, ``Port.row``)."""
+    lines = []
+    for i, port in enumerate(ports or ()):
+        head = "  serial     " if i == 0 else "             "
+        state = str(port.get("state"))
+        where = f"{port.get('path')} at {port.get('baud')} baud"
+        if state == "open":
+            device = port.get("device")
+            mode = "reliable" if port.get("reliable") else "unreliable"
+            who = f"device {device} up ({mode})" if device else "no device answering"
+            lines.append(f"{head}{where}: open for {_duration(port.get('for_s'))}, {who}")
+            memory = port.get("out_of_memory", 0)
+            reported = port.get("device_out_of_memory")
+            if reported is not None:
+                memory = f"{memory} here, {reported} on the device"
+            count = {k: f"{port.get(k, 0):,}" for k in _PORT_COUNTS}
+            lines.append(
+                f"             frames {count['frames_in']} in, {count['frames_out']} out; "
+                f"{count['dropped']} dropped, {count['retransmits']} resent, "
+                f"{count['held_back']} held back; out of memory {memory}; "
+                f"{count['queued']} queued, {count['undelivered']} undelivered"
+            )
+        else:
+            line = f"{head}{where}: {state} for {_duration(port.get('for_s'))}"
+            if port.get("attempts"):
+                line += f" ({port['attempts']:,} tries)"
+            if port.get("error"):
+                line += f": {port['error']}"
+            lines.append(line)
     return lines
 
 

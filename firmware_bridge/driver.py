@@ -24,12 +24,10 @@ write what the link queued under one lock, so one drain runs at a time. No
 threads, no polling, no read abandoned to a timeout.
 
 The stream contract (docs/microcontrollers.md): ``await reader.read(n)``
-returns what has arrived, 1 to ``n`` bytes, waiting only while nothing has
-(``b""`` or an OSError ends ``run``); ``writer.write(data)`` queues and
-``await writer.drain()`` waits until the line took it. ``asyncio.StreamReader``
-over ``machine.UART`` keeps it; a blocking file does not (a read waits for
-``n`` bytes and freezes the loop): use :mod:`firmware_bridge.tty` for a
-Linux tty or pty.
+returns what has arrived, 1 to ``n`` bytes (``b""`` or an OSError ends
+``run``); ``writer.write(data)`` queues, ``await writer.drain()`` waits until
+the line took it. ``asyncio.StreamReader`` over ``machine.UART`` keeps it;
+for a Linux tty or pty use :mod:`firmware_bridge.tty`.
 
 A MemoryError does not end ``run``: what was being read is lost (in
 reliable mode its sender resends it), the error is counted in
@@ -39,22 +37,27 @@ published on MEMORY_TOPIC so that the node hears of it. A send that meets
 one waits and tries again.
 
 Requests from the network run their handler in a task of its own, as do
-coroutine callbacks; at most 4 such tasks run at once, and a request beyond
-that is refused with status 3 (busy). A handler's exception, or a reply that
-is not bytes, is answered with status 2 and the error's text; a topic with no
-handler with status 1. The codes are the node's (docs/protocol.md, section 7).
+coroutine callbacks (handlers.py); at most 4 such tasks run at once. In
+reliable mode the device takes no more messages than it has free task
+slots, so the node's further messages wait (they are held back in the
+link, and the node's ``send()`` waits for room): a slow application loses
+nothing. In unreliable mode a request beyond that is refused with status 3
+(busy) and a message for a coroutine callback is dropped, both counted in
+``stats["refused_busy"]``. A plain callback runs in ``run()``'s task: while
+it runs nothing is read or written, so one that blocks for longer than the
+node's keepalive timeout loses the session. A handler's exception, or a
+reply that is not bytes, is answered with status 2 and the error's text; a
+topic with no handler with status 1. The codes are the node's
+(docs/protocol.md, section 7).
 
-Memory. Every buffer is bounded, and the link's are allocated once, sized
-from ``max_frame``: a frame being built and one being read, the splitter's
-buffer (one frame on the wire: 262 bytes at the default 256-byte
-``max_frame``) and the output (4 largest frames: 1056 bytes); reads of at
-most 128 bytes and writes of at most 256; at most 4 of our requests pending
-and 4 tasks running; in reliable mode 4 frames in flight plus 4 queued. Per
-frame the link allocates only what an event carries (topic, payload) and the
-bytes handed to the stream. The code is most of the heap: ship ``.mpy``
-files (as mip installs them), or freeze the modules into the firmware, whose
-code stays in flash. The figures, measured in CI on a 32-bit MicroPython for
-each way of installing and each link mode, are in docs/microcontrollers.md.
+Memory. Every buffer is bounded; the link's are allocated once, sized from
+``max_frame`` (262 bytes to read a frame at the default 256, 1056 of
+output); reads of at most 128 bytes, writes of at most 256; at most 4 of our
+requests pending and 4 tasks running; in reliable mode 4 frames in flight
+plus 4 queued. Per frame the link allocates only what an event carries and
+the bytes handed to the stream. The code is most of the heap: ship ``.mpy``
+files, or freeze the modules into the firmware. The figures, measured in CI
+on a 32-bit MicroPython, are in docs/microcontrollers.md.
 """
 
 import gc
@@ -67,17 +70,24 @@ except ImportError:  # MicroPython before 1.20
 
 from . import cobs
 from .cobs import LinkError
+from .handlers import (
+    COUNTERS,
+    MAX_TASKS,
+    Handlers,
+    RequestError,
+    RequestFailed,  # noqa: F401 (re-exported: the errors of request())
+    RequestLost,
+    RequestTimeout,
+    error_text,
+)
 from .link import (
     CRC_BYTES,
     MEMORY_TOPIC,
     Link,
     LinkDown,
     LinkUsageError,
-    MessageTooLarge,
-    Received,
+    MessageTooLarge,  # noqa: F401 (re-exported: what publish() raises)
     SendQueueFull,
-    SessionDown,
-    SessionUp,
 )
 
 try:
@@ -98,54 +108,9 @@ if TYPE_CHECKING:
 READ_CHUNK_BYTES = const(128)
 WRITE_CHUNK_BYTES = const(256)
 MAX_PENDING_REQUESTS = const(4)
-MAX_TASKS = const(4)  # handlers and async callbacks running at once
 _OUTPUT_FRAMES = const(4)
 _SEND_QUEUE = const(4)
-_ERROR_CHARS = const(64)  # error texts are cut to fit the smallest frame
 _RECOVER_MS = const(20)  # pause after a MemoryError
-
-
-# Response status codes, as in the node's protocol (docs/protocol.md, section 7).
-STATUS_OK = const(0)
-STATUS_NO_HANDLER = const(1)
-STATUS_HANDLER_FAILED = const(2)
-STATUS_BUSY = const(3)
-
-# The driver's own counters in ``Device.stats``.
-_COUNTERS = (
-    "requests_sent",  # requests of ours written to the link
-    "request_timeouts",
-    "requests_failed",  # answered with an error status
-    "requests_lost",  # the session went down first
-    "late_responses",  # answers to no pending request
-    "requests_served",  # requests from the host answered by a handler
-    "handler_errors",
-    "no_handler",
-    "refused_busy",  # requests and async callbacks beyond MAX_TASKS
-    "callback_errors",
-    "unhandled",  # data on a topic with no callback
-    "memory_errors",  # MemoryErrors survived by run()'s loop
-)
-
-
-class RequestError(LinkError):
-    """A request of ours got no answer: the base of the three below."""
-
-
-class RequestTimeout(RequestError):
-    """No response arrived within the request's timeout."""
-
-
-class RequestFailed(RequestError):
-    """The peer answered with an error status (``status``); the message has its text."""
-
-    def __init__(self, msg: str, status: int) -> None:
-        super().__init__(msg)
-        self.status = status
-
-
-class RequestLost(RequestError):
-    """The session went down, or the device stopped, before the response arrived."""
 
 
 if hasattr(asyncio, "wait_for_ms"):  # MicroPython
@@ -194,12 +159,7 @@ def new_epoch() -> int:
     return (value & 0xFFFFFFFF) or 1
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:_ERROR_CHARS]
-
-
-class Device:
+class Device(Handlers):
     """A microcontroller on a UART link to a host node.
 
     ``reader``/``writer`` are asyncio streams over the UART (``read(n)``,
@@ -288,7 +248,7 @@ class Device:
         self._unreported = False  # a survived MemoryError the host has not heard of
         self._stream_failed = False
         self._counts = {}
-        for name in _COUNTERS:
+        for name in COUNTERS:
             self._counts[name] = 0
 
     def __repr__(self) -> str:
@@ -319,6 +279,7 @@ class Device:
             "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out,
             "retransmits": s.retransmits,
+            "held_back": s.held_back,
             "tx_skipped": s.tx_skipped,
             "out_of_memory": s.out_of_memory,
             "drops": dict(s.drops),
@@ -386,11 +347,14 @@ class Device:
         try:
             data = await self._reader.read(READ_CHUNK_BYTES)
         except OSError as exc:  # a pty whose other end closed reads EIO
-            self._last_error = "stream: " + _error_text(exc)
+            self._last_error = "stream: " + error_text(exc)
             return False
         if not data:
             return False  # end of stream
-        self._handle(self.link.receive_bytes(data, self._clock()))
+        # Reliable mode: take no more messages than there are free task
+        # slots; the host keeps the others until a task ends (handlers.py).
+        room = MAX_TASKS - len(self._tasks)
+        self._handle(self.link.receive_bytes(data, self._clock(), room))
         self._room.set()
         if self._unreported:
             self._report_memory()
@@ -488,7 +452,7 @@ class Device:
                 self._writer.write(link.bytes_to_send(WRITE_CHUNK_BYTES))
                 await self._writer.drain()
         except OSError as exc:
-            self._last_error = "stream: " + _error_text(exc)
+            self._last_error = "stream: " + error_text(exc)
             return False
         return True
 
@@ -530,140 +494,18 @@ class Device:
             self._room.clear()
             await self._room.wait()
 
-    def _handle(self, events: list) -> None:
-        for event in events:
-            if isinstance(event, Received):
-                kind = event.kind
-                if kind == "data":
-                    self._deliver(event.topic, event.payload)
-                elif kind == "request":
-                    self._on_request(event)
-                elif kind == "response":
-                    self._on_response(event)
-            elif isinstance(event, SessionUp):
-                self._sessions += 1
-                self._changed.set()
-            elif isinstance(event, SessionDown):
-                self._changed.clear()
-                self._fail_pending("the session went down (" + event.reason + ")")
-            # Dropped: the link counted it in stats["drops"].
-
     # --- messages from the host ----------------------------------------------
-
-    def on_message(self, topic: str, callback: "Callable[[str, bytes], Any]") -> None:
-        """Call ``callback(topic, payload)`` for data on ``topic`` ("#": every topic).
-
-        It runs in run()'s task: keep it short, or make it a coroutine
-        function (its coroutine is started as a task). Its errors are counted.
-        """
-        self._callbacks[topic] = callback
-
-    def handle(self, topic: str, handler: "Callable[[bytes], Any]") -> None:
-        """Answer requests on ``topic`` with ``await handler(payload)``, which returns bytes."""
-        self._handlers[topic] = handler
-
-    def _deliver(self, topic: str, payload: bytes) -> None:
-        delivered = False
-        for key in (topic, "#") if topic != "#" else ("#",):
-            callback = self._callbacks.get(key)
-            if callback is None:
-                continue
-            delivered = True
-            try:
-                result = callback(topic, payload)
-                if hasattr(result, "send"):  # a coroutine function's coroutine
-                    if len(self._tasks) < MAX_TASKS:
-                        self._spawn(self._await_callback(topic, result))
-                    else:
-                        result.close()
-                        self._counts["refused_busy"] += 1
-            except Exception as exc:
-                self._error("callback_errors", "callback for " + topic, exc)
-        if not delivered:
-            self._counts["unhandled"] += 1
-
-    def _on_request(self, event: Received) -> None:
-        handler = self._handlers.get(event.topic)
-        if handler is None:
-            self._counts["no_handler"] += 1
-            self._respond_now(event.req_id, STATUS_NO_HANDLER, f"no handler for {event.topic!r}")
-        elif len(self._tasks) >= MAX_TASKS:
-            self._counts["refused_busy"] += 1
-            self._respond_now(event.req_id, STATUS_BUSY, f"busy: {MAX_TASKS} tasks running")
-        else:
-            self._spawn(
-                self._serve(event.req_id, event.topic, handler, event.payload, self._sessions)
-            )
 
     def _spawn(self, coro: "Any") -> None:
         # The coroutine removes its task from the set when it ends.
         self._tasks.add(asyncio.create_task(coro))
 
-    async def _await_callback(self, topic: str, coro: "Any") -> None:
-        try:
-            await coro
-        except Exception as exc:
-            self._error("callback_errors", "callback for " + topic, exc)
-        finally:
-            self._tasks.discard(asyncio.current_task())
-
-    def _respond_now(self, req_id: int, status: int, text: str) -> None:
-        try:
-            self.link.send_response(req_id, status, text[:_ERROR_CHARS], self._clock())
-        except LinkError as exc:  # output full: the host times the request out
-            self._last_error = "response: " + _error_text(exc)
-
-    async def _serve(
-        self, req_id: int, topic: str, handler: "Any", payload: bytes, session: int
-    ) -> None:
-        try:
-            try:
-                result = handler(payload)
-                if hasattr(result, "send"):
-                    result = await result
-                if not isinstance(result, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"handler returned {type(result).__name__}, not bytes")
-                status = STATUS_OK
-            except Exception as exc:
-                self._error("handler_errors", "handler for " + topic, exc)
-                status, result = STATUS_HANDLER_FAILED, _error_text(exc)
-            if session != self._sessions or not self.is_up:
-                return  # asked in a session that has ended: nobody waits for this
-            try:
-                await self._send(self.link.send_response, req_id, status, result)
-            except MessageTooLarge as exc:
-                await self._send(
-                    self.link.send_response, req_id, STATUS_HANDLER_FAILED, _error_text(exc)
-                )
-            self._counts["requests_served"] += 1
-        except LinkError as exc:
-            self._last_error = "response: " + _error_text(exc)
-        finally:
-            self._tasks.discard(asyncio.current_task())
-
-    def _on_response(self, event: Received) -> None:
-        slot = self._pending.get(event.req_id)
-        if slot is None or slot[1] is not None:
-            self._counts["late_responses"] += 1  # timed out already, or from an old session
-            return
-        if event.status == STATUS_OK:
-            slot[1] = event.payload
-        else:
-            slot[1] = RequestFailed(
-                f"request on {slot[2]!r} failed with status {event.status}: {event.error}",
-                event.status,
-            )
-        slot[0].set()
-
-    def _fail_pending(self, why: str) -> None:
-        for slot in self._pending.values():
-            if slot[1] is None:
-                slot[1] = RequestLost(f"request on {slot[2]!r} lost: {why}")
-                slot[0].set()
-
-    def _error(self, counter: str, what: str, exc: BaseException) -> None:
-        self._counts[counter] += 1
-        self._last_error = what + ": " + type(exc).__name__ + ": " + _error_text(exc)
+    def _task_ended(self) -> bool:
+        """A handler or callback task ends: free its slot and tell the link
+        there is room (reliable mode). True if that queued bytes to write."""
+        self._tasks.discard(asyncio.current_task())
+        self.link.resume(self._clock())
+        return bool(self.link.pending_output) and self._running
 
     # --- messages to the host ------------------------------------------------
 

@@ -1,9 +1,25 @@
 """What a link hands its owner: session changes, messages, drops, and its counters.
 
+And :func:`parse_app`, which reads an application frame's fields into the
+:class:`Received` it hands on.
+
 Runs unchanged on CPython 3.9+ and MicroPython.
 """
 
-from .frame import FrameError, Record
+from .frame import (
+    DATA,
+    KIND_DATA,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    KIND_SEND_TO,
+    REQUEST,
+    SEND_TO,
+    BadFrame,
+    FrameError,
+    Record,
+    hex_preview,
+    take_text,
+)
 
 try:
     from typing import TYPE_CHECKING
@@ -80,7 +96,7 @@ class Dropped(Record):
 
 
 class LinkStats:
-    """Counters: frames and bytes each way, drops by reason, retransmissions."""
+    """Counters: frames and bytes each way, drops by reason, retransmissions, held back."""
 
     __slots__ = (
         "bytes_in",
@@ -88,6 +104,7 @@ class LinkStats:
         "drops",
         "frames_in",
         "frames_out",
+        "held_back",
         "out_of_memory",
         "retransmits",
         "tx_skipped",
@@ -99,6 +116,7 @@ class LinkStats:
         self.bytes_in = 0  # every byte fed to receive_bytes
         self.bytes_out = 0  # every byte queued for the line
         self.retransmits = 0
+        self.held_back = 0  # frames not taken for want of room (flow control): resent
         self.out_of_memory = 0  # frames lost to a MemoryError while being read
         self.tx_skipped = 0  # control frames not queued because the output was full
         self.drops = {}  # reason -> count
@@ -112,7 +130,39 @@ class LinkStats:
         return (
             f"LinkStats(frames_in={self.frames_in}, frames_out={self.frames_out}, "
             f"bytes_in={self.bytes_in}, bytes_out={self.bytes_out}, "
-            f"retransmits={self.retransmits}, tx_skipped={self.tx_skipped}, "
+            f"retransmits={self.retransmits}, held_back={self.held_back}, "
+            f"tx_skipped={self.tx_skipped}, "
             f"out_of_memory={self.out_of_memory}, "
             f"drops={self.drops!r})"
         )
+
+
+def parse_app(ftype: int, fields: bytes, name: str, role: str) -> Received:
+    """The :class:`Received` for an application frame's fields (docs/serial-protocol.md,
+    section 3), for a link of ``role``. Raises :class:`BadFrame`."""
+    if ftype == DATA:
+        topic, pos = take_text(fields, 0, "topic", name)
+        return Received(KIND_DATA, topic, bytes(fields[pos:]))
+    if ftype == SEND_TO:
+        if role != "host":
+            raise BadFrame("bad frame: send_to frame sent to a device")
+        dest, pos = take_text(fields, 0, "destination", name)
+        topic, pos = take_text(fields, pos, "topic", name)
+        return Received(KIND_SEND_TO, topic, bytes(fields[pos:]), dest=dest)
+    if len(fields) < 3:
+        raise BadFrame(f"bad frame: {name} frame of {len(fields)} bytes is too short")
+    req_id = (fields[0] << 8) | fields[1]
+    if ftype == REQUEST:
+        topic, pos = take_text(fields, 2, "topic", name)
+        return Received(KIND_REQUEST, topic, bytes(fields[pos:]), req_id=req_id)
+    status = fields[2]
+    payload = bytes(fields[3:])
+    error = None
+    if status:
+        try:
+            error = str(payload, "utf-8")
+        except UnicodeError:
+            raise BadFrame(
+                f"bad frame: response error text is not valid utf-8: {hex_preview(payload)}"
+            ) from None
+    return Received(KIND_RESPONSE, None, payload, req_id=req_id, status=status, error=error)

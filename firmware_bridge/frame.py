@@ -190,6 +190,26 @@ def u16(value: int, what: str) -> bytes:
     return struct.pack(">H", value)
 
 
+def response_fields(req_id: int, status: int, payload: "bytes | str") -> bytes:
+    """A RESPONSE frame's fields: status 0 with bytes, or an error code with its text."""
+    head = u16(req_id, "request id")
+    if type(status) is not int or not 0 <= status <= 0xFF:
+        raise LinkUsageError(f"status should be an integer in 0..255, got {status!r}")
+    if type(payload) is str:
+        if status == 0:
+            raise LinkUsageError("a response with status 0 carries bytes, not text")
+        payload = payload.encode("utf-8")
+    payload = payload_bytes(payload)
+    if status:
+        try:
+            str(payload, "utf-8")
+        except UnicodeError:
+            raise LinkUsageError(
+                f"the error text of a response must be utf-8, got {hex_preview(payload)}"
+            ) from None
+    return head + bytes((status,)) + payload
+
+
 def take_text(fields: bytes, pos: int, what: str, kind: str) -> "tuple[str, int]":
     """Read a length-prefixed utf-8 field at ``pos``; return it and the offset after it."""
     if pos >= len(fields):

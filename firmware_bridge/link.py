@@ -11,54 +11,31 @@ the wire format byte by byte.
 
 The parts, one module each, imported only when used (as micropython-lib
 splits optional features): :mod:`.frame` (types, limits, errors, fields),
-:mod:`.hello`, :mod:`.events`, and, loaded by a Link that is configured for
-them, :mod:`.auth` (a pre-shared key) and :mod:`.reliable`. This module
-keeps the session and re-exports the names of the others.
+:mod:`.hello`, :mod:`.events`, :mod:`.session` (hellos, the session,
+keepalive: the base class of :class:`Link`), and, for a Link configured
+for them, :mod:`.auth` (a pre-shared key) and :mod:`.reliable`. This
+module frames, sends and receives, and re-exports the others' names.
 
-The rules, in the order a link meets them:
+The rules, in the order a link meets them (docs/serial-protocol.md):
 
-1. Framing. Every frame is ``COBS(body + CRC-32(body), little-endian)``
-   followed by 0x00. A frame that is oversize, bad COBS, short, or fails
-   its CRC is dropped and counted; the reader resynchronises at the next
-   0x00. Hello frames are sent with a leading 0x00 so that they also end
-   any garbage the receiver holds.
-2. Header. The body's first byte holds the frame type (low 4 bits) and
-   two flags: RELIABLE (a 1-byte sequence number follows) and AUTH (a
-   4-byte counter follows, a 16-byte HMAC-SHA256 tag ends the body).
-3. Session. Each side has a boot epoch (random, 1..2**32-1, new at every
-   start) and sends a hello at start. A hello names the sender's epoch,
-   echoes the epoch it last heard from the peer (0 if none), and says
-   whether the sender considers the session up. The session's transitions
-   are the table in :meth:`Link._on_hello`. In short: a side answers a
-   hello when the peer's epoch changed, when the hello does not echo our
-   epoch, or when the hello says the peer is not up; the session is up
-   once a hello arrives that echoes our current epoch, and goes down when
-   one arrives with a new epoch (the peer restarted) or one that no longer
-   echoes ours (the peer lost the session). A restart on either side
-   resynchronises within about one round trip, with no reset line.
-   With a pre-shared key, a hello can take an up session down only by
-   proving it is fresh: a new epoch must first echo ours, which it learns
-   only by our answer, so a recorded hello of an old boot cannot bounce a
-   session; and a hello echoing an epoch that is neither ours nor 0 (meant
-   for an old boot of ours) is answered but changes nothing.
-4. While the session is down, every frame but a hello is dropped ("not
-   up") and answered with a hello (at most once per ``rto_ms``), and hellos
-   are repeated every keepalive interval. After a keepalive timeout a side
-   forgets the peer's epoch, so its hellos echo 0 and take the peer's
-   session down too.
-5. Keepalive. Once up, each side pings when it has sent nothing for its
-   interval (and for less than half the peer's timeout), and declares the
-   session down when nothing valid has arrived for its timeout. Any valid
-   frame proves liveness.
-6. Reliable mode, when both hellos ask for it: application frames carry an
-   8-bit sequence number; the receiver delivers them exactly once and in
-   order and acknowledges cumulatively; the sender keeps at most ``window``
-   frames unacknowledged, retransmits all of them (go-back-N) after
-   ``rto_ms`` without progress, and queues at most ``send_queue`` more.
-7. Authentication, when both sides hold the same pre-shared key: each frame
-   carries a counter that strictly increases per direction and a tag over
-   (sender epoch, receiver epoch, body). A bad tag is "auth failure"; a
-   counter not above the last accepted is "replay".
+1. Framing: ``COBS(body + CRC-32(body), little-endian)`` and 0x00. A bad
+   frame is dropped and counted; the reader resynchronises at the next
+   0x00. Hellos are sent with a leading 0x00 that ends any garbage.
+2. Header: the frame type (low 4 bits), RELIABLE (a sequence number
+   follows) and AUTH (a counter follows, a 16-byte tag ends the body).
+3. The session and keepalive: :mod:`.session`.
+4. Reliable mode, when both hellos ask for it: exactly once and in order,
+   cumulative acks, at most ``window`` frames unacknowledged, go-back-N
+   after ``rto_ms`` without progress (then 2 and 4 times that), at most
+   ``send_queue`` more queued.
+5. Flow control (reliable mode): ``receive_bytes(..., room=n)`` takes at
+   most ``n`` new DATA, REQUEST and SEND_TO frames; the next ones are held
+   back unacknowledged, for their sender to resend (``stats.held_back``,
+   not drops). ``resume()`` acknowledges again once there is room; an ack
+   of the frame just before a sender's oldest unacknowledged one makes it
+   resend at once, once per such frame.
+6. Authentication with a shared key: a counter that strictly increases per
+   direction and a tag over (sender epoch, receiver epoch, body).
 
 Bad bytes from the line never raise: each bad frame becomes a
 :class:`Dropped` event and a count in ``stats.drops``, and the session
@@ -73,7 +50,7 @@ from binascii import crc32
 
 from . import cobs
 from .cobs import BadCOBS, FrameError, FrameTooLarge, LinkError, hex_preview
-from .events import Dropped, LinkStats, Received, SessionDown, SessionUp
+from .events import Dropped, LinkStats, Received, SessionDown, SessionUp, parse_app
 from .frame import (
     ACK,
     APP_TYPES,
@@ -81,9 +58,6 @@ from .frame import (
     COUNTER_BYTES,
     CRC_BYTES,
     DATA,
-    DOWN_PEER_RESET,
-    DOWN_PEER_RESTART,
-    DOWN_TIMEOUT,
     FLAG_AUTH,
     FLAG_RELIABLE,
     FLAGS_RESERVED,
@@ -128,73 +102,29 @@ from .frame import (
     SendQueueFull,
     UnknownType,
     payload_bytes,
-    take_text,
+    response_fields,
     topic_bytes,
     u16,
 )
 from .hello import Hello
+from .session import Session
 
+# fmt: off
 __all__ = [
-    "ACK",
-    "AUTH_BYTES",
-    "COUNTER_BYTES",
-    "CRC_BYTES",
-    "DATA",
-    "FLAG_AUTH",
-    "FLAG_RELIABLE",
-    "HELLO",
-    "HELLO_AUTH",
-    "HELLO_RELIABLE",
-    "HELLO_UP",
-    "KIND_DATA",
-    "KIND_REQUEST",
-    "KIND_RESPONSE",
-    "KIND_SEND_TO",
-    "MAX_DEST_BYTES",
-    "MAX_FRAME_BYTES",
-    "MAX_ID_BYTES",
-    "MAX_PSK_BYTES",
-    "MAX_TOPIC_BYTES",
-    "MAX_WINDOW",
-    "MEMORY_TOPIC",
-    "MIN_FRAME_BYTES",
-    "MIN_PSK_BYTES",
-    "PING",
-    "PONG",
-    "PROTOCOL_VERSION",
-    "REQUEST",
-    "RESPONSE",
-    "SEND_TO",
-    "TAG_BYTES",
-    "TYPE_NAMES",
-    "AuthFailure",
-    "BadCOBS",
-    "BadCRC",
-    "BadFrame",
-    "BadHello",
-    "Dropped",
-    "Duplicate",
-    "FrameError",
-    "FrameTooLarge",
-    "Hello",
-    "Link",
-    "LinkDown",
-    "LinkError",
-    "LinkStats",
-    "LinkUsageError",
-    "MessageTooLarge",
-    "NotUp",
-    "OutOfOrder",
-    "Received",
-    "Replay",
-    "SendQueueFull",
-    "SessionDown",
-    "SessionUp",
-    "UnknownType",
+    "ACK", "AUTH_BYTES", "COUNTER_BYTES", "CRC_BYTES", "DATA", "FLAG_AUTH", "FLAG_RELIABLE",
+    "HELLO", "HELLO_AUTH", "HELLO_RELIABLE", "HELLO_UP", "KIND_DATA", "KIND_REQUEST",
+    "KIND_RESPONSE", "KIND_SEND_TO", "MAX_DEST_BYTES", "MAX_FRAME_BYTES", "MAX_ID_BYTES",
+    "MAX_PSK_BYTES", "MAX_TOPIC_BYTES", "MAX_WINDOW", "MEMORY_TOPIC", "MIN_FRAME_BYTES",
+    "MIN_PSK_BYTES", "PING", "PONG", "PROTOCOL_VERSION", "REQUEST", "RESPONSE", "SEND_TO",
+    "TAG_BYTES", "TYPE_NAMES", "AuthFailure", "BadCOBS", "BadCRC", "BadFrame", "BadHello",
+    "Dropped", "Duplicate", "FrameError", "FrameTooLarge", "Hello", "Link", "LinkDown",
+    "LinkError", "LinkStats", "LinkUsageError", "MessageTooLarge", "NotUp", "OutOfOrder",
+    "Received", "Replay", "SendQueueFull", "SessionDown", "SessionUp", "UnknownType",
 ]
+# fmt: on
 
 
-class Link:
+class Link(Session):
     """One end of a UART link: framing, session, keepalive, reliability, auth.
 
     ``role`` is "host" or "device"; ``my_id`` names this end (a device ID,
@@ -211,37 +141,16 @@ class Link:
 
     __slots__ = (
         "_auth",
-        "_challenge",
-        "_frame_limit",
-        "_last_hello_ms",
-        "_last_rx_ms",
-        "_last_tx_ms",
         "_out",
         "_out_len",
-        "_ping_interval_ms",
-        "_ping_nonce",
-        "_ping_sent_ms",
         "_rel",
         "_rx",
         "_splitter",
-        "_started",
-        "_their_epoch",
         "_tx",
-        "epoch",
-        "is_up",
-        "keepalive_interval_ms",
-        "keepalive_timeout_ms",
-        "max_frame",
         "max_output_bytes",
-        "my_id",
-        "peer_hello",
-        "reliable",
-        "role",
         "rto_ms",
-        "rtt_ms",
         "send_queue",
         "stats",
-        "want_reliable",
         "window",
     )
 
@@ -337,35 +246,27 @@ class Link:
         self._ping_nonce = 0
         self._ping_sent_ms = None
 
-    def __repr__(self) -> str:
-        state = "up with " + repr(self.peer_id) if self.is_up else "down"
-        return f"Link({self.role} {self.my_id!r}, epoch={self.epoch}, {state})"
-
     # --- public API --------------------------------------------------------
 
-    @property
-    def peer_id(self) -> "str | None":
-        """The ID in the peer's latest hello, or None before one arrived."""
-        return None if self.peer_hello is None else self.peer_hello.id
-
-    def start(self, now_ms: int) -> None:
-        """Begin: queue our first hello and start the timers."""
-        if self._started:
-            raise LinkUsageError("link already started")
-        self._started = True
-        self._last_rx_ms = now_ms
-        self._send_hello(now_ms)
-
-    def receive_bytes(self, data: "bytes | bytearray | memoryview", now_ms: int) -> list:
+    def receive_bytes(
+        self, data: "bytes | bytearray | memoryview", now_ms: int, room: "int | None" = None
+    ) -> list:
         """Feed bytes from the line; return the events they cause, in order.
 
-        Bad frames never raise: each becomes a :class:`Dropped` event.
-        Raises :class:`LinkUsageError` before ``start()``.
+        ``room``, in reliable mode: take at most this many new DATA, REQUEST
+        and SEND_TO frames; the next ones are held back, unacknowledged, for
+        their sender to send again (call :meth:`resume` once there is room).
+        None takes everything. Bad frames never raise: each becomes a
+        :class:`Dropped` event. Raises :class:`LinkUsageError` before
+        ``start()``.
         """
         if not self._started:
             raise LinkUsageError("receive_bytes before start()")
         events = []
         self.stats.bytes_in += len(data)
+        rel = self._rel
+        if rel is not None:
+            rel.rx_room = room
         for item in self._splitter.frames(data):
             if isinstance(item, FrameError):
                 self._drop(item, events)
@@ -379,82 +280,36 @@ class Link:
                 # accepted last, so its sender retransmits it. Counted only
                 # (an event would need memory too).
                 self.stats.out_of_memory += 1
-        rel = self._rel
         if rel is not None and rel.ack_pending:
             # One cumulative ack per batch of bytes.
             rel.ack_pending = False
-            if self.is_up and self.reliable:
-                self._emit(ACK, bytes(((rel.rx_expected - 1) & 0xFF,)), now_ms)
+            self._ack(now_ms)
         return events
 
-    def tick(self, now_ms: int) -> list:
-        """Run the timers due at ``now_ms``; return the events (a SessionDown on timeout)."""
-        events = []
-        if not self._started:
-            return events
-        if not self.is_up:
-            if now_ms - self._last_hello_ms >= self.keepalive_interval_ms:
-                self._send_hello(now_ms)
-            return events
-        if now_ms - self._last_rx_ms >= self.keepalive_timeout_ms:
-            self._down(DOWN_TIMEOUT, events)
-            # Forget the peer's epoch: our hello then echoes 0, which tells a
-            # peer that still thinks the session is up that it is not.
-            self._their_epoch = 0
-            self._send_hello(now_ms)
-            return events
+    def resume(self, now_ms: int) -> None:
+        """Say there is room again (reliable mode): if frames were held back,
+        acknowledge what was delivered once more, which makes the sender
+        resend the rest at once. Does nothing otherwise; call it whenever
+        room appears."""
         rel = self._rel
-        if rel is not None and rel.rto_deadline_ms is not None and now_ms >= rel.rto_deadline_ms:
-            for seq, ftype, fields in rel.unacked:
-                self._emit(ftype, fields, now_ms, seq)
-                self.stats.retransmits += 1
-            rel.rto_deadline_ms = now_ms + self.rto_ms
-        if now_ms - self._last_tx_ms >= self._ping_interval_ms:
-            self._ping_nonce = (self._ping_nonce + 1) & 0xFFFF
-            self._ping_sent_ms = now_ms
-            self._emit(PING, struct.pack(">H", self._ping_nonce), now_ms)
-        return events
+        if rel is not None and rel.held:
+            rel.held = False
+            self._ack(now_ms)
+
+    def _ack(self, now_ms: int) -> None:
+        if self.is_up and self.reliable:
+            self._emit(ACK, bytes(((self._rel.rx_expected - 1) & 0xFF,)), now_ms)
 
     def room(self) -> "int | None":
-        """How many more messages a send would take now; None: no limit.
+        """How many more messages a send would take now; None: no limit (unreliable).
 
-        In reliable mode a send beyond the window waits in a small queue;
-        beyond that it raises :class:`SendQueueFull`. Callers that can wait
-        should wait for room (the peer's acknowledgements make it).
+        Beyond it a send raises :class:`SendQueueFull`: wait for the peer's acks.
         """
         if not self.is_up:
             return 0
         if not self.reliable:
             return None
         return self._rel.room()
-
-    def liveness(self, now_ms: int) -> "tuple[bool, bool, int]":
-        """(their frames arriving, our pings answered, ms since the last frame).
-
-        Each direction is alive when nothing has waited longer than the
-        keepalive timeout: the last frame from the peer, and the oldest ping
-        still unanswered.
-        """
-        timeout = self.keepalive_timeout_ms
-        heard_ms = now_ms - self._last_rx_ms
-        waiting = self._ping_sent_ms
-        answered = waiting is None or now_ms - waiting < timeout
-        return self.is_up and heard_ms < timeout, self.is_up and answered, heard_ms
-
-    def next_deadline_ms(self) -> "int | None":
-        """When ``tick`` next has work to do, in the ``now_ms`` scale (None before start)."""
-        if not self._started:
-            return None
-        if not self.is_up:
-            return self._last_hello_ms + self.keepalive_interval_ms
-        deadline = self._last_rx_ms + self.keepalive_timeout_ms
-        ping = self._last_tx_ms + self._ping_interval_ms
-        if ping < deadline:
-            deadline = ping
-        rel = self._rel
-        if rel is not None and rel.rto_deadline_ms is not None and rel.rto_deadline_ms < deadline:
-            deadline = rel.rto_deadline_ms
-        return deadline
 
     def bytes_to_send(self, max_bytes: "int | None" = None) -> bytes:
         """Take up to ``max_bytes`` (all if None) of the bytes waiting for the line."""
@@ -477,11 +332,8 @@ class Link:
         return self._out_len
 
     def send_data(self, topic: str, payload: bytes, now_ms: int) -> None:
-        """Send a one-way message on ``topic``.
-
-        Raises :class:`LinkDown`, :class:`MessageTooLarge`,
-        :class:`SendQueueFull` or :class:`LinkUsageError`.
-        """
+        """Send a one-way message on ``topic``. Raises :class:`LinkDown`,
+        :class:`MessageTooLarge`, :class:`SendQueueFull` or :class:`LinkUsageError`."""
         raw = topic_bytes(topic, "topic", MAX_TOPIC_BYTES)
         fields = bytes((len(raw),)) + raw + payload_bytes(payload)
         self._send_app(DATA, fields, now_ms)
@@ -498,22 +350,7 @@ class Link:
 
         Errors as for send_data.
         """
-        head = u16(req_id, "request id")
-        if type(status) is not int or not 0 <= status <= 0xFF:
-            raise LinkUsageError(f"status should be an integer in 0..255, got {status!r}")
-        if type(payload) is str:
-            if status == 0:
-                raise LinkUsageError("a response with status 0 carries bytes, not text")
-            payload = payload.encode("utf-8")
-        payload = payload_bytes(payload)
-        if status:
-            try:
-                str(payload, "utf-8")
-            except UnicodeError:
-                raise LinkUsageError(
-                    f"the error text of a response must be utf-8, got {hex_preview(payload)}"
-                ) from None
-        fields = head + bytes((status,)) + payload
+        fields = response_fields(req_id, status, payload)
         self._send_app(RESPONSE, fields, now_ms)
 
     def send_to(self, dest: str, topic: str, payload: bytes, now_ms: int) -> None:
@@ -567,21 +404,6 @@ class Link:
                 f"cannot send {name}: {len(rel.unacked)} frames await acknowledgement "
                 f"and {len(rel.queue)} are queued (limit {self.send_queue})"
             )
-
-    def _send_hello(self, now_ms: int, echo: "int | None" = None, up: "bool | None" = None) -> None:
-        hello = Hello(
-            self.my_id,
-            self.epoch,
-            self.max_frame,
-            self.keepalive_interval_ms,
-            self.keepalive_timeout_ms,
-            self.want_reliable,
-            self._auth is not None,
-            self._their_epoch if echo is None else echo,
-            self.is_up if up is None else up,
-        )
-        self._last_hello_ms = now_ms
-        self._emit(HELLO, hello.encode(), now_ms, None, True, hello.echo_epoch)
 
     def _emit(
         self,
@@ -728,11 +550,16 @@ class Link:
             if len(fields) != 1:
                 raise BadFrame(f"bad frame: ack of {len(fields)} bytes, expected 1")
         elif ftype != HELLO:
-            message = self._parse_app(ftype, fields, name)
+            if seq is not None and self._rel.hold(seq, ftype):
+                # No room for it: not acknowledged, so its sender keeps it
+                # (flow control, not a fault: counted apart from drops).
+                self.stats.held_back += 1
+                return
+            message = parse_app(ftype, fields, name, self.role)
             events.append(message)  # before the sequence moves: a MemoryError loses nothing
             if seq is not None:
                 try:
-                    self._rel.accept(seq, name)
+                    self._rel.accept(seq, ftype, name)
                 except FrameError:
                     events.pop()
                     raise
@@ -749,127 +576,24 @@ class Link:
         elif ftype == ACK:
             self._on_ack(fields[0], now_ms)
 
-    def _parse_app(self, ftype: int, fields: bytes, name: str) -> Received:
-        if ftype == DATA:
-            topic, pos = take_text(fields, 0, "topic", name)
-            return Received(KIND_DATA, topic, bytes(fields[pos:]))
-        if ftype == SEND_TO:
-            if self.role != "host":
-                raise BadFrame("bad frame: send_to frame sent to a device")
-            dest, pos = take_text(fields, 0, "destination", name)
-            topic, pos = take_text(fields, pos, "topic", name)
-            return Received(KIND_SEND_TO, topic, bytes(fields[pos:]), dest=dest)
-        if len(fields) < 3:
-            raise BadFrame(f"bad frame: {name} frame of {len(fields)} bytes is too short")
-        req_id = (fields[0] << 8) | fields[1]
-        if ftype == REQUEST:
-            topic, pos = take_text(fields, 2, "topic", name)
-            return Received(KIND_REQUEST, topic, bytes(fields[pos:]), req_id=req_id)
-        status = fields[2]
-        payload = bytes(fields[3:])
-        error = None
-        if status:
-            try:
-                error = str(payload, "utf-8")
-            except UnicodeError:
-                raise BadFrame(
-                    f"bad frame: response error text is not valid utf-8: {hex_preview(payload)}"
-                ) from None
-        return Received(KIND_RESPONSE, None, payload, req_id=req_id, status=status, error=error)
-
-    # --- the session -------------------------------------------------------
-
-    def _on_hello(self, hello: Hello, now_ms: int, events: list) -> None:
-        """The session's transitions on a valid hello, as one table.
-
-        =====================  ===================  =============================
-        the hello's epoch      the hello's echo     then
-        =====================  ===================  =============================
-        new (not theirs)       any                  down if up (peer restart);
-                                                    learn it; answer
-        theirs                 not ours             down if up (peer lost it);
-                                                    answer
-        theirs                 ours                 up if down
-        any, not up flag       any                  answer (it waits for us)
-        =====================  ===================  =============================
-
-        With a key, while up, a new epoch or an echo of neither ours nor 0
-        must prove itself first (see the module docstring): a new epoch is
-        answered with a hello echoing it, and replaces the session only once
-        a hello of that epoch echoes ours; an echo of an old epoch of ours is
-        answered and changes nothing.
-        """
-        if self._auth is not None and self.is_up and self._guard_hello(hello, now_ms):
-            return
-        reply = False
-        if hello.epoch != self._their_epoch:
-            if self.is_up:
-                self._down(DOWN_PEER_RESTART, events)
-            self._their_epoch = hello.epoch
-            reply = True
-        self._challenge = 0
-        self.peer_hello = hello
-        if hello.echo_epoch != self.epoch:
-            if self.is_up:
-                self._down(DOWN_PEER_RESET, events)
-            reply = True
-        elif not self.is_up:
-            self._up(hello, now_ms, events)
-        if not hello.up:
-            # The peer waits for a hello that echoes its epoch: it may have
-            # lost ours (a hello that is up itself needs no answer, which
-            # ends the exchange).
-            reply = True
-        if reply:
-            self._send_hello(now_ms)
-
-    def _guard_hello(self, hello: Hello, now_ms: int) -> bool:
-        """With a key and the session up: True if ``hello`` must not change the session yet."""
-        if hello.epoch != self._their_epoch:
-            if hello.echo_epoch == self.epoch and hello.epoch == self._challenge:
-                return False  # the new epoch answered our challenge: a live restart
-            # Challenge it: only a live peer of that epoch can echo ours back
-            # (not up, so that it answers). Our session stays as it is meanwhile.
-            self._challenge = hello.epoch
-            self._send_hello(now_ms, hello.epoch, False)
-            return True
-        echo = hello.echo_epoch
-        if echo != self.epoch and echo != 0:
-            # Meant for an old boot of ours: answer, so a live peer learns
-            # our epoch, but keep the session.
-            self._send_hello(now_ms)
-            return True
-        return False
-
-    def _up(self, hello: Hello, now_ms: int, events: list) -> None:
-        self.is_up = True
-        self.reliable = self.want_reliable and hello.reliable
-        limit = hello.max_frame
-        self._frame_limit = limit if limit < self.max_frame else self.max_frame
-        # Send often enough for the peer's timeout as well as our interval.
-        half = hello.keepalive_timeout_ms // 2
-        interval = self.keepalive_interval_ms
-        self._ping_interval_ms = half if 0 < half < interval else interval
-        if self._rel is not None:
-            self._rel.reset()
-        self._ping_sent_ms = None
-        events.append(SessionUp(hello))
-
-    def _down(self, reason: str, events: list) -> None:
-        rel = self._rel
-        lost = 0
-        if rel is not None:
-            lost = rel.lost()
-            rel.reset()
-        self.is_up = False
-        self.reliable = False
-        events.append(SessionDown(reason, lost))
-
     def _on_ack(self, acked: int, now_ms: int) -> None:
         rel = self._rel
         if not rel.acked(acked):
-            return  # a stale or repeated ack: nothing new
+            # Nothing new. But an ack of the frame just before our oldest
+            # asks for that one (the receiver has room again, or saw a gap):
+            # resend now, once, rather than after the timeout.
+            if rel.asks_again(acked):
+                self._retransmit(now_ms)
+            return
         while rel.queue and len(rel.unacked) < self.window:
             ftype, fields = rel.queue.pop(0)
             self._emit(ftype, fields, now_ms, rel.take_seq(ftype, fields, now_ms))
         rel.rto_deadline_ms = now_ms + self.rto_ms if rel.unacked else None
+
+    def _retransmit(self, now_ms: int) -> None:
+        """Send every unacknowledged frame again, oldest first (go-back-N)."""
+        rel = self._rel
+        for seq, ftype, fields in rel.unacked:
+            self._emit(ftype, fields, now_ms, seq)
+            self.stats.retransmits += 1
+        rel.rto_deadline_ms = now_ms + rel.next_timeout_ms()

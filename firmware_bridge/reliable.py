@@ -1,4 +1,4 @@
-"""Reliable mode: sequence numbers, cumulative acks and go-back-N retransmission.
+"""Reliable mode: sequence numbers, cumulative acks, go-back-N, and flow control.
 
 docs/serial-protocol.md, section 5. The link imports this module only when
 reliable mode is asked for, so a board that runs without it never loads it.
@@ -7,7 +7,17 @@ The link frames and sends; this keeps the state of both directions.
 Runs unchanged on CPython 3.9+ and MicroPython.
 """
 
-from .frame import Duplicate, OutOfOrder
+from .frame import RESPONSE, Duplicate, OutOfOrder
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):  # type: ignore[no-redef]
+        return x
+
+
+_MAX_BACKOFF = const(2)  # retransmission timeout at most 4 x rto_ms
 
 
 class Reliable:
@@ -16,17 +26,26 @@ class Reliable:
     Sender: at most ``window`` frames unacknowledged (``unacked``, oldest
     first, as (seq, type, fields)), at most ``send_queue`` more waiting in
     ``queue`` as (type, fields); ``rto_deadline_ms`` is when the
-    unacknowledged frames are all sent again. Receiver: ``rx_expected`` is
-    the next sequence number it delivers; ``ack_pending`` asks the link to
-    acknowledge after the bytes it is reading.
+    unacknowledged frames are all sent again, ``backoff`` how many times
+    that happened without progress, ``fast`` the ack that last made us
+    resend at once (-1: none since the last progress). Receiver:
+    ``rx_expected`` is the next sequence number it delivers; ``rx_room`` how
+    many more frames the owner takes in this batch (None: no limit);
+    ``held`` whether frames were held back for want of room since the last
+    one delivered; ``ack_pending`` asks the link to acknowledge after the
+    bytes it is reading.
     """
 
     __slots__ = (
         "ack_pending",
+        "backoff",
+        "fast",
+        "held",
         "queue",
         "rto_deadline_ms",
         "rto_ms",
         "rx_expected",
+        "rx_room",
         "send_queue",
         "tx_seq",
         "unacked",
@@ -46,7 +65,11 @@ class Reliable:
         self.unacked = []
         self.queue = []
         self.rto_deadline_ms = None
+        self.backoff = 0
+        self.fast = -1
         self.rx_expected = 0
+        self.rx_room = None
+        self.held = False
         self.ack_pending = False
 
     def lost(self) -> int:
@@ -65,7 +88,26 @@ class Reliable:
             self.rto_deadline_ms = now_ms + self.rto_ms
         return seq
 
-    def accept(self, seq: int, name: str) -> None:
+    def next_timeout_ms(self) -> int:
+        """The retransmission timeout now: ``rto_ms``, doubled per round without progress."""
+        backoff = self.backoff if self.backoff < _MAX_BACKOFF else _MAX_BACKOFF
+        return self.rto_ms << backoff
+
+    def hold(self, seq: int, ftype: int) -> bool:
+        """Whether frame ``seq`` must wait: it is the next one and the owner
+        has no room for it (a RESPONSE needs none), or a frame before it
+        waits. A duplicate never waits: it is acknowledged as usual."""
+        ahead = (seq - self.rx_expected) & 0xFF
+        if ahead == 0:
+            room = self.rx_room
+            if room is None or room > 0 or ftype == RESPONSE:
+                return False
+        elif not self.held or ahead >= 128:
+            return False
+        self.held = True
+        return True
+
+    def accept(self, seq: int, ftype: int, name: str) -> None:
         """Deliver ``seq`` if it is the one expected, else raise Duplicate or OutOfOrder."""
         self.ack_pending = True
         expected = self.rx_expected
@@ -75,6 +117,9 @@ class Reliable:
                 raise Duplicate(f"duplicate {name} frame: seq {seq}, expecting {expected}")
             raise OutOfOrder(f"{name} frame out of order: seq {seq}, expecting {expected}")
         self.rx_expected = (seq + 1) & 0xFF
+        self.held = False
+        if self.rx_room is not None and ftype != RESPONSE:
+            self.rx_room -= 1
 
     def acked(self, seq: int) -> bool:
         """Drop the frames up to ``seq``; False for a stale or repeated ack."""
@@ -82,5 +127,17 @@ class Reliable:
         for i in range(len(unacked)):
             if unacked[i][0] == seq:
                 self.unacked = unacked[i + 1 :]
+                self.backoff = 0
+                self.fast = -1
                 return True
         return False
+
+    def asks_again(self, seq: int) -> bool:
+        """Whether an ack of ``seq``, which acknowledges nothing new, asks for
+        our oldest unacknowledged frame (it acks the one just before it) for
+        the first time since the last progress: then resend at once."""
+        unacked = self.unacked
+        if not unacked or (unacked[0][0] - 1) & 0xFF != seq or self.fast == seq:
+            return False
+        self.fast = seq
+        return True

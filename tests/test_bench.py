@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from edgenode.bench import framing_efficiency
 from edgenode.bench_fleet import slope
+from edgenode.bench_serial import framing_efficiency
 from edgenode.config import NodeConfig
 from edgenode.loadgen import LoadGen, load_identities
 from edgenode.node import Node
@@ -93,6 +93,19 @@ def _check_fleet(fleet: dict[str, Any], peers: int) -> None:
     assert all("keepalive timeout" in r for r in fleet["detect_reasons"]["stop"])
 
 
+def _check_serial(serial: dict[str, Any], *, runs: int, messages: int) -> None:
+    """The serial section: reliable and unreliable mode each way, beside the reference."""
+    assert (serial["runs"], serial["messages"]) == (runs, messages)
+    assert serial["framing_efficiency"]["200"]["efficiency"] >= 0.95
+    rates = serial["rates"]
+    for mode in ("reliable", "unreliable", "reference"):
+        for way in ("device_to_node", "node_to_device"):
+            fig = rates[mode][way]
+            assert 0 < fig["min"] <= fig["median"] <= fig["max"], (mode, way)
+    assert rates["reliable"]["device_to_node_lost"] == 0  # reliable mode loses nothing
+    assert rates["unreliable"]["device_to_node_lost"] >= 0
+
+
 @pytest.mark.timeout(120)
 def test_bench_quick_reports_every_figure() -> None:
     argv = ["edgenode", "bench", "--quick", "--runs", "2", "--messages", "50", "--json"]
@@ -102,10 +115,7 @@ def test_bench_quick_reports_every_figure() -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["quick"] is True
-    rate = report["serial_pty_rate"]
-    assert rate["runs"] == 2 and rate["messages"] == 50
-    assert 0 < rate["min_msgs_per_s"] <= rate["median_msgs_per_s"] <= rate["max_msgs_per_s"]
-    assert report["serial_framing_efficiency"]["200"]["efficiency"] >= 0.95
+    _check_serial(report["serial"], runs=2, messages=50)
     _check_tls(report["tls"])
     _check_fleet(report["fleet"], peers=20)
 
@@ -118,7 +128,7 @@ def test_bench_runs_only_the_sections_asked_for() -> None:
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["serial_pty_rate"]["runs"] == 1
+    _check_serial(report["serial"], runs=1, messages=20)
     assert "tls" not in report and "fleet" not in report
     result = subprocess.run(
         [sys.executable, "-m", "edgenode.bench", "--only", "fleet", "--peers", "2"],

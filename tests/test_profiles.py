@@ -42,6 +42,8 @@ NODE_KEYS = {
     "serial.max_frame",
     "serial.keepalive_interval_s",
     "serial.keepalive_timeout_s",
+    "serial.dtr",
+    "serial.rts",
     "node.memory_budget_mb",
 }
 SERIAL_KEYS = {k for k in NODE_KEYS if k.startswith("serial.")}
@@ -113,7 +115,8 @@ def test_uart_defaults_agree_with_the_microcontrollers() -> None:
     }
     for name in ALL_BOARDS:
         serial = {k: v for k, v in load_profile(name).settings.items() if k in SERIAL_KEYS}
-        assert serial == {**driver, "serial.baud": 115200}, name
+        lines = {"serial.dtr": True, "serial.rts": True}  # asserted: docs/microcontrollers.md
+        assert serial == {**driver, "serial.baud": 115200, **lines}, name
 
 
 @pytest.mark.parametrize("name", MICROCONTROLLERS)

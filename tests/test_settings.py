@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgenode.config import NodeConfig
+from edgenode.config import NodeConfig, SerialPortSpec
 from edgenode.errors import ConfigError, InvalidNodeId
 from edgenode.settings import (
     BY_KEY,
@@ -189,9 +189,13 @@ def test_serial_ports_without_baud_take_the_resolved_baud(tmp_path: Path) -> Non
         tmp_path, '[serial]\nbaud = 57600\nports = ["/dev/ttyUSB0", "/dev/ttyAMA0:9600"]\n'
     )
     resolved = resolve(config_file=path)
-    assert resolved.config.serial_ports == [("/dev/ttyUSB0", 57600), ("/dev/ttyAMA0", 9600)]
-    cli = resolve(config_file=path, command_line={"serial.ports": [("/dev/ttyS0", None)]})
-    assert cli.config.serial_ports == [("/dev/ttyS0", 57600)]
+    assert resolved.config.serial_ports == [
+        SerialPortSpec("/dev/ttyUSB0", 57600),
+        SerialPortSpec("/dev/ttyAMA0", 9600),
+    ]
+    spec = SerialPortSpec("/dev/ttyS0", None, False, None)
+    cli = resolve(config_file=path, command_line={"serial.ports": [spec]})
+    assert cli.config.serial_ports == [SerialPortSpec("/dev/ttyS0", 57600, False, None)]
 
 
 def test_file_sets_addresses_and_node_ids(tmp_path: Path) -> None:
@@ -245,7 +249,8 @@ BAD_VALUES = [
     ),
     (
         '[serial]\nports = ["/dev/ttyUSB0", 2]',
-        "serial.ports: expected a list of \"PORT[:BAUD]\" strings, got ['/dev/ttyUSB0', 2]",
+        'serial.ports: expected a list of "PORT[:BAUD][,dtr=on|off][,rts=on|off]" strings, '
+        "got ['/dev/ttyUSB0', 2]",
     ),
     ("[keepalive]\ninterval_s = 1979-05-27", "keepalive.interval_s: expected a number > 0, got"),
     # out of range

@@ -8,8 +8,17 @@ for the node's single loop.
 
 A port that vanishes (USB unplugged, the other end of a pseudo-terminal
 closed) reads as end-of-file or fails with EIO; both surface as
-``anyio.BrokenResourceError`` so the owner can reopen it with backoff.
-pyserial is imported only when a port is opened.
+``anyio.BrokenResourceError`` so the owner can reopen it with backoff. A
+port that cannot be opened raises :class:`SerialUnavailable`, whose
+``kind`` says why (missing, busy, denied, or another error) and whose
+message says what to do about it. pyserial is imported only when a port is
+opened.
+
+DTR and RTS: pyserial applies the states set on an unopened ``Serial`` when
+it opens it (``serialposix.Serial.open`` sets DTR, then RTS, right after
+configuring the port; both default to asserted). The kernel asserts both
+as the device file opens, so a line asked to be off is asserted for the
+moment between the two (docs/microcontrollers.md, "DTR and RTS").
 """
 
 from __future__ import annotations
@@ -20,28 +29,78 @@ from typing import Any
 
 import anyio
 
-from ..errors import ConfigError, EdgeNodeError
+from ..errors import EdgeNodeError
 
 DEFAULT_BAUD = 115200
 _GONE = (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF)
 
 
+#: SerialUnavailable.kind values.
+MISSING = "missing"
+BUSY = "busy"
+DENIED = "denied"
+FAILED = "error"
+
+_MISSING = (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+_BUSY = (errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK)
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
 class SerialUnavailable(EdgeNodeError):
-    """A serial port cannot be opened (missing, busy, or not permitted)."""
+    """A serial port cannot be opened (missing, busy, or not permitted).
+
+    ``kind`` is one of ``MISSING``, ``BUSY``, ``DENIED`` or ``FAILED``; the
+    message says what was tried, what went wrong, and the fix.
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-def parse_serial_spec(text: str) -> tuple[str, int]:
-    """Parse ``PORT[:BAUD]`` (``/dev/ttyAMA0:115200``); raise :class:`ConfigError`."""
-    path, sep, baud_text = text.rpartition(":")
-    if not sep or "/" in baud_text:
-        return text, DEFAULT_BAUD
-    if not path:
-        raise ConfigError(f"serial port {text!r}: missing device path")
-    if not baud_text.isdigit() or not 50 <= int(baud_text) <= 4_000_000:
-        raise ConfigError(
-            f"serial port {text!r}: baud rate should be 50..4000000, got {baud_text!r}"
+def unavailable(path: str, exc: BaseException) -> SerialUnavailable:
+    """The :class:`SerialUnavailable` for a failure to open ``path``, with the fix."""
+    number = getattr(exc, "errno", None)
+    detail = os.strerror(number).lower() if isinstance(number, int) else str(exc)
+    if number in _MISSING:
+        return SerialUnavailable(
+            f"serial port {path} is missing ({detail}): waiting for it; plug the device in, "
+            f"or check the path (ls -l /dev/serial/by-id/)",
+            MISSING,
         )
-    return path, int(baud_text)
+    if number in _DENIED:
+        user, group = _user_and_group(path)
+        return SerialUnavailable(
+            f"serial port {path}: {detail}: the node's user {user} may not open it; add it "
+            f"to the port's group (sudo usermod -aG {group} {user}) and restart the node",
+            DENIED,
+        )
+    if number in _BUSY:
+        return SerialUnavailable(
+            f"serial port {path} is busy ({detail}): another program has it open; "
+            f"stop that program (sudo fuser -v {path} names it)",
+            BUSY,
+        )
+    return SerialUnavailable(f"cannot open serial port {path}: {exc}", FAILED)
+
+
+def _user_and_group(path: str) -> tuple[str, str]:
+    """This process's user name and the group of the device file (``dialout`` if unknown)."""
+    import grp
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (KeyError, OSError):
+        group = "dialout"
+    if group == "root":
+        group = "dialout"  # no one should join root's group: give the usual serial group
+    return user, group
 
 
 class SerialPort:
@@ -56,19 +115,25 @@ class SerialPort:
         self.fd: int = port.fileno()
 
     @classmethod
-    def open(cls, path: str, baud: int = DEFAULT_BAUD) -> SerialPort:
-        """Open ``path`` at ``baud``, raw and non-blocking.
+    def open(
+        cls, path: str, baud: int = DEFAULT_BAUD, *, dtr: bool = True, rts: bool = True
+    ) -> SerialPort:
+        """Open ``path`` at ``baud``, raw, non-blocking and exclusive, with the
+        DTR and RTS lines as given (True: asserted).
 
-        Raises :class:`SerialUnavailable` with the reason.
+        Raises :class:`SerialUnavailable` with the reason and the fix.
         """
         import serial  # pyserial: only nodes with a serial bridge load it
 
         try:
-            port = serial.Serial(
-                port=path, baudrate=baud, timeout=0, write_timeout=0, exclusive=True
-            )
+            port = serial.Serial(baudrate=baud, timeout=0, write_timeout=0, exclusive=True)
+            # Set before open(): pyserial applies them as it opens the port.
+            port.dtr = dtr
+            port.rts = rts
+            port.port = path
+            port.open()
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise SerialUnavailable(f"cannot open serial port {path}: {exc}") from None
+            raise unavailable(path, exc) from None
         return cls(port, path, baud)
 
     async def receive(self, max_bytes: int = 4096) -> bytes:

@@ -32,14 +32,12 @@ from firmware_bridge.driver import (
     MAX_PENDING_REQUESTS,
     MAX_TASKS,
     MEMORY_TOPIC,
-    STATUS_BUSY,
-    STATUS_HANDLER_FAILED,
-    STATUS_NO_HANDLER,
     Device,
     RequestFailed,
     RequestLost,
     RequestTimeout,
 )
+from firmware_bridge.handlers import STATUS_BUSY, STATUS_HANDLER_FAILED, STATUS_NO_HANDLER
 from firmware_bridge.link import (
     Link,
     LinkDown,
@@ -753,6 +751,53 @@ def test_async_callbacks_beyond_the_task_limit_are_dropped() -> None:
             release.set()
             await until(lambda: len(started) == MAX_TASKS, "the running callbacks")
             assert started == [bytes((i,)) for i in range(MAX_TASKS)]
+
+    run(body)
+
+
+def test_reliable_device_holds_back_what_its_busy_tasks_cannot_take() -> None:
+    """Reliable mode: a slow application loses nothing. Messages and requests
+    beyond the four task slots are held back in the link (the host keeps
+    them), for longer than the keepalive timeout, and all arrive, in order,
+    once the tasks end; nothing is refused, and the session stays up."""
+
+    async def body() -> None:
+        async with rig("memory", {"reliable": True}, reliable=True) as r:
+            release = asyncio.Event()
+            started: list = []
+
+            async def slow(topic: str, payload: bytes) -> None:
+                started.append(payload[0])
+                await release.wait()
+
+            async def serve(payload: bytes) -> bytes:
+                await release.wait()
+                return payload
+
+            r.device.on_message("slow", slow)
+            r.device.handle("serve", serve)
+            now = _now()
+            for i in range(10):  # window 4 + queue 8 on the host
+                r.host.link.send_data("slow", bytes((i,)), now)
+            r.host.link.send_request(7, "serve", b"r", now)
+            r.host.link.send_request(8, "serve", b"s", now)
+            r.host.flush()
+            await until(lambda: r.device.link.stats.held_back > 0, "a frame held back")
+            assert started == [0, 1, 2, 3]
+            # Hold longer than the keepalive timeout (500 ms): the session stays.
+            held = r.device.link.stats.held_back
+            await until(lambda: r.device.link.stats.held_back > held + 4, "resent and held")
+            await until(lambda: r.host.link.stats.retransmits >= 8, "two rounds of resends")
+            assert r.device.is_up and r.host.link.is_up
+            release.set()
+            await until(lambda: len(r.host.received("response")) == 2, "both answers")
+            await until(lambda: len(started) == 10, "every message")
+            assert started == list(range(10))
+            assert [e.payload for e in r.host.received("response")] == [b"r", b"s"]
+            stats = r.device.stats
+            assert stats["refused_busy"] == 0 and stats["dropped"] == 0
+            assert stats["held_back"] == r.device.link.stats.held_back > 0
+            assert r.host.count(SessionDown) == 0 and stats["sessions"] == 1
 
     run(body)
 

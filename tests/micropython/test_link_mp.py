@@ -60,6 +60,7 @@ class Wire:
         self.to_device = []
         self.host_events = []
         self.device_events = []
+        self.host_room = None  # reliable mode's flow control at the host
 
     def start(self) -> None:
         self.host.start(self.now)
@@ -85,8 +86,9 @@ class Wire:
             (self.to_device, self.device, self.device_events),
             (self.to_host, self.host, self.host_events),
         ):
+            room = self.host_room if link is self.host else None
             while queue and queue[0][0] <= self.now:
-                events.extend(link.receive_bytes(queue.pop(0)[1], self.now))
+                events.extend(link.receive_bytes(queue.pop(0)[1], self.now, room))
         for link, events in ((self.host, self.host_events), (self.device, self.device_events)):
             deadline = link.next_deadline_ms()
             if deadline is not None and deadline <= self.now:
@@ -241,6 +243,23 @@ def test_reliable_delivery_over_lossy_wire() -> None:
     for m in _received(wire.host_events):
         assert m.payload[2:] == b"x" * 150
     assert wire.device.stats.retransmits > 0
+    assert not [e for e in wire.host_events if isinstance(e, SessionDown)]
+
+
+def test_flow_control_holds_back_then_resumes() -> None:
+    wire = _up_pair(reliable=True)
+    wire.host_room = 0
+    for i in range(12):  # window 4 + queue 8
+        wire.device.send_data("n", struct.pack(">H", i), wire.now)
+    wire.run(3000, step=5)  # well past the timeouts: held, not lost, still up
+    assert _received(wire.host_events) == []
+    assert wire.host.stats.held_back > 4 and wire.host.stats.drops == {}
+    assert wire.host.is_up and wire.device.is_up
+    wire.host_room = None
+    wire.host.resume(wire.now)
+    wire.run(100, step=5)
+    got = [struct.unpack(">H", m.payload)[0] for m in _received(wire.host_events)]
+    assert got == list(range(12)), got
     assert not [e for e in wire.host_events if isinstance(e, SessionDown)]
 
 
