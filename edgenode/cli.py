@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--serial",
         action="append",
-        metavar="PORT[:BAUD]",
-        help="bridge the microcontroller on this UART (repeatable; default 115200 baud)",
+        metavar="PORT[:BAUD][,dtr=on|off][,rts=on|off]",
+        help="bridge the microcontroller on this UART (repeatable; default 115200 baud; "
+        "DTR and RTS on at open unless the board profile says otherwise)",
     )
     run.add_argument(
         "--serial-psk-file",

@@ -129,7 +129,7 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
         "subscriptions": sum(1 for _ in subs),
         "unrouted_messages": subs.unrouted,
         "subscriptions_stalled": subs.stalled,
-        "subscription_drops": sum(s.dropped for s in subs),
+        "subscription_drops": subs.dropped,
         "readers_waited_s": subs.waited_s,
         "event_drops": node.event_drops,
         "broadcast_dropped": d.broadcast_dropped,

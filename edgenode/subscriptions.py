@@ -151,6 +151,8 @@ class Subscriptions:
         self.stalled = 0
         #: Time readers have spent waiting for room, in all.
         self.waited_s = 0.0
+        #: Messages dropped by subscriptions that have since closed.
+        self._closed_drops = 0
 
     def subscribe(self, topic: str, size: int, policy: str = WAIT) -> Stream:
         """Open a subscription to ``topic`` (``prefix/#`` or ``#`` for many)."""
@@ -161,13 +163,22 @@ class Subscriptions:
             self._exact.setdefault(topic, []).append(stream)
         return stream
 
+    @property
+    def dropped(self) -> int:
+        """Messages dropped by drop-policy subscriptions, open or closed since."""
+        return self._closed_drops + sum(s.dropped for s in self)
+
     def _remove(self, stream: Stream) -> None:
         group = self._exact.get(stream.key)
         if group is not None and stream in group:
             group.remove(stream)
             if not group:
                 del self._exact[stream.key]
-        self._wild = [(p, s) for p, s in self._wild if s is not stream]
+        elif any(s is stream for _, s in self._wild):
+            self._wild = [(p, s) for p, s in self._wild if s is not stream]
+        else:
+            return  # closed already
+        self._closed_drops += stream.dropped
 
     def __iter__(self) -> Any:
         for group in self._exact.values():
@@ -266,6 +277,7 @@ class EventFeed:
 
     def __init__(self) -> None:
         self._streams: list[Stream] = []
+        self._closed_drops = 0
 
     def open(self, size: int) -> Stream:
         """A new stream of node events; it drops its oldest event when full."""
@@ -275,6 +287,7 @@ class EventFeed:
 
     def _forget(self, stream: Stream) -> None:
         if stream in self._streams:
+            self._closed_drops += stream.dropped
             self._streams.remove(stream)
 
     def publish(self, event: Any) -> None:
@@ -285,5 +298,5 @@ class EventFeed:
 
     @property
     def dropped(self) -> int:
-        """Events dropped by streams whose consumers fell behind."""
-        return sum(s.dropped for s in self._streams)
+        """Events dropped by streams whose consumers fell behind, closed ones included."""
+        return self._closed_drops + sum(s.dropped for s in self._streams)

@@ -264,7 +264,7 @@ async def test_unreliable_mode_counts_what_it_cannot_deliver(make_config: Any) -
     """Unreliable mode cannot hold a device back: what finds the port's
     queue full is dropped and counted (per port, node-wide, in status);
     everything else arrives once, in order."""
-    from edgenode.control import node_status
+    from edgenode.control_ops import node_status
     from edgenode.status_text import format_status
 
     count = 400

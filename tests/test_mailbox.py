@@ -227,3 +227,24 @@ def test_stream_argument_checks() -> None:
     assert str(raised.value) == "buffer: expected an integer in 1..1000000, got 0"
     with pytest.raises(InvalidArgument):
         check_size(True)
+
+
+def test_drops_of_closed_subscriptions_and_event_streams_stay_counted() -> None:
+    from edgenode.api import Incoming
+    from edgenode.subscriptions import EventFeed, Subscriptions
+
+    subs = Subscriptions(stall_timeout_s=1.0)
+    for topic in ("t", "#"):
+        stream = subs.subscribe(topic, 1, "drop-oldest")
+        for n in range(3):
+            subs.offer(Incoming("127.0.0.3", None, "t", b"%d" % n))
+        stream.close()
+        stream.close()  # idempotent: counted once
+    assert subs.dropped == 4
+    feed = EventFeed()
+    events = feed.open(1)
+    for n in range(3):
+        feed.publish(n)
+    events.close()
+    events.close()
+    assert feed.dropped == 2
