@@ -1,22 +1,23 @@
-"""Floods and slow clients against a node: the connections an attacker opens.
+"""Floods against a node: the connections an attacker opens, and how the node answered.
 
-An attacker on the site network needs no key to make a node work: it can
-open TCP connections and close them, open them and say nothing (or stop
-inside the preamble), send a valid-looking preamble (certificates are
-public) and leave TLS half done, send a preamble announcing an oversized
-certificate, cycle forged certificates that carry an authorised node's
-public key, or do any of it from many addresses at once. A peer that holds
-an authorised key can also send an oversized hello. :func:`run_flood` does
-each of these (:data:`KINDS`), bounded in count, concurrency and time,
-against loopback addresses only, and reports how the node answered each
-connection (:class:`FloodResult`)::
+:func:`run_flood` opens ``count`` connections of one kind (:data:`KINDS`),
+``concurrency`` at once, from loopback source addresses only, bounded in
+time, and counts how the node answered each (:class:`FloodResult`): reset
+at once, closed how long after our last byte, or still open when we
+stopped waiting. No kind but ``oversized-hello`` needs a key: connect and
+close; stall before or inside the preamble; send a valid-looking preamble
+(certificates are public) and stall inside TLS, from one address or many;
+announce an oversized certificate; cycle forged certificates that carry an
+authorised node's public key. ``oversized-hello`` completes TLS with an
+authorised identity and sends a hello over the frame limit; ``mixed``
+cycles through :data:`MIXED`::
 
     result = await run_flood("stall-mid-tls", "127.0.0.2", port, source_ips=["127.0.0.50"],
                              count=1000, concurrency=50, hold_s=3.0, cert_der=cert)
 
-``tests/test_floods.py`` uses it as a library; ``python -m
-edgenode.testing.flood`` (:mod:`edgenode.testing.flood`) measures what the
-floods cost a connected peer.
+``tests/test_floods.py`` checks the node's limits with it; ``python -m
+edgenode.testing.flood`` (:mod:`edgenode.testing.flood`) measures what each
+kind costs the node's connected peer.
 """
 
 from __future__ import annotations
