@@ -36,7 +36,8 @@ from typing import Any
 
 from .bench_options import BENCH_SECTIONS as SECTIONS
 from .bench_options import add_bench_arguments
-from .testing.procs import free_port, read_rss_bytes
+from .testing.procfs import read_rss_bytes
+from .testing.procs import free_port
 
 # -- node to node over TLS -------------------------------------------------------------
 

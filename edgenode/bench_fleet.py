@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .testing.procs import read_cpu_seconds, read_rss_bytes
+from .testing.procfs import read_cpu_seconds, read_rss_bytes
 
 FLEET_HOST = "127.0.0.2"
 OBSERVER_HOST = "127.0.0.5"

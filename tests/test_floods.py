@@ -2,7 +2,7 @@
 
 Node A (127.0.0.2) has a connected real peer, node B (127.0.0.3). An
 attacker floods A from other loopback addresses with raw sockets
-(``edgenode.testing.flood``): connections closed at once, connections that
+(``edgenode.testing.flood_attack``): connections closed at once, connections that
 stall before or inside the preamble, valid-looking preambles followed by a
 TLS handshake left half done, oversized preambles and hellos. Each test
 checks that A's limits hold (the per-IP and global handshake caps, the
@@ -39,7 +39,12 @@ from edgenode.errors import BadPreamble, ConfigError, FrameTooLarge, HandshakeEr
 from edgenode.identity import node_id_from_cert_der
 from edgenode.node import Incoming, Node, PeerDown, PeerUp, Refused
 from edgenode.refusals import reason_kind
-from edgenode.testing.flood import FloodError, forged_certificate, oversized_preamble, run_flood
+from edgenode.testing.flood_attack import (
+    FloodError,
+    forged_certificate,
+    oversized_preamble,
+    run_flood,
+)
 from edgenode.transports.tcp import HandshakeAdmission, addresses
 
 from .conftest import RawPeer, wait_event, wait_until

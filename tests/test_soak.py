@@ -28,14 +28,8 @@ import pytest
 
 from edgenode.control_client import ControlError
 from edgenode.identity import create_identity
-from edgenode.testing.procs import (
-    READY_RE,
-    NodeProcess,
-    NodeProcessError,
-    free_port,
-    read_rss_bytes,
-    toml_text,
-)
+from edgenode.testing.procfs import read_rss_bytes
+from edgenode.testing.procs import READY_RE, NodeProcess, NodeProcessError, free_port
 from edgenode.testing.signals import process_state
 from edgenode.testing.soak_checks import (
     AgreementTracker,
@@ -46,6 +40,7 @@ from edgenode.testing.soak_checks import (
     parse_proc_net_tcp,
     read_connections,
 )
+from edgenode.testing.toml_writer import toml_text
 
 # Addresses of their own: the soak's fleet uses 127.0.60.x, other tests 127.0.0.x.
 A_IP, B_IP = "127.0.61.2", "127.0.61.3"

@@ -4,8 +4,9 @@
 ``python -m edgenode run``, or any program built on :class:`~edgenode.node.Node`
 that reads the same ``--config FILE --log-level LEVEL`` (such as
 :mod:`edgenode.testing.soak_node`). Every setting goes in a TOML file the
-process reads (``node.toml`` in its state directory, rewritten on each start),
-so a restarted node comes back with the same identity, IP, port and timings.
+process reads (``node.toml`` in its state directory, rewritten on each start
+by :mod:`edgenode.testing.toml_writer`), so a restarted node comes back with
+the same identity, IP, port and timings.
 
 Readiness is an event, not a guess: a thread reads the node's stderr line by
 line, appends each line to a log file and wakes any waiter. A node is ready
@@ -19,7 +20,8 @@ The signals a soak needs: :meth:`~NodeProcess.kill` (SIGKILL),
 :meth:`~NodeProcess.restart`, built on :mod:`edgenode.testing.signals`
 (stop and continue return once the kernel reports the new state).
 :meth:`~NodeProcess.rss_bytes` reads
-``/proc/PID/status``; :meth:`~NodeProcess.status` asks the node over its
+``/proc/PID/status`` (:mod:`edgenode.testing.procfs`, which also defines
+:class:`NodeProcessError`); :meth:`~NodeProcess.status` asks the node over its
 control socket (:mod:`edgenode.control`), which a task of the node answers,
 not its dispatcher.
 
@@ -54,16 +56,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..control_client import ControlError, control_request
-from ..errors import EdgeNodeError
 from . import signals
+from .procfs import NodeProcessError, read_rss_bytes
+from .toml_writer import toml_text
 
 __all__ = [
     "READY_RE",
     "NodeProcess",
     "NodeProcessError",
     "free_port",
-    "read_rss_bytes",
-    "toml_text",
 ]
 
 #: The line a node logs once it listens (``node.py``, end of ``Node.__aenter__``).
@@ -75,10 +76,6 @@ _MAX_SOCKET_PATH_BYTES = 107
 _PR_SET_PDEATHSIG = 1
 
 
-class NodeProcessError(EdgeNodeError):
-    """A node process did not start, exited unexpectedly, or did not obey a signal."""
-
-
 # -- small helpers ---------------------------------------------------------------------
 
 
@@ -87,66 +84,6 @@ def free_port(ip: str) -> int:
     with socket.socket() as probe:
         probe.bind((ip, 0))
         return int(probe.getsockname()[1])
-
-
-def read_rss_bytes(pid: int) -> int:
-    """The resident memory of process ``pid`` (``VmRSS``), in bytes.
-
-    Raises :class:`NodeProcessError` if the process is gone or has no RSS
-    (a zombie).
-    """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as status_file:
-            for line in status_file:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError as exc:
-        raise NodeProcessError(f"process {pid}: cannot read its memory: {exc.strerror}") from None
-    raise NodeProcessError(f"process {pid}: no VmRSS in /proc/{pid}/status (a zombie?)")
-
-
-def read_cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU time process ``pid`` has used (all its threads), in seconds.
-
-    Raises :class:`NodeProcessError` if the process is gone.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as stat_file:
-            # The command name, in parentheses, may hold spaces: split after it.
-            fields = stat_file.read().rpartition(")")[2].split()
-    except OSError as exc:
-        raise NodeProcessError(f"process {pid}: cannot read its CPU time: {exc.strerror}") from None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks  # fields 14 and 15 of proc(5)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        if any(ord(c) < 0x20 for c in escaped):
-            raise ValueError(f"control characters in TOML string {text!r}")
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple, frozenset, set)):
-        items = sorted(value) if isinstance(value, (frozenset, set)) else value
-        return "[" + ", ".join(_toml_value(item) for item in items) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def toml_text(sections: Mapping[str, Mapping[str, object]]) -> str:
-    """A TOML document of ``{section: {key: value}}`` (strings, paths, numbers, lists)."""
-    lines: list[str] = []
-    for section, values in sections.items():
-        if not values:
-            continue
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _load_prctl() -> Any:

@@ -31,6 +31,10 @@ and the proxy acts on the connections open now:
 ``refuse_new()`` resets new connections as soon as they arrive (a peer
 whose service is down); ``heal()`` clears every fault.
 
+Routes, their lanes and links are in :mod:`edgenode.testing.proxy_lanes`; a
+connection's two sockets and the pipes that carry its bytes through the
+lanes' faults are in :mod:`edgenode.testing.proxy_conn`.
+
 Keeping the true peer address
 -----------------------------
 
@@ -50,9 +54,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import random
-import socket
-import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,209 +63,14 @@ from anyio.from_thread import start_blocking_portal
 from edgenode.errors import EdgeNodeError, InvalidArgument
 from edgenode.ips import ip_sort_key, normalise_ip
 
-UP = "up"
-DOWN = "down"
-BOTH = "both"
-RST = "rst"
-FIN = "fin"
-CLIENT = "client"
-TARGET = "target"
+from .proxy_conn import CLIENT, FIN, RST, TARGET, ProxiedConnection, Side, pipe
+from .proxy_lanes import BOTH, DOWN, UP, Lane, ProxyLink, Route
 
-_READ_BYTES = 65536
-# Chunks a lane may hold in its delay line before its reader waits.
-_DELAY_LINE_CHUNKS = 4096
 _CONNECT_TIMEOUT_S = 10.0
-# Markers in a delay line, after the data: the sender closed (FIN) or reset.
-_EOF = b""
-_RESET = None
 
 
 class ProxyError(EdgeNodeError):
     """The fault-injection proxy could not listen, or was used after it closed."""
-
-
-class _Side:
-    """One socket of a proxied connection (asyncio streams: the proxy's loop is asyncio)."""
-
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def read(self) -> bytes | None:
-        """The next chunk; b"" at the end of the stream; None if it was reset."""
-        try:
-            return await self.reader.read(_READ_BYTES)
-        except OSError:
-            return _RESET
-
-    async def write(self, data: bytes) -> bool:
-        """Write ``data`` and wait for room; False if the socket is gone."""
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (OSError, RuntimeError):  # RuntimeError: the transport is closing
-            return False
-        return True
-
-    def send_eof(self) -> None:
-        """Send a FIN (half-close); we may still read."""
-        transport = self.writer.transport
-        if not transport.is_closing():
-            try:
-                self.writer.write_eof()
-            except OSError:
-                pass
-
-    def reset(self) -> None:
-        """Close at once with a reset (RST): SO_LINGER 0, then abort."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass  # already closed
-        self.writer.transport.abort()
-
-    def close(self, how: str | None = None) -> None:
-        """Close: RST, FIN, or (None) as the kernel sees fit."""
-        if how == RST:
-            self.reset()
-        elif not self.writer.transport.is_closing():
-            if how == FIN:
-                self.send_eof()
-            self.writer.transport.close()
-
-
-class Lane:
-    """One direction of a route, with its faults and counters.
-
-    ``sender`` is the address the receiving end sees these bytes come from
-    (None when the route keeps the dialler's own address). Read the
-    counters from any thread; change faults through the proxy's methods.
-    """
-
-    def __init__(self, name: str, direction: str, sender: str | None, rng: random.Random) -> None:
-        self.name = name
-        self.direction = direction
-        self.sender = sender
-        self.delay_s = 0.0
-        self.jitter_s = 0.0
-        self.dropping = False
-        self.paused = False
-        #: Bytes written on to the receiving end.
-        self.bytes_forwarded = 0
-        #: Bytes read and thrown away (black hole, cut or half-open).
-        self.bytes_dropped = 0
-        #: Closes (FIN or reset) thrown away by a black hole.
-        self.closes_dropped = 0
-        self._rng = rng
-        self._resumed = anyio.Event()
-        self._resumed.set()
-
-    def __repr__(self) -> str:
-        faults = []
-        if self.delay_s or self.jitter_s:
-            faults.append(f"delay {self.delay_s}+{self.jitter_s} s")
-        if self.dropping:
-            faults.append("dropping")
-        if self.paused:
-            faults.append("paused")
-        return f"<Lane {self.name} {', '.join(faults) or 'clear'}>"
-
-    def _hold_s(self) -> float:
-        if not self.jitter_s:
-            return self.delay_s
-        return self.delay_s + self._rng.uniform(0.0, self.jitter_s)
-
-    def _pause(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self._resumed = anyio.Event()
-
-    def _resume(self) -> None:
-        self.paused = False
-        self._resumed.set()
-
-
-class Route:
-    """One listening address forwarding to one target, with an ``up`` and a ``down`` lane."""
-
-    def __init__(
-        self,
-        index: int,
-        listen: tuple[str, int],
-        target: tuple[str, int],
-        source_host: str | None,
-        seed: int,
-    ) -> None:
-        self.listen_host, self.port = listen
-        self.target = target
-        self.source_host = source_host
-        name = f"{self.listen_host}:{{port}} -> {target[0]}:{target[1]}"
-        self._name = name
-        self.up = Lane(f"route {index} up", UP, source_host, random.Random(f"{seed}:{index}:up"))
-        self.down = Lane(
-            f"route {index} down", DOWN, self.listen_host, random.Random(f"{seed}:{index}:down")
-        )
-        #: Connections accepted on this route.
-        self.accepted = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """Where to connect: (listen host, bound port)."""
-        return self.listen_host, self.port
-
-    def __repr__(self) -> str:
-        return f"<Route {self._name.format(port=self.port)}>"
-
-
-class ProxyLink:
-    """The link between two nodes, a and b, carried both ways by one proxy.
-
-    Each node sees the other only at its alias, on its real port: a dials
-    ``to_b`` and b dials ``to_a``, and each is a route of the proxy.
-    """
-
-    def __init__(self, to_a: Route, to_b: Route) -> None:
-        self.to_a = to_a
-        self.to_b = to_b
-
-    @property
-    def a_alias(self) -> str:
-        """Node a's address as b sees it."""
-        return self.to_a.listen_host
-
-    @property
-    def b_alias(self) -> str:
-        """Node b's address as a sees it."""
-        return self.to_b.listen_host
-
-    @property
-    def a_dials(self) -> tuple[str, int]:
-        """Where node a reaches b: (b's alias, b's port). Give it to a as its peer."""
-        return self.to_b.address
-
-    @property
-    def b_dials(self) -> tuple[str, int]:
-        """Where node b reaches a: (a's alias, a's port)."""
-        return self.to_a.address
-
-    def __repr__(self) -> str:
-        return f"<ProxyLink {self.to_b!r} / {self.to_a!r}>"
-
-
-class _Conn:
-    __slots__ = ("client", "forwarding", "route", "target")
-
-    def __init__(self, route: Route, client: _Side, target: _Side) -> None:
-        self.route = route
-        self.client = client
-        self.target = target
-        # False once cut or half-opened: nothing is passed on any more.
-        self.forwarding = True
 
 
 class TcpProxy:
@@ -285,7 +91,7 @@ class TcpProxy:
         self.refused = 0
         self.connect_failures = 0
         self._refusing: str | None = None
-        self._conns: set[_Conn] = set()
+        self._conns: set[ProxiedConnection] = set()
         self._open = 0
         self._handlers: set[asyncio.Task[Any]] = set()
         self._portal_cm: Any = None
@@ -471,7 +277,7 @@ class TcpProxy:
 
         def apply() -> None:
             for lane in lanes:
-                lane._pause()
+                lane.pause()
 
         self._call(apply)
 
@@ -481,7 +287,7 @@ class TcpProxy:
 
         def apply() -> None:
             for lane in lanes:
-                lane._resume()
+                lane.resume()
 
         self._call(apply)
 
@@ -499,7 +305,7 @@ class TcpProxy:
             for lane in self.lanes():
                 lane.delay_s = lane.jitter_s = 0.0
                 lane.dropping = False
-                lane._resume()
+                lane.resume()
 
         self._call(apply)
 
@@ -586,14 +392,14 @@ class TcpProxy:
 
     async def _listen(self, route: Route) -> int:
         server = await asyncio.start_server(
-            lambda reader, writer: self._handle(route, _Side(reader, writer)),
+            lambda reader, writer: self._handle(route, Side(reader, writer)),
             host=route.listen_host,
             port=route.port,
         )
-        route._server = server
+        route.server = server
         return int(server.sockets[0].getsockname()[1])
 
-    async def _handle(self, route: Route, client: _Side) -> None:
+    async def _handle(self, route: Route, client: Side) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -604,18 +410,18 @@ class TcpProxy:
             self._open -= 1
             self._handlers.discard(task)
 
-    async def _proxy(self, route: Route, client: _Side) -> None:
+    async def _proxy(self, route: Route, client: Side) -> None:
         self.accepted += 1
         route.accepted += 1
         if self._refusing is not None:
             self.refused += 1
             client.close(self._refusing)
             return
-        target: _Side | None = None
+        target: Side | None = None
         try:
             with anyio.move_on_after(_CONNECT_TIMEOUT_S):
                 local = None if route.source_host is None else (route.source_host, 0)
-                target = _Side(
+                target = Side(
                     *await asyncio.open_connection(
                         route.target[0], route.target[1], local_addr=local
                     )
@@ -626,70 +432,21 @@ class TcpProxy:
             self.connect_failures += 1
             client.reset()
             return
-        conn = _Conn(route, client, target)
+        conn = ProxiedConnection(route, client, target)
         self._conns.add(conn)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pipe, conn, client, target, route.up)
-                tg.start_soon(self._pipe, conn, target, client, route.down)
+                tg.start_soon(pipe, conn, client, target, route.up)
+                tg.start_soon(pipe, conn, target, client, route.down)
         finally:
             self._conns.discard(conn)
             client.close()
             target.close()
 
-    async def _pipe(self, conn: _Conn, src: _Side, dst: _Side, lane: Lane) -> None:
-        """Carry one direction of ``conn``: a reader feeding a delay line, and a writer."""
-        line_send, line_recv = anyio.create_memory_object_stream(_DELAY_LINE_CHUNKS)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._write, conn, dst, line_recv, lane)
-            async with line_send:
-                last_due = 0.0
-                while True:
-                    while lane.paused:
-                        await lane._resumed.wait()
-                    item = await src.read()
-                    # A read already waiting when the pause began holds its chunk.
-                    while lane.paused:
-                        await lane._resumed.wait()
-                    due = anyio.current_time() + lane._hold_s()
-                    last_due = due = max(due, last_due)
-                    if not conn.forwarding:
-                        if item:
-                            lane.bytes_dropped += len(item)
-                            continue
-                        return
-                    await line_send.send((due, item))
-                    if not item:
-                        return
-
-    async def _write(self, conn: _Conn, dst: _Side, line: Any, lane: Lane) -> None:
-        broken = False
-        async with line:
-            async for due, item in line:
-                wait_s = due - anyio.current_time()
-                if wait_s > 0:
-                    await anyio.sleep(wait_s)
-                if broken or lane.dropping or not conn.forwarding:
-                    # A close is black-holed too: the far end is left to notice.
-                    if item:
-                        lane.bytes_dropped += len(item)
-                    else:
-                        lane.closes_dropped += 1
-                    continue
-                if item is _RESET:
-                    dst.reset()
-                elif not item:
-                    dst.send_eof()
-                elif await dst.write(item):
-                    lane.bytes_forwarded += len(item)
-                else:
-                    broken = True
-                    lane.bytes_dropped += len(item)
-
     async def _close_all(self) -> None:
         for route in self.routes:
-            if route._server is not None:
-                route._server.close()
+            if route.server is not None:
+                route.server.close()
         for conn in list(self._conns):
             conn.forwarding = False
             conn.client.reset()

@@ -1,6 +1,7 @@
 """The soak's checks, as pure bookkeeping: fed observations, they return verdicts.
 
-:mod:`edgenode.testing.soak` drives the fleet and feeds them:
+:mod:`edgenode.testing.soak_runner` drives the fleet and feeds them, and
+:mod:`edgenode.testing.soak_verdict` turns their results into the soak's checks:
 
 * :func:`parse_proc_net_tcp` / :func:`read_connections`: the kernel's
   established connections between node IPs, each counted once (on loopback
@@ -405,7 +406,7 @@ def check_sends(
     was never sent or whose ``send()`` raised; and every message whose
     ``send()`` returned is delivered, unless its sender or its receiver had
     a fault within ``window_s`` of the moment ``send()`` returned, either
-    side (see :class:`~edgenode.testing.soak.SoakOptions.send_loss_window_s`
+    side (see :attr:`~edgenode.testing.soak_options.SoakOptions.send_loss_window_s`
     for why such a fault explains a loss and a later or earlier one does
     not).
     """

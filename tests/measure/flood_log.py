@@ -2,7 +2,7 @@
 
 Node A (127.0.0.2, default settings) with its peer B (127.0.0.3) connected,
 in this process; ``PARALLEL`` loops of the mixed flood
-(:func:`edgenode.testing.flood.run_flood`: connect-and-close, stalls
+(:func:`edgenode.testing.flood_attack.run_flood`: connect-and-close, stalls
 before, inside the preamble and inside TLS, oversized preambles) from
 127.0.0.100-119 for ``SECONDS``; then the handshake timeout for the last
 stalls. Prints, as JSON, A's log lines in that time, a minute's worth,
@@ -26,7 +26,7 @@ from edgenode.config import NodeConfig
 from edgenode.identity import create_identity
 from edgenode.logs import setup_logging
 from edgenode.node import Node, PeerUp
-from edgenode.testing.flood import run_flood
+from edgenode.testing.flood_attack import run_flood
 
 SOURCES = [f"127.0.0.{100 + i}" for i in range(20)]
 
