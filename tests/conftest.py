@@ -89,6 +89,19 @@ async def wait_event(
                 return event
 
 
+def pending(stream: Any) -> list[Any]:
+    """Everything already waiting on ``stream``, without waiting for more.
+
+    For checks that nothing happened: the list shows what did.
+    """
+    items = []
+    while True:
+        try:
+            items.append(stream.receive_nowait())
+        except anyio.WouldBlock:
+            return items
+
+
 async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_BOUND_S) -> None:
     """Wait until ``condition()`` holds, checking after each loop turn.
 

@@ -52,7 +52,8 @@ from firmware_bridge.tty import open_tty, set_raw
 KINDS = ("memory", "pty", "tty")
 TIMING = {"keepalive_interval_ms": 100, "keepalive_timeout_ms": 500}
 PSK = b"0123456789abcdef"
-TEST_BOUND_S = 10.0
+# Above until()'s 30 s, so that a wait that fails says what it waited for.
+TEST_BOUND_S = 60.0
 
 
 def _now() -> int:
@@ -245,16 +246,23 @@ class Host:
         self._timer.cancel()
 
 
-async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 30.0) -> None:
+async def until(
+    predicate: Callable[[], Any],
+    what: str,
+    timeout_s: float = 30.0,
+    show: Callable[[], Any] | None = None,
+) -> None:
     """Wait until ``predicate()`` is true (checking as the loop turns), or fail.
 
     The bound is a hang guard for a board (or emulated ARM) ten times slower
-    than CI's x86-64, busy: natively these waits take milliseconds.
+    than CI's x86-64, busy: natively these waits take milliseconds. On
+    failure the message includes ``show()``: what there was instead.
     """
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            instead = f"; instead: {show()!r}" if show is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{instead}")
         await asyncio.sleep(0.002)
 
 
@@ -876,7 +884,11 @@ def test_memory_error_in_the_loop_is_survived_counted_and_reported() -> None:
             await until(lambda: r.device.stats["memory_errors"] == 3, "three MemoryErrors")
             r.host.link.send_data("news", b"two", _now())
             r.host.flush()
-            await until(lambda: got == [b"one", b"two"], "a message after three MemoryErrors")
+            await until(
+                lambda: got == [b"one", b"two"],
+                "a message after three MemoryErrors",
+                show=lambda: (got, r.device.stats, r.host.events),
+            )
             assert r.device.stats["memory_errors"] == 3
             assert r.device.stats["last_error"] == "out of memory"
             await until(
