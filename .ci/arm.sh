@@ -6,6 +6,9 @@
 #   .ci/arm.sh ARCH full               the README's demo and test commands
 #   .ci/arm.sh ARCH subset TEST...     the README's demo command, its install
 #                                      line, then pytest on the named tests
+#   .ci/arm.sh ARCH prepare            only build (or check) the cached chroot:
+#                                      .ci/run does this in the background
+#                                      while the native steps run
 #
 # ARCH is arm64 (64-bit Raspberry Pi OS: Pi 3, 4, 5, Zero 2 W) or armhf
 # (32-bit Raspberry Pi OS; emulated as a Cortex-A7, as on a Pi 2 or a Pi 3
@@ -37,7 +40,7 @@ cache=${EDGENODE_ARM_CACHE:-/var/cache/edgenode-ci/arm}
 die() { echo "arm: $*" >&2; exit 1; }
 say() { printf '%s  arm %s: %s\n' "$(date +%T)" "${arch:-?}" "$*"; }
 
-[ $# -ge 2 ] || die "usage: .ci/arm.sh arm64|armhf full | subset TEST..."
+[ $# -ge 2 ] || die "usage: .ci/arm.sh arm64|armhf full | subset TEST... | prepare"
 arch=$1 mode=$2
 shift 2
 case "$arch" in
@@ -51,7 +54,8 @@ esac
 case "$mode" in
     full) [ $# -eq 0 ] || die "full takes no test names" ;;
     subset) [ $# -gt 0 ] || die "subset needs test names" ;;
-    *) die "unknown mode $mode (expected full or subset)" ;;
+    prepare) [ $# -eq 0 ] || die "prepare takes no test names" ;;
+    *) die "unknown mode $mode (expected full, subset or prepare)" ;;
 esac
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, mounts, binfmt_misc)"
 
@@ -196,6 +200,7 @@ if [ "$(cat "$root/.edgenode-chroot" 2>/dev/null)" != "$recipe" ]; then
 else
     say "reusing the cached chroot $root (${apt_lines[*]})"
 fi
+[ "$mode" = prepare ] && exit 0
 
 # What the host trusts, the chroot trusts (a proxy's CA, if this machine has
 # one); and the host's resolver.
