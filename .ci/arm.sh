@@ -18,8 +18,9 @@
 #
 # The chroot has Debian's minimal base, python3 and ca-certificates (which
 # every Raspberry Pi OS image has), plus exactly the packages the README's
-# Raspberry Pi OS section tells a user of that architecture to install:
-# nothing else, no compiler unless the README asks for one, never Rust.
+# Raspberry Pi OS section tells a user of that architecture to install (no
+# compiler unless the README asks for one, never Rust), plus the two MQTT
+# brokers the uplink's tests run against, as on the host.
 # pip inside sees PyPI only (no host wheel folder, no piwheels).
 #
 # Chroots are cached in $EDGENODE_ARM_CACHE (default
@@ -200,6 +201,25 @@ if [ "$(cat "$root/.edgenode-chroot" 2>/dev/null)" != "$recipe" ]; then
 else
     say "reusing the cached chroot $root (${apt_lines[*]})"
 fi
+# The brokers the uplink's tests start on loopback (tests/uplink/conftest.py),
+# the same Debian packages .ci/run installs on the host. They are servers,
+# not libraries: pip and the README's install never see them, and they are
+# added after the chroot is built from the README's lines (and checked).
+test_packages="mosquitto nats-server"
+if ! [ -x "$root/usr/sbin/mosquitto" ] || ! [ -x "$root/usr/sbin/nats-server" ]; then
+    say "installing the uplink tests' brokers: $test_packages"
+    # Nothing starts a service in the chroot (invoke-rc.d asks policy-rc.d).
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 755 "$root/usr/sbin/policy-rc.d"
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+        ${qemu_cpu:+QEMU_CPU=$qemu_cpu} \
+        chroot "$root" /bin/sh -c "apt-get update -q >/dev/null &&
+            apt-get install -y -q --no-install-recommends $test_packages" \
+        >>"$cache/$arch-debootstrap.log" 2>&1 ||
+        { tail -n 30 "$cache/$arch-debootstrap.log" >&2; die "in the chroot, installing $test_packages failed"; }
+    rm -f "$root/usr/sbin/policy-rc.d"
+    chroot "$root" apt-get clean
+fi
 [ "$mode" = prepare ] && exit 0
 
 # What the host trusts, the chroot trusts (a proxy's CA, if this machine has
@@ -215,6 +235,11 @@ for crt in /usr/local/share/ca-certificates/*.crt; do
 done
 [ "$ca_changed" = 0 ] || chroot "$root" update-ca-certificates >/dev/null 2>&1
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+# debootstrap writes no /etc/hosts; Raspberry Pi OS ships this one (so
+# `localhost` resolves, as the tests of peers named by host name expect).
+printf '%s\n' '127.0.0.1	localhost' '::1		localhost ip6-localhost ip6-loopback' \
+    'ff02::1		ip6-allnodes' 'ff02::2		ip6-allrouters' '' '127.0.1.1	raspberrypi' \
+    >"$root/etc/hosts"
 
 # Nothing that builds Rust, and a compiler only where the README asks for one.
 for tool in rustc cargo; do
