@@ -69,7 +69,9 @@ def format_status(response: dict[str, Any]) -> str:
         if up and (peer.get("paused_s") is not None or peer.get("queued")):
             paused = peer.get("paused_s")
             held = f"; reading paused {paused:.1f} s by a full subscriber" if paused else ""
-            notes.append(f"{peer.get('ip')}: {peer.get('queued', 0)} frames queued{held}")
+            queued = peer.get("queued", 0)
+            frames = "frame" if queued == 1 else "frames"
+            notes.append(f"{peer.get('ip')}: {queued} {frames} queued{held}")
         redial = peer.get("redial_in_s")
         if not up and (peer.get("down_reason") or redial is not None):
             note = f"{peer.get('ip')}: {peer.get('down_reason') or 'down'}"
