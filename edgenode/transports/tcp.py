@@ -185,6 +185,28 @@ class HandshakeAdmission:
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+#: Linux's TCP_CLOSE_WAIT (include/net/tcp_states.h): the peer has closed its side.
+_TCP_CLOSE_WAIT = 8
+
+
+def closed_before_accept(sock: socket.socket) -> bool:
+    """Whether the peer closed ``sock`` before it was accepted.
+
+    A dial that waited in the accept queue while this node could not
+    accept (stopped, or its loop held up) and that its node gave up on: the
+    kernel completed the TCP handshake and queued the dialler's preamble,
+    then its FIN. Nobody waits for an answer. Read from TCP_INFO's state,
+    one system call; False where TCP_INFO is not offered (not Linux).
+    """
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, option, 1)[0] == _TCP_CLOSE_WAIT
+    except OSError:
+        return False
+
+
 def refuse_socket(sock: socket.socket) -> None:
     """Close an accepted socket with a reset: no FIN handshake, no TIME_WAIT kept."""
     try:
