@@ -54,8 +54,8 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_BATCH = 8
 #: Wait after running out of descriptors, as trio does.
 _ACCEPT_BACKOFF_S = 0.1
-#: Dials given up before they were accepted are summed up in one line this often, at most.
-ABANDONED_LOG_INTERVAL_S = 1.0
+#: Why a connection its dialler closed before it was accepted is let go.
+ABANDONED = "dial given up by its node before it was accepted"
 
 
 class Handshakes:
@@ -94,12 +94,6 @@ class Handshakes:
             rate_per_ip=config.max_handshake_rate_per_ip,
         )
         self._accept_failures = 0
-        #: Dials their nodes gave up on before this node accepted them (a
-        #: backlog left while it was stopped or its loop held up): closed
-        #: without a handshake, counted here, summed up in one info line.
-        self.abandoned_dials = 0
-        self._abandoned_unlogged = 0
-        self._abandoned_log_at: float | None = None
 
     # -- the listener -----------------------------------------------------------------
 
@@ -125,14 +119,12 @@ class Handshakes:
     async def _accept_from(self, sock: socket.socket, tg: TaskGroup) -> None:
         admission, refusals = self.admission, self.refusals
         while True:
-            # Wake for the refusal log's summary of what this loop refused,
-            # and for the line about abandoned dials.
-            dues = [t for t in (refusals.next_summary_at(), self._abandoned_log_at) if t]
-            with anyio.move_on_after(max(0.0, min(dues) - monotonic()) if dues else None):
+            # Wake for the refusal log's summary of what this loop refused.
+            due = refusals.next_summary_at()
+            with anyio.move_on_after(None if due is None else max(0.0, due - monotonic())):
                 await anyio.wait_readable(sock)
             now = monotonic()
             log_refusal_summary(refusals, now)
-            self._log_abandoned(now)
             for _ in range(_ACCEPT_BATCH):
                 try:
                     client, address = sock.accept()
@@ -155,11 +147,13 @@ class Handshakes:
                 ip = normalise_ip(address[0])
                 if closed_before_accept(client):
                     # Its node gave up and closed it while it waited in the
-                    # queue: nobody is there to answer. Not a refusal: the
-                    # peer did nothing wrong, and after a long stop there
-                    # is one per redial its peers made (docs/reliability.md).
+                    # queue: nobody is there to answer, and no handshake is
+                    # run. Counted like a refusal, but with no line of its
+                    # own: after a long stop there is one for every dial
+                    # the node's peers made meanwhile (docs/reliability.md).
                     client.close()
-                    self._abandoned(ip, now)
+                    log.debug("%s: %s; closed", ip, ABANDONED)
+                    refusals.record(ip, ABANDONED, now, quiet=True)
                     continue
                 refusal = admission.admit(ip, now)
                 if refusal is None:
@@ -173,27 +167,6 @@ class Handshakes:
                     log.warning(line, extra={"peer": ip, "reason": refusal})
                     error = HandshakeError(f"{ip}: {refusal}")
                     await self.inbox.post(Failed(ip, error, False, recorded=True))
-
-    def _abandoned(self, ip: str, now: float) -> None:
-        log.debug("%s: its dial was given up before it was accepted; closed", ip)
-        self.abandoned_dials += 1
-        self._abandoned_unlogged += 1
-        if self._abandoned_log_at is None:
-            self._abandoned_log_at = now + ABANDONED_LOG_INTERVAL_S
-
-    def _log_abandoned(self, now: float) -> None:
-        if self._abandoned_log_at is None or now < self._abandoned_log_at:
-            return
-        count, self._abandoned_unlogged, self._abandoned_log_at = self._abandoned_unlogged, 0, None
-        log.info(
-            "closed %d %s that %s given up before this node accepted %s "
-            "(left waiting while the node was stopped or busy; %d in all)",
-            count,
-            "dial" if count == 1 else "dials",
-            "its node had" if count == 1 else "their nodes had",
-            "it" if count == 1 else "them",
-            self.abandoned_dials,
-        )
 
     async def _accept(self, sock: socket.socket, ip: str) -> None:
         # The accept loop counted this handshake in; count it out however it ends.

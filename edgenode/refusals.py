@@ -182,11 +182,14 @@ class RefusalLog:
         self._window_other_kinds = 0
         self._window_addresses = _Counts(max_addresses)
 
-    def record(self, ip: str, reason: str, now: float) -> str | None:
+    def record(self, ip: str, reason: str, now: float, *, quiet: bool = False) -> str | None:
         """Count one refused connection from ``ip``; return the line to log now, or None.
 
         None means the refusal is counted for the next summary
         (:meth:`summary`). A leading ``"{ip}: "`` in ``reason`` is dropped.
+        A ``quiet`` refusal never has a line of its own, only its share of
+        a summary: for what is not the peer's fault and comes in bursts
+        (a dial its node gave up before it was accepted).
         """
         if reason.startswith(ip) and reason[len(ip) : len(ip) + 2] == ": ":
             reason = reason[len(ip) + 2 :]
@@ -196,7 +199,7 @@ class RefusalLog:
         self._kinds.add(kind)
         self._addresses.add(group)
         self._last = (ip, reason, now)
-        if self._take_token(now):
+        if not quiet and self._take_token(now):
             self.lines += 1
             return f"refused {self.noun} from {ip}: {reason}"
         if not self._pending:

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .bridge import SerialBridge
     from .devices import DeviceRouter
     from .dispatcher import Dispatcher
-    from .handshake import Handshakes
     from .keepalive import Keepalive
     from .names import PeerNames
     from .refusals import RefusalLog
@@ -45,7 +44,6 @@ class NodeParts(Protocol):
     devices: DeviceRouter
     bridge: SerialBridge | None
     refusals: RefusalLog
-    handshakes: Handshakes
     names: PeerNames
     event_drops: int
 
@@ -140,7 +138,6 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
         "serial_ports": node.bridge.port_rows(monotonic()) if node.bridge is not None else [],
         "peer_names": node.names.rows(monotonic()),
         "refused_connections": node.refusals.total,
-        "abandoned_dials": node.handshakes.abandoned_dials,
         "dials_failed": d.dials.failed,
     }
 

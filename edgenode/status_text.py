@@ -40,7 +40,6 @@ def format_status(response: dict[str, Any]) -> str:
         *_serial_lines(node.get("serial_ports")),
         *_uplink_lines(response.get("uplink")),
         *_refused(node.get("refusals")),
-        *_abandoned(node.get("abandoned_dials")),
         "",
     ]
     if not peers:
@@ -203,17 +202,6 @@ def _refused(refusals: dict[str, Any] | None) -> list[str]:
         age = _duration(last.get("age_s"))
         lines.append(f"  last       {age} ago, {last.get('ip')}: {last.get('reason')}")
     return lines
-
-
-def _abandoned(count: int | None) -> list[str]:
-    """Dials closed unanswered because their nodes had given up (edgenode.handshake)."""
-    if not count:
-        return []
-    one = count == 1
-    return [
-        f"  abandoned  {count:,} {'dial' if one else 'dials'} given up by "
-        f"{'its node before it was' if one else 'their nodes before they were'} accepted"
-    ]
 
 
 def _liveness(peer: dict[str, Any]) -> str:

@@ -4,9 +4,9 @@ A node stopped (SIGSTOP, a debugger, a swapping Pi) still has its kernel
 completing TCP handshakes into the accept queue; the dialling nodes give
 up after their handshake timeout and close. When the node runs again it
 finds those connections closed by their peers: they are closed unanswered,
-counted in ``status`` as ``abandoned_dials``, and summed up in one info
-line, instead of a failed handshake and a warning each
-(docs/reliability.md, "Limits that remain").
+counted with the refusals in ``status`` under their own reason, and summed
+up in the refusal log's summary line, instead of a failed handshake and a
+warning each (docs/reliability.md, "What these found").
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from edgenode.handshake import ABANDONED
 from edgenode.identity import create_identity
 from edgenode.node import Node, PeerUp
-from edgenode.status_text import format_status
 from edgenode.testing import wait_for as kit_wait_for
 from edgenode.testing.procs import NodeProcess
 from edgenode.transports.tcp import closed_before_accept
@@ -81,7 +81,11 @@ def start_b(tmp_path: Path, node_processes: Callable[..., NodeProcess], **kw: An
     return node_processes(tmp_path / "b", B_IP, **kw).start()
 
 
-def test_dials_given_up_while_the_node_was_stopped_are_counted_not_warned_about(
+def by_reason(b: NodeProcess) -> dict[str, int]:
+    return b.status()["node"]["refusals"]["by_reason"]
+
+
+def test_dials_given_up_while_the_node_was_stopped_are_counted_and_summed_up_in_one_line(
     tmp_path: Path, node_processes: Callable[..., NodeProcess]
 ) -> None:
     b = start_b(tmp_path, node_processes)
@@ -98,21 +102,19 @@ def test_dials_given_up_while_the_node_was_stopped_are_counted_not_warned_about(
         mark = b.line_mark()
     finally:
         b.cont()
-    line = b.wait_for(r"closed \d+ dials? ", LINE_S, since=mark)
-    assert "closed 20 dials that their nodes had given up before this node accepted them" in line
-    node = b.status()["node"]
-    assert node["abandoned_dials"] == 20
-    assert node["refused_connections"] == 0
-    assert node["refusals"]["total"] == 0
+    line = b.wait_for(r"refused .* given up", LINE_S, since=mark)
+    assert "refused 20 more connections in " in line
+    assert f"from 20 addresses: 20 {ABANDONED}; most from 127.0.92." in line
+    assert by_reason(b) == {ABANDONED: 20}
+    # That one line, and no handshake failed or warned about them one by one.
     new = b.line_mark() - mark
-    after = b.lines()[-new:] if new else []
-    noisy = [text for text in after if "127.0.92." in text or "WARNING" in text]
+    noisy = [text for text in b.lines()[-new:] if "127.0.92." in text and text != line]
     assert noisy == [], noisy
-    # Only the abandoned are let go: a live connection with garbage is still refused.
+    # Only the abandoned are let go: a live connection with garbage is refused as ever.
     with socket.create_connection(b.address) as garbage:
         garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        wait_for(lambda: b.status()["node"]["refused_connections"] == 1, "the refusal")
-    assert b.status()["node"]["abandoned_dials"] == 20
+        wait_for(lambda: b.status()["node"]["refused_connections"] == 21, "the refusal")
+    assert by_reason(b)[ABANDONED] == 20
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:
@@ -145,13 +147,4 @@ async def test_a_node_continued_after_a_stop_takes_the_live_dial_and_counts_the_
         finally:
             b.cont()
         await wait_event(events, lambda e: isinstance(e, PeerUp), LINE_S)
-    assert b.status()["node"]["abandoned_dials"] >= stale
-
-
-def test_status_text_shows_the_abandoned_dials_only_when_there_are_some() -> None:
-    def text(count: int) -> list[str]:
-        return format_status({"node": {"abandoned_dials": count}, "peers": []}).splitlines()
-
-    assert "  abandoned  20 dials given up by their nodes before they were accepted" in text(20)
-    assert "  abandoned  1 dial given up by its node before it was accepted" in text(1)
-    assert not any("abandoned" in line for line in text(0))
+    assert by_reason(b).get(ABANDONED, 0) >= stale

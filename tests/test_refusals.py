@@ -116,6 +116,20 @@ def test_first_refusals_get_lines_then_one_summary_a_second() -> None:
     }
 
 
+def test_a_quiet_refusal_is_counted_and_summed_up_but_spends_no_line() -> None:
+    log = RefusalLog(burst=2, refill_s=10.0, interval_s=1.0)
+    given_up = "dial given up by its node before it was accepted"
+    for at in (0.0, 0.1, 0.2):
+        assert log.record("10.0.0.1", given_up, at, quiet=True) is None
+    # The line budget is untouched: the next loud refusal still has its line.
+    assert log.record("10.0.0.2", MAGIC, 0.3) == f"refused connection from 10.0.0.2: {MAGIC}"
+    assert log.summary(1.0) == (
+        f"refused 3 more connections in 1.0 s from 1 address: 3 {given_up}; most from 10.0.0.1 (3)"
+    )
+    assert log.counters(1.0)["by_reason"] == {given_up: 3, "expected preamble magic N ('EDGN')": 1}
+    assert log.lines == 1 and log.total == 4
+
+
 def test_summary_counts_ipv6_addresses_by_slash_64_and_caps_what_it_tracks() -> None:
     log = RefusalLog(burst=1, max_kinds=2, max_addresses=2, top=1)
     assert log.record("2001:db8::1", TIMEOUT, 0.0) is not None
