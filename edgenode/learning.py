@@ -112,8 +112,10 @@ class PeerLearning:
         new and authorised.
 
         Ignores our own node ID, unauthorised IDs, addresses the registry
-        already knows (keepalive and backoff look after them) and an ID
-        that is connected at another address (a forged or cloned beacon).
+        already knows (keepalive and backoff look after them; a beacon of
+        the node known there, or of any node where none is known yet, pulls
+        a pending dial in) and an ID that is connected at another address
+        (a forged or cloned beacon).
         """
         if node_id == self.node_id or not self.is_authorised(node_id):
             self.ignored_beacons += 1
@@ -125,7 +127,11 @@ class PeerLearning:
             return
         known = self.registry.get(ip)
         if known is not None:
-            if known.state == DOWN and known.node_id == node_id:
+            # A configured peer never reached yet has no node ID: its beacon
+            # is a sign of life too. Pulling in a dial of an address we dial
+            # anyway is harmless even if the beacon is forged (TLS checks
+            # who answers; hints come at most once per hint interval).
+            if known.state == DOWN and known.node_id in (None, node_id):
                 # It is back: dial it soon, whatever its backoff says.
                 self.keepalive.peer_alive(ip, now)
             return

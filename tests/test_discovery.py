@@ -514,3 +514,28 @@ async def test_dispatcher_learns_only_new_authorised_peers(
         assert due is not None and 108.0 <= due <= 112.0 and discovery.beacons_sent == 1
         closing = True  # a closing node stops announcing itself
         assert wiring.on_timer(200.0) is None and discovery.beacons_sent == 1
+
+
+async def test_beacon_pulls_in_the_dial_of_a_configured_peer_never_reached(
+    make_config: Callable[..., NodeConfig], identities: Identities, beacon_port: int
+) -> None:
+    # A configured peer has no node ID until it first connects, and its
+    # beacon was ignored: a board that booted minutes after us waited up to
+    # a backoff cap for our dial (issue 15, item 3).
+    node = Node(make_config("a", "127.0.0.2", backoff_cap_s=30.0))
+    b_id = identities["b"].node_id
+    async with loopback_discovery(node.node_id, "127.0.0.2", beacon_port) as discovery:
+        wiring = wire_discovery(node.inbox.post, node.learning, lambda: False, discovery)
+        entry = node.registry.add_configured("127.0.0.3", 7303, 0.0)
+        assert entry.node_id is None
+        # Away for five minutes: the next dial is a cap away (edgenode.redial, rule 3).
+        node.keepalive.dial_failed("127.0.0.3", 0.0, reached=False)
+        node.keepalive.dial_failed("127.0.0.3", 300.0, reached=False)
+        pending = node.keepalive.pending_dial("127.0.0.3")
+        assert pending is not None and pending >= 315.0
+        wiring.on_beacon(BeaconHeard(Beacon(b_id, 7303, 1), "127.0.0.3"), 301.0)
+        pending = node.keepalive.pending_dial("127.0.0.3")
+        assert pending is not None and pending <= 301.0 + node.config.backoff_base_s
+        # Known, not discovered: the entry stays the configured one.
+        assert (wiring.discovered, wiring.ignored) == (0, 0)
+        assert (entry.listen_port, entry.node_id) == (7303, None)
