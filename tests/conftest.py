@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,26 @@ WAIT_BOUND_S = 30.0
 
 
 async def wait_event(
-    stream: Any, predicate: Callable[[Any], bool], timeout: float = WAIT_BOUND_S
+    stream: Any, predicate: Callable[[Any], bool], timeout: float = WAIT_BOUND_S, what: str = ""
 ) -> Any:
-    """Wait for the first event on ``stream`` that satisfies ``predicate``."""
-    with anyio.fail_after(timeout):
-        while True:
-            event = await stream.receive()
-            if predicate(event):
-                return event
+    """Wait for the first event on ``stream`` that satisfies ``predicate``.
+
+    On timeout, the TimeoutError says what was awaited (``what``, or the
+    predicate as written) and shows the last events that did not match.
+    """
+    others: deque[Any] = deque(maxlen=10)
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                event = await stream.receive()
+                if predicate(event):
+                    return event
+                others.append(event)
+    except TimeoutError:
+        raise TimeoutError(
+            f"no event within {timeout} s for: {what or described(predicate)}; "
+            f"the last that came instead: {list(others)!r:.2000}"
+        ) from None
 
 
 def pending(stream: Any) -> list[Any]:
@@ -102,14 +116,33 @@ def pending(stream: Any) -> list[Any]:
             return items
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_BOUND_S) -> None:
+async def wait_until(
+    condition: Callable[[], bool], timeout: float = WAIT_BOUND_S, what: str = ""
+) -> None:
     """Wait until ``condition()`` holds, checking after each loop turn.
 
-    For state the node exposes no event for (e.g. pong counters).
+    For state the node exposes no event for (e.g. pong counters). On
+    timeout, the TimeoutError says what was awaited (``what``, or the
+    condition as written).
     """
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.01)
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        awaited = what or described(condition)
+        raise TimeoutError(f"not true within {timeout} s: {awaited}") from None
+
+
+def described(function: Callable[..., Any]) -> str:
+    """A condition as its test wrote it (a lambda's source line), for a timeout's message."""
+    name = getattr(function, "__name__", "")
+    if name and name != "<lambda>":
+        return name
+    try:
+        return " ".join(inspect.getsource(function).split())[:200]
+    except (OSError, TypeError):
+        return repr(function)
 
 
 def free_port(ip: str) -> int:
