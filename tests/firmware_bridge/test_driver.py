@@ -50,7 +50,11 @@ from firmware_bridge.link import (
 from firmware_bridge.tty import open_tty, set_raw
 
 KINDS = ("memory", "pty", "tty")
-TIMING = {"keepalive_interval_ms": 100, "keepalive_timeout_ms": 500}
+# A session that is not under test must not drop because a loaded CI machine
+# (or a board ten times slower) held the loop: 5 s of silence. The tests of a
+# silent peer ask for SHORT_TIMEOUT, since they wait for the timeout to pass.
+TIMING = {"keepalive_interval_ms": 100, "keepalive_timeout_ms": 5000}
+SHORT_TIMEOUT = {"keepalive_timeout_ms": 500}
 PSK = b"0123456789abcdef"
 # Above until()'s 30 s, so that a wait that fails says what it waited for.
 TEST_BOUND_S = 60.0
@@ -460,7 +464,7 @@ def test_device_restart_host_sees_new_session(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_host_silent_then_back(kind: str) -> None:
     async def body() -> None:
-        async with rig(kind) as r:
+        async with rig(kind, **SHORT_TIMEOUT) as r:
             r.host.answers["ping"] = lambda payload: (0, b"pong")
             r.host.silent = True
             await until(lambda: not r.device.is_up, "the device to time out")
@@ -597,7 +601,7 @@ def test_close_before_run() -> None:
 
 def test_session_down_fails_pending_request() -> None:
     async def body() -> None:
-        async with rig("memory") as r:
+        async with rig("memory", **SHORT_TIMEOUT) as r:
             request = asyncio.ensure_future(r.device.request("never", b"", timeout_ms=5000))
             await until(lambda: r.host.received("request"), "the request at the host")
             r.host.silent = True
