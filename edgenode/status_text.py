@@ -40,6 +40,7 @@ def format_status(response: dict[str, Any]) -> str:
         *_serial_lines(node.get("serial_ports")),
         *_uplink_lines(response.get("uplink")),
         *_refused(node.get("refusals")),
+        *_unresolved(node.get("peer_names")),
         "",
     ]
     if not peers:
@@ -51,7 +52,7 @@ def format_status(response: dict[str, Any]) -> str:
         up = peer.get("state") == "up"
         rows.append(
             (
-                str(peer.get("ip")),
+                str(peer.get("ip")) + (f" ({peer['name']})" if peer.get("name") else ""),
                 _short_id(peer.get("node_id")),
                 ",".join(peer.get("devices") or ()) or "-",
                 peer.get("direction") or "-",
@@ -94,18 +95,30 @@ def _delivery_lines(node: dict[str, Any]) -> list[str]:
         f"({node.get('send_waited_s', 0.0):.1f} s in all); requests pending "
         f"{node.get('pending_requests', 0)}, handlers running {node.get('handlers_running', 0)}"
     ]
-    undelivered = [
-        ("unrouted_messages", "unrouted (no subscriber)"),
-        ("subscriptions_stalled", "subscriptions ended for stalling"),
-        ("subscription_drops", "dropped by drop-policy subscriptions"),
-        ("broadcast_dropped", "broadcasts skipped (peer full)"),
-        ("event_drops", "node events dropped"),
-        ("device_messages_lost", "device messages lost"),
-        ("device_publish_dropped", "device publishes skipped (peer full)"),
-        ("handler_timeouts", "handlers timed out"),
-        ("answers_dropped", "answers given up"),
+    undelivered = [  # key, what one is, what several are
+        ("unrouted_messages", "unrouted (no subscriber)", "unrouted (no subscriber)"),
+        (
+            "subscriptions_stalled",
+            "subscription ended for stalling",
+            "subscriptions ended for stalling",
+        ),
+        ("subscription_drops", "dropped by drop-policy subscriptions", ""),
+        ("broadcast_dropped", "broadcast skipped (peer full)", "broadcasts skipped (peer full)"),
+        ("event_drops", "node event dropped", "node events dropped"),
+        ("device_messages_lost", "device message lost", "device messages lost"),
+        (
+            "device_publish_dropped",
+            "device publish skipped (peer full)",
+            "device publishes skipped (peer full)",
+        ),
+        ("handler_timeouts", "handler timed out", "handlers timed out"),
+        ("answers_dropped", "answer given up", "answers given up"),
     ]
-    counts = [f"{node[key]:,} {what}" for key, what in undelivered if node.get(key)]
+    counts = [
+        f"{node[key]:,} {one if node[key] == 1 else many or one}"
+        for key, one, many in undelivered
+        if node.get(key)
+    ]
     lines.append(f"  not delivered  {'; '.join(counts) if counts else 'nothing'}")
     return lines
 
@@ -201,6 +214,19 @@ def _refused(refusals: dict[str, Any] | None) -> list[str]:
     if last:
         age = _duration(last.get("age_s"))
         lines.append(f"  last       {age} ago, {last.get('ip')}: {last.get('reason')}")
+    return lines
+
+
+def _unresolved(names: list[dict[str, Any]] | None) -> list[str]:
+    """Peers configured by a host name that does not resolve (yet): no row in the table."""
+    lines = []
+    for name in names or ():
+        if name.get("ip") is None:
+            retry = name.get("retry_in_s")
+            when = "" if retry is None else f"; tried again in {max(0.0, retry):.1f} s"
+            why = name.get("error") or "not resolved yet"
+            head = "  unresolved " if not lines else "             "
+            lines.append(f"{head}{name.get('host')}:{name.get('port')}: {why}{when}")
     return lines
 
 

@@ -736,7 +736,7 @@ def test_format_status_says_what_was_not_delivered_and_what_waits() -> None:
         "handlers running 1"
     ) in lines
     assert (
-        "  not delivered  3 unrouted (no subscriber); 1 subscriptions ended for stalling; "
+        "  not delivered  3 unrouted (no subscriber); 1 subscription ended for stalling; "
         "7 broadcasts skipped (peer full)"
     ) in lines
     assert "10.0.0.5: 128 frames queued; reading paused 2.5 s by a full subscriber" in lines
@@ -744,3 +744,25 @@ def test_format_status_says_what_was_not_delivered_and_what_waits() -> None:
     assert "10.0.0.5: 1 frame queued" in format_status({"node": node, "peers": [one]}).splitlines()
     quiet = format_status({"ok": True, "node": {"node_id": "x"}, "peers": []})
     assert "  not delivered  nothing" in quiet.splitlines()
+
+
+def test_format_status_shows_peer_names_and_names_that_do_not_resolve() -> None:
+    names = [
+        {"host": "hub.lan", "port": 7300, "ip": "10.0.0.7", "error": None, "retry_in_s": None},
+        {
+            "host": "pi-kitchen.local",
+            "port": 7300,
+            "ip": None,
+            "error": "Name or service not known",
+            "retry_in_s": 2.5,
+        },
+        {"host": "new.lan", "port": 7400, "ip": None, "error": None, "retry_in_s": None},
+    ]
+    peer = {"ip": "10.0.0.7", "name": "hub.lan", "state": "down", "devices": []}
+    lines = format_status({"node": {"peer_names": names}, "peers": [peer]}).splitlines()
+    unresolved = "pi-kitchen.local:7300: Name or service not known; tried again in 2.5 s"
+    assert f"  unresolved {unresolved}" in lines
+    assert "             new.lan:7400: not resolved yet" in lines
+    assert not any("hub.lan:7300" in line for line in lines)  # it resolved: it has its row
+    [row] = [line for line in lines if line.startswith("10.0.0.7")]
+    assert row.startswith("10.0.0.7 (hub.lan)  ")
