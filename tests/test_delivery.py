@@ -271,6 +271,22 @@ async def test_aclose_from_another_task_stops_the_node(make_config: Any) -> None
         assert gone.reason == "peer said bye: node shutting down"
 
 
+async def test_aclose_by_a_caller_cancelled_meanwhile_still_stops_the_node(
+    make_config: Any,
+) -> None:
+    """Regression (dc6a9f6): a caller cancelled while the node said bye left
+    it half stopped; aclose() is shielded, so the node stops all the same."""
+    async with mesh(make_config, 2) as (a, b):
+        down = b.events()
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # cancelled before aclose() even starts its waits
+            await a.aclose()
+        with pytest.raises(NodeClosed):
+            await a.send(B, "t", b"")
+        gone = await wait_event(down, lambda e: isinstance(e, PeerDown), EVENT_S)
+        assert gone.reason == "peer said bye: node shutting down"
+
+
 async def test_hung_handlers_time_out_and_the_node_still_answers(make_config: Any) -> None:
     """Regression: handlers had no deadline, so 32 hung handlers made every
     later request answer "busy"."""

@@ -578,3 +578,16 @@ async def test_a_dialler_the_listener_does_not_trust_is_told_so(
             )
             [row] = b.peers()
             assert row.state == "down" and row.redial_in_s is not None  # retried, not fatal
+
+
+@pytest.mark.parametrize(("peers", "said"), [(0, "0 peers"), (1, "1 peer"), (2, "2 peers")])
+async def test_the_start_line_counts_peers_in_english(
+    make_config: Any, caplog: pytest.LogCaptureFixture, peers: int, said: str
+) -> None:
+    # Regression: a node with one peer said "(1 peers configured, ...)".
+    caplog.set_level("INFO", logger="edgenode.node")
+    configured = [(f"127.0.93.{i}", 7300) for i in range(2, 2 + peers)]
+    async with Node(make_config("a", "127.0.93.1", configured)) as a:
+        [line] = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
+    assert line.startswith(f"node {a.node_id} listening on 127.0.93.1:")
+    assert f"({said} configured, " in line
