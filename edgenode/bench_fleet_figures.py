@@ -231,6 +231,12 @@ def print_fleet_table(fleet: dict[str, Any]) -> None:
             f"{wake['events_per_s']:.1f} events/s, {per_event} us of cpu per event; "
             f"expected wake-ups: {wake['expected_note']}"
         )
+    if rss["target_met"] is False:
+        print(
+            "  - rss per peer missed: about 40 KB a TLS connection is native (OpenSSL's SSL "
+            "object, buffers, one pinned SSL_CTX per peer) and about 20 KB Python objects "
+            "(docs/performance.md, 'Why the missed targets are missed')"
+        )
     stop = figs["detect_stop_s"]
     print(
         f"  - detect: observer keepalive {dk['interval_s']:g} s / timeout {dk['timeout_s']:g} s; "

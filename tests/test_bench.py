@@ -163,3 +163,27 @@ def test_loadgen_peers_ping_the_node_and_get_its_pongs(
                 assert all(p.pings_sent >= p.pongs for p in gen.peers)
 
     anyio.run(main)
+
+
+def test_the_table_says_by_how_much_a_target_is_missed_and_why(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgenode.bench import _print_tls_table
+
+    def fig(median: float, reference: float, target: str, met: bool, unit: str) -> dict[str, Any]:
+        return {"median": median, "min": median, "max": median, "reference": reference,
+                "ratio": median / reference, "unit": unit, "target": target,
+                "target_met": met}  # fmt: skip
+
+    figures = {
+        "rtt_p50": fig(0.308, 0.174, "ratio <= 1.5", False, "ms"),
+        "rtt_p99": fig(0.3, 0.2, "ratio <= 2", True, "ms"),
+    }
+    _print_tls_table({"plan": {"runs": 5}, "figures": figures, "node_lost": 0})
+    lines = capsys.readouterr().out.splitlines()
+    [p50] = [line for line in lines if line.startswith("  rtt_p50 ")]
+    assert p50.endswith("1.77x  ratio <= 1.5: MISSED by 0.27x")
+    [p99] = [line for line in lines if line.startswith("  rtt_p99 ")]
+    assert p99.endswith("ratio <= 2: met")
+    assert "  - rtt_p50: a request has two task switches" in "\n".join(lines)
+    assert not any(line.startswith("  - rtt_p99") for line in lines)
