@@ -12,6 +12,7 @@ The parts, each in its own module:
 * :mod:`.records` -- the disk spool's record format (pure);
 * :mod:`.spool` -- the disk spool's segment files;
 * :mod:`.client` -- one broker connection: paho-mqtt driven by the node's loop;
+* :mod:`.node_view` -- the node's API as the uplink uses it (a typing Protocol);
 * :mod:`.uplink` -- :class:`Uplink`, which the node starts and stops;
 * :mod:`.bench` -- ``edgenode bench --only uplink`` (never imported by a node).
 

@@ -2,7 +2,8 @@
 
 Started by the node when ``NodeConfig.uplink`` is set (``Uplink(node,
 config)``, ``run()`` in the node's task group, ``aclose()`` before the node
-says bye to its peers), it uses only the node's public API:
+says bye to its peers), it uses only the node's public API (the part named
+by :class:`.node_view.Node`):
 
 * **Out.** One subscription per ``out`` map. Its task maps each message to
   a broker topic and puts it in the store-and-forward queue (:mod:`.queue`,
@@ -37,7 +38,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -54,44 +55,14 @@ from .config import (
     derived_queue_caps,
 )
 from .errors import BrokerUnavailable, SpoolError, UplinkError
+from .node_view import Node
 from .queue import Outgoing, OutQueue
 from .spool import SPOOL_DIR_NAME, Spool
 from .topics import InRoute, OutRoute, first_match, is_topic_name
 
 if TYPE_CHECKING:
-    from ..api import Incoming, PeerSnapshot
-    from ..config import NodeConfig
-    from ..subscriptions import Stream
+    from ..api import Incoming
 
-
-class Node(Protocol):
-    """The node's public API, as far as the uplink uses it (``edgenode.node.Node``)."""
-
-    config: NodeConfig
-    node_id: str
-
-    async def send(
-        self, peer: str, topic: str, payload: bytes, *, wait_s: float | None = None
-    ) -> None:
-        """Send to a peer or a device."""
-
-    async def broadcast(self, topic: str, payload: bytes) -> int:
-        """Best-effort to every peer."""
-
-    async def publish_local(self, topic: str, payload: bytes, *, source: str = "local") -> int:
-        """Deliver to this node's own subscribers."""
-
-    def subscribe(self, topic: str) -> Stream:
-        """Messages on a topic."""
-
-    def events(self) -> Stream:
-        """PeerUp, PeerDown, Refused."""
-
-    def peers(self) -> list[PeerSnapshot]:
-        """The peer table."""
-
-    def device_address(self, device_id: str) -> str:
-        """The address of a device on this node's ports."""
 
 log = logging.getLogger("edgenode.uplink")
 

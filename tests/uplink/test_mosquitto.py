@@ -332,6 +332,46 @@ async def test_the_spool_keeps_queued_messages_across_a_restart(
                 await wait_until(lambda: a.uplink.status()["spool_bytes"] < 1000)
 
 
+async def test_a_message_published_as_the_node_starts_goes_out_behind_the_restored_spool(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    proxied: str,
+    tcp_proxy: TcpProxy,
+    identities: Any,
+    uplink_config: Callable[..., NodeConfig],
+) -> None:
+    # Regression (034d97a): the out maps' subscriptions were made only once
+    # the spool had been read back, so a message published meanwhile reached
+    # no subscription and never left the node.
+    import shutil
+
+    state = tmp_path / "a-state"
+    shutil.copytree(identities["a"].state_dir, state)
+    tcp_proxy.refuse_new()
+    sender = fast_uplink(
+        proxied, prefix="s", outbound=(OutMap("n", to="early"),), spool_bytes=1 << 20
+    )
+    receiver = fast_uplink(mosquitto.url(), "site-b", prefix="r", inbound=(InMap("early", to="n"),))
+    async with Node(uplink_config("a", A, sender, state_dir=state)) as a:
+        await wait_until(lambda: a.uplink.status()["attempts"] >= 1)  # it runs: it subscribed
+        for n in (1, 2, 3):
+            await a.publish_local("n", b"%d" % n, source="app")
+        await wait_until(lambda: a.uplink.status()["queue_messages"] == 3)
+    async with Node(uplink_config("c", C, receiver)) as c:
+        await connected(c)
+        with c.subscribe("n") as sub:
+            async with Node(uplink_config("a", A, sender, state_dir=state)) as a:
+                # The first thing after the start: the uplink has not run yet,
+                # let alone read its spool back.
+                reached = await a.publish_local("n", b"4", source="app")
+                assert reached == 1, "no out-map subscription when the node started"
+                await wait_until(lambda: a.uplink.status()["queue_messages"] == 4)
+                assert a.uplink.status()["spool_restored"] == 3
+                tcp_proxy.heal()
+                got = [int(m.payload) for m in await take(sub, 4)]
+                assert got == [1, 2, 3, 4]
+
+
 # -- the broker refuses us, or is not who it says -----------------------------------------------
 
 
