@@ -84,7 +84,9 @@ done
 [ "$status" -eq 0 ] || exit "$status"
 
 # The heap a device needs, on this 32-bit runtime: fails if a figure grew by
-# more than 10 % over tests/micropython/heap_figures.json, or misses a target.
+# more than 10 % over tests/micropython/heap_figures.json (the targets
+# are printed, met or missed, and fail nothing). The heap-pressure sessions
+# (heap.py --pressure) are not run: on this port most of them hang (heap.py).
 echo "-- heap figures"
 "$cache/venv/bin/python" tests/micropython/heap.py --runtime "$runtime" --mpy-cross "$mpy_cross" \
     --build "$cache/heap" --json "$cache/heap.json" --check

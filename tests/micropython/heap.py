@@ -30,17 +30,28 @@ and smallest heap are derived: the ``mpy`` figure less the code that the
 ``.mpy`` import keeps on the heap and freezing keeps in flash (the
 WebAssembly runtime cannot be rebuilt with frozen modules here).
 
-Heap pressure (``--pressure``; not run in CI): in the reliable modes, a
-device also runs the session in a heap 8 KB above its smallest while the
-scenario fills the heap with small objects and frees every other one (a
-fragmented heap in which nothing of a frame's size fits) for 300 ms. The
-device must count the MemoryErrors it meets, report them to the host, keep
-its session and deliver every message exactly once. The runs that complete
-do (10-17 MemoryErrors survived in each); but on this port some runs never
-return from a scheduler step under that pressure (asyncio itself, whose
-WebAssembly variant allocates per step, can also lose a task), a hang not
-yet pinned down, so CI checks the same recovery deterministically on
-CPython instead (tests/firmware_bridge/test_driver.py, ``test_memory_error_*``).
+Heap pressure (``--pressure``, or ``--pressure-only RUNS`` to run only
+those sessions, RUNS times each, in the recorded heaps; neither is run in
+CI): in the reliable modes, a device also runs the session in a heap 8 KB
+above its smallest while the scenario fills the heap with small objects and
+frees every other one (a fragmented heap in which nothing of a frame's size
+fits) for 300 ms. The device must count the MemoryErrors it meets, report
+them to the host, keep its session and deliver every message exactly once.
+The runs that complete do (10-20 MemoryErrors survived in each, about 1 s
+a run); but on this port about 6 runs in 10 never end: the device's
+runtime does not return from a call into it. A run is killed after
+``TRIAL_S`` and reported as a hang, so the check fails with a message
+rather than hanging. What is known (not yet pinned down): with a
+scheduler step traced, the hang falls inside a handler task's coroutine,
+or inside the harness's step before any task runs; one run in two showed a
+task ending with "TypeError: 'str' object isn't callable", which no code
+here can raise (a sign of a corrupted heap). This port never collects
+garbage inside a call from JavaScript (``gc_collect`` only sets a flag: see
+its ports/webassembly/main.c), and its ``TaskQueue.push`` queues a task
+before calling the loop's callback, so an exception from that callback
+leaves the task queued while its coroutine goes on. So CI checks the same
+recovery deterministically on CPython instead
+(tests/firmware_bridge/test_driver.py, ``test_memory_error_*``).
 
 The figures are written to ``tests/micropython/heap_figures.json`` with
 ``--update``; without it they are compared with that file and the run fails
@@ -196,24 +207,53 @@ def measure(
                     row["smallest_heap_bytes"] = runner.smallest(form, mode)
             results[form][mode] = row
             print(f"  {form:6} {mode:13} {row}", flush=True)
-    for mode in PRESSURE_MODES if pressure else ():
-        if mode not in modes:
-            continue
-        heap = results["mpy"][mode]["smallest_heap_bytes"] + PORT_ALLOWANCE + PRESSURE_MARGIN
-        ok, figures = runner.run("mpy", mode + "+pressure", heap)
-        if not ok:
-            raise RuntimeError(
-                f"mpy {mode}: the device did not come through heap pressure in a "
-                f"{heap}-byte heap: {figures}"
-            )
-        results["mpy"][mode]["pressure_survived"] = figures["survived"]
-        print(f"  pressure {mode:13} survived {figures['survived']} MemoryErrors", flush=True)
+    if pressure:
+        smallest = {mode: results["mpy"][mode]["smallest_heap_bytes"] for mode in modes}
+        for mode, survived in under_pressure(runner, smallest).items():
+            results["mpy"][mode]["pressure_survived"] = survived
     for mode in modes:
         # What the .mpy import keeps that freezing keeps in flash instead.
         code = results["mpy"][mode]["import_bytes"] - results["frozen"][mode]["import_bytes"]
         for name in ("session_peak_bytes", "smallest_heap_bytes"):
             results["frozen"][mode][name] = results["mpy"][mode][name] - code
     return results
+
+
+def under_pressure(runner: Runner, smallest: dict, runs: int = 1) -> dict[str, int]:
+    """Run each heap-pressure session ``runs`` times; the MemoryErrors the last survived.
+
+    Raises RuntimeError naming every run that failed or hung (a run that
+    does not end within TRIAL_S is killed: a hang, not a slow session).
+    """
+    survived = {}
+    failures = []
+    for mode in PRESSURE_MODES:
+        if mode not in smallest:
+            continue
+        heap = smallest[mode] + PORT_ALLOWANCE + PRESSURE_MARGIN
+        for run in range(1, runs + 1):
+            ok, figures = runner.run("mpy", mode + "+pressure", heap)
+            if ok:
+                survived[mode] = figures["survived"]
+                print(
+                    f"  pressure {mode:13} run {run}: survived {figures['survived']} MemoryErrors",
+                    flush=True,
+                )
+            elif figures.get("status") == "timeout":
+                failures.append(
+                    f"mpy {mode} run {run}/{runs}: no end within {TRIAL_S} s in a {heap}-byte "
+                    "heap under pressure (a session takes about 1 s): the device hung"
+                )
+            else:
+                failures.append(
+                    f"mpy {mode} run {run}/{runs}: the device did not come through heap "
+                    f"pressure in a {heap}-byte heap: {figures}"
+                )
+            if failures and failures[-1].startswith(f"mpy {mode} run {run}/"):
+                print("  " + failures[-1], flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} heap-pressure runs failed:\n" + "\n".join(failures))
+    return survived
 
 
 def kb(n: int) -> str:
@@ -285,9 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pressure", action="store_true", help="also run the heap-pressure sessions (see above)"
     )
+    parser.add_argument(
+        "--pressure-only",
+        type=int,
+        metavar="RUNS",
+        help="only run each heap-pressure session RUNS times, in heaps from the record",
+    )
     args = parser.parse_args(argv)
     trees = build(Path(args.build), args.mpy_cross)
     runner = Runner(args.runtime, trees)
+    if args.pressure_only:
+        record = json.loads(BASELINE.read_text())["mpy"]
+        smallest = {mode: record[mode]["smallest_heap_bytes"] for mode in PRESSURE_MODES}
+        try:
+            under_pressure(runner, smallest, args.pressure_only)
+        except RuntimeError as exc:
+            print(f"heap: {exc}", file=sys.stderr)
+            return 1
+        return 0
     print("heap figures on MicroPython's WebAssembly port (32-bit), bytes:", flush=True)
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
     results = measure(runner, MODES, args.pressure, baseline if args.check else None)
