@@ -25,6 +25,13 @@ from firmware_bridge.link import LinkError
 
 DEVICE_ID = "pico-" + binascii.hexlify(machine.unique_id()).decode()[-6:]
 PUBLISH_EVERY_MS = 5000
+#: The hardware watchdog resets the board when the event loop stops turning
+#: for this long: a hang inside the firmware or a scheduler step that no
+#: Python code can catch (docs/microcontrollers.md, "Recommended
+#: supervision"). Under the RP2040's 8.3 s maximum. Once started it cannot
+#: be stopped: while developing with mpremote, comment out its two lines in
+#: main(), or the board resets a few seconds after the program ends.
+WATCHDOG_MS = 8000
 
 led = machine.Pin("LED", machine.Pin.OUT)  # Pico and Pico W
 sensor = machine.ADC(4)
@@ -60,11 +67,21 @@ async def publish_forever(device: Device) -> None:
         await asyncio.sleep_ms(PUBLISH_EVERY_MS)
 
 
+async def feed_watchdog(watchdog: "machine.WDT") -> None:
+    # Fed by a task of its own: it runs only while the scheduler turns.
+    while True:
+        watchdog.feed()
+        await asyncio.sleep_ms(WATCHDOG_MS // 4)
+
+
 async def main() -> None:
     # The recommended supervision: run() ends only when the UART fails
     # (a MemoryError it survives by itself, counting it in device.stats and
     # telling the node). Should it end, start a new Device (a new session)
-    # after a pause, rather than leave the board silent.
+    # after a pause, rather than leave the board silent. What Python cannot
+    # see (a hang below it) the hardware watchdog resets.
+    watchdog = machine.WDT(timeout=WATCHDOG_MS)
+    asyncio.create_task(feed_watchdog(watchdog))
     uart = machine.UART(0, 115200, tx=machine.Pin(0), rx=machine.Pin(1), rxbuf=512)
     while True:
         device = Device(asyncio.StreamReader(uart), asyncio.StreamWriter(uart, {}), DEVICE_ID)
