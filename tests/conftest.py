@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import shutil
+import tempfile
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,17 @@ def make_config(identities: Identities) -> Callable[..., NodeConfig]:
         return NodeConfig(**settings)
 
     return make
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short, owner-only directory for control sockets (their paths are limited to
+    107 bytes, which pytest's tmp_path can pass)."""
+    path = Path(tempfile.mkdtemp(prefix="en-ctl-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 #: How long the helpers below wait by default: a hang guard that holds on a

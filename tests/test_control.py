@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -40,16 +38,6 @@ COMMAND_TIMEOUT_S = 30.0
 ANSWER_TIMEOUT_S = 5.0
 
 OPS = "status, send, watch, reload-trust"
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short, owner-only directory for control sockets."""
-    path = Path(tempfile.mkdtemp(prefix="en-ctl-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def edgenode(tmp_path: Path, *args: str) -> CompletedProcess[bytes]:

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,16 +203,6 @@ async def test_a_beacon_from_a_peer_in_backoff_pulls_our_redial_in(
 
 
 # -- status while the peer is away -------------------------------------------------------------
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short, owner-only directory for the control socket (paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="en-redial-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_a_flapping_peer_is_redialled_ever_more_slowly_and_status_says_when(

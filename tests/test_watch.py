@@ -40,9 +40,7 @@ from edgenode.node import Incoming, Node
 from edgenode.watch_text import format_message, json_message, payload_text
 
 from .conftest import wait_until
-from .test_control import Client, edgenode, error_line, node_with_peer, serving, sock_dir
-
-__all__ = ["sock_dir"]  # the fixture, used by name
+from .test_control import Client, edgenode, error_line, node_with_peer, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ from edgenode.config import NodeConfig
 from edgenode.node import Node
 from edgenode.testing.proxy import TcpProxy
 from edgenode.uplink.brokers import Mosquitto
-from edgenode.uplink.config import InMap, OutMap
+from edgenode.uplink.config import InMap, OutMap, UplinkConfig
 from edgenode.uplink.uplink import INBOUND_HIGH
 
 from ..conftest import wait_until
@@ -295,6 +295,21 @@ async def test_the_queue_cap_applies_its_policy_counted_and_in_status(
         await wait_until(lambda: a.uplink.status()["queue_messages"] == 0)
 
 
+def spooling_a(
+    tmp_path: Path, identities: Any, proxied: str, tcp_proxy: TcpProxy, to: str
+) -> tuple[Path, UplinkConfig]:
+    """Node a's own state directory (the spool lives there) and an uplink that
+    spools topic n to ``to``, its broker behind a proxy that refuses for now."""
+    import shutil
+
+    state = tmp_path / "a-state"
+    shutil.copytree(identities["a"].state_dir, state)
+    tcp_proxy.refuse_new()
+    return state, fast_uplink(
+        proxied, prefix="s", outbound=(OutMap("n", to=to),), spool_bytes=1 << 20
+    )
+
+
 async def test_the_spool_keeps_queued_messages_across_a_restart(
     tmp_path: Path,
     mosquitto: Mosquitto,
@@ -303,14 +318,7 @@ async def test_the_spool_keeps_queued_messages_across_a_restart(
     identities: Any,
     uplink_config: Callable[..., NodeConfig],
 ) -> None:
-    import shutil
-
-    state = tmp_path / "a-state"
-    shutil.copytree(identities["a"].state_dir, state)
-    tcp_proxy.refuse_new()
-    sender = fast_uplink(
-        proxied, prefix="s", outbound=(OutMap("n", to="spooled"),), spool_bytes=1 << 20
-    )
+    state, sender = spooling_a(tmp_path, identities, proxied, tcp_proxy, "spooled")
     receiver = fast_uplink(
         mosquitto.url(), "site-b", prefix="r", inbound=(InMap("spooled", to="n"),)
     )
@@ -342,14 +350,7 @@ async def test_a_message_published_as_the_node_starts_goes_out_behind_the_restor
     # Regression (034d97a): the out maps' subscriptions were made only once
     # the spool had been read back, so a message published meanwhile reached
     # no subscription and never left the node.
-    import shutil
-
-    state = tmp_path / "a-state"
-    shutil.copytree(identities["a"].state_dir, state)
-    tcp_proxy.refuse_new()
-    sender = fast_uplink(
-        proxied, prefix="s", outbound=(OutMap("n", to="early"),), spool_bytes=1 << 20
-    )
+    state, sender = spooling_a(tmp_path, identities, proxied, tcp_proxy, "early")
     receiver = fast_uplink(mosquitto.url(), "site-b", prefix="r", inbound=(InMap("early", to="n"),))
     async with Node(uplink_config("a", A, sender, state_dir=state)) as a:
         await wait_until(lambda: a.uplink.status()["attempts"] >= 1)  # it runs: it subscribed
