@@ -213,15 +213,9 @@ async def test_slow_subscriber_makes_the_device_wait_and_loses_nothing(make_conf
                 with anyio.fail_after(120):
                     for i in range(count):
                         assert number((await sub.receive()).payload) == i
-        # Held back, not dropped: at most a resent frame that had arrived twice,
-        # or a frame after a gap the device left when its output was full
-        # (a go-back-N resend it skipped, counted in tx_skipped; the host
-        # drops what follows the gap as out of order, and it is resent).
-        drops = dict(rig.link.stats.drops)
-        drops.pop("duplicate", None)
-        if drops.pop("out of order", 0):
-            assert rig.device.stats["tx_skipped"] > 0, (rig.link.stats.drops, rig.device.stats)
-        assert drops == {}, rig.link.stats.drops
+        # Held back, not dropped: at most a resent frame that had arrived twice.
+        stats = (rig.link.stats, rig.device.stats)
+        assert set(rig.link.stats.drops) <= {"duplicate"}, stats
         assert rig.device.stats["retransmits"] > 0  # it sent again what was held
         assert rig.node.stats()["device_messages_lost"] == 0
         assert rig.port_row()["undelivered"] == 0
