@@ -292,8 +292,7 @@ class Link(Session):
         resend the rest at once. Does nothing otherwise; call it whenever
         room appears."""
         rel = self._rel
-        if rel is not None and rel.held:
-            rel.held = False
+        if rel is not None and rel.resumed():
             self._ack(now_ms)
 
     def _ack(self, now_ms: int) -> None:

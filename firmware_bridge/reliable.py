@@ -18,6 +18,12 @@ except ImportError:
 
 
 _MAX_BACKOFF = const(2)  # retransmission timeout at most 4 x rto_ms
+# Receiver's ``held``: nothing held back since the last frame delivered (0);
+# frames held back, the sender not yet asked to resend them (_HELD); asked
+# (_ASKED): frames it sent before our ack are still on the line, and they
+# are held back too, not taken as out of order.
+_HELD = const(1)
+_ASKED = const(2)
 
 
 class Reliable:
@@ -32,8 +38,9 @@ class Reliable:
     ``rx_expected`` is the next sequence number it delivers; ``rx_room`` how
     many more frames the owner takes in this batch (None: no limit);
     ``held`` whether frames were held back for want of room since the last
-    one delivered; ``ack_pending`` asks the link to acknowledge after the
-    bytes it is reading.
+    one delivered (0, _HELD, or _ASKED once ``resumed`` asked for them);
+    ``ack_pending`` asks the link to acknowledge after the bytes it is
+    reading.
     """
 
     __slots__ = (
@@ -69,7 +76,7 @@ class Reliable:
         self.fast = -1
         self.rx_expected = 0
         self.rx_room = None
-        self.held = False
+        self.held = 0
         self.ack_pending = False
 
     def lost(self) -> int:
@@ -102,9 +109,18 @@ class Reliable:
             room = self.rx_room
             if room is None or room > 0 or ftype == RESPONSE:
                 return False
+            self.held = _HELD
         elif not self.held or ahead >= 128:
             return False
-        self.held = True
+        return True
+
+    def resumed(self) -> bool:
+        """Room is back: whether to acknowledge once more, which asks the
+        sender to resend what was held back (once per hold). Until the
+        expected frame arrives, the frames after it still wait."""
+        if self.held != _HELD:
+            return False
+        self.held = _ASKED
         return True
 
     def accept(self, seq: int, ftype: int, name: str) -> None:
@@ -117,7 +133,7 @@ class Reliable:
                 raise Duplicate(f"duplicate {name} frame: seq {seq}, expecting {expected}")
             raise OutOfOrder(f"{name} frame out of order: seq {seq}, expecting {expected}")
         self.rx_expected = (seq + 1) & 0xFF
-        self.held = False
+        self.held = 0
         if self.rx_room is not None and ftype != RESPONSE:
             self.rx_room -= 1
 
