@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import pwd
-import re
-import select
 import signal
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from edgenode.status_text import format_status
 from firmware_bridge.link import MEMORY_TOPIC
 
 from .conftest import wait_event, wait_until
-from .test_cli import NodeProcess, edgenode, free_port, keygen
+from .test_cli import NodeProcess, _env, edgenode, free_port, keygen
 from .transports.test_serial import port_group, without_the_right_to_open_anything
 
 pytestmark = pytest.mark.anyio
@@ -190,9 +188,9 @@ async def test_port_lost_while_open_is_said_once_and_again_when_it_is_back(
         await sim.aclose()
 
 
-# Its own waits (keygen, two log lines, a status, each up to 60 s) fail with
-# what the node printed; pytest-timeout's 60 s for the whole test cut the first
-# of them short on a loaded CI run and showed nothing of the node's output.
+# Its own waits (keygen, two log lines, a status, the exit) fail with what the
+# node printed. It used to hang now and then on a loaded CI run: it selected on
+# the pipe under a text reader that had already buffered the line it wanted.
 @pytest.mark.timeout(300)
 def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
     pty_pair: PtyPair, tmp_path: Path
@@ -202,25 +200,12 @@ def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
     line once the port is made available."""
     os.chmod(pty_pair.path, 0)  # as a tty a user is not in the group of
     state = tmp_path / "state"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env["EDGENODE_STATE_DIR"] = str(state)
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [*without_the_right_to_open_anything(), sys.executable, "-m", "edgenode"]
-    args = ["--state-dir", str(state)]
-    made = subprocess.run(
-        [*command, "keygen", *args], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert made.returncode == 0, made.stderr
+    keygen(tmp_path, state)
+    prefix = without_the_right_to_open_anything()
     port = free_port("127.0.0.2")
+    args = ["--state-dir", str(state)]
     run = [*args, "--listen", f"127.0.0.2:{port}", "--serial", pty_pair.path]
-    proc = subprocess.Popen(
-        [*command, "run", *run, "--backoff-cap", "0.5"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    node = NodeProcess(tmp_path, [*run, "--backoff-cap", "0.5"], prefix=prefix)
     try:
         user = pwd.getpwuid(os.geteuid()).pw_name
         group = port_group(pty_pair.path)
@@ -229,18 +214,17 @@ def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
             f"may not open it; add it to the port's group (sudo usermod -aG {group} {user}) "
             "and restart the node"
         )
-        lines = _read_until(proc, "serial port .* permission denied")
-        status = _status(env, command, args)
+        node.wait_for("serial port .* permission denied", timeout_s=60)
+        status = _status(prefix, args, tmp_path)
         [row] = status["node"]["serial_ports"]
         assert row["state"] == "error" and "permission denied" in row["error"]
         os.chmod(pty_pair.path, 0o666)  # the user was given the port
-        lines += _read_until(proc, "is open again")
+        node.wait_for("is open again", timeout_s=60)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    about = [line for line in lines if f"serial port {pty_pair.path}" in line]
+        node.stop(signal.SIGTERM, timeout_s=30)
+    about = [line for line in node.lines if f"serial port {pty_pair.path}" in line]
     assert [line.split(" ", 1)[1] for line in about[:1]] == [denied]
-    assert len(about) == 2, "\n".join(lines)
+    assert len(about) == 2, node.log()
     assert (
         about[1]
         .split(" ", 1)[1]
@@ -251,27 +235,13 @@ def test_port_not_permitted_is_said_once_with_the_fix_then_when_permitted(
     )
 
 
-def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 60.0) -> list[str]:
-    """Read the process's stderr lines up to one matching ``pattern``."""
-    assert proc.stderr is not None
-    lines = []
-    regex = re.compile(pattern)
-    end = time.monotonic() + timeout_s
-    while True:
-        remaining = end - time.monotonic()
-        if remaining <= 0 or not select.select([proc.stderr], [], [], remaining)[0]:
-            raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(lines))
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"exited before {pattern!r}:\n" + "\n".join(lines))
-        lines.append(line.rstrip("\n"))
-        if regex.search(line):
-            return lines
-
-
-def _status(env: dict[str, str], command: list[str], args: list[str]) -> dict[str, Any]:
+def _status(prefix: list[str], args: list[str], tmp_path: Path) -> dict[str, Any]:
     result = subprocess.run(
-        [*command, "status", "--json", *args], env=env, capture_output=True, text=True, timeout=60
+        [*prefix, sys.executable, "-m", "edgenode", "status", "--json", *args],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]

@@ -96,10 +96,11 @@ def free_port(*ips: str) -> int:
 class NodeProcess:
     """An ``edgenode run`` subprocess whose stderr lines a thread collects."""
 
-    def __init__(self, tmp_path: Path, args: Sequence[str]) -> None:
+    def __init__(self, tmp_path: Path, args: Sequence[str], prefix: Sequence[str] = ()) -> None:
+        """Start ``edgenode run ARGS``, under the command ``prefix`` if given."""
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgenode", "run", *args],
+            [*prefix, sys.executable, "-m", "edgenode", "run", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
