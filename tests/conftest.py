@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import shutil
+import signal
 import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,19 @@ import pytest
 
 from edgenode.config import NodeConfig
 from edgenode.identity import Identity, create_identity
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give Ctrl-C back its default when this run was started with it ignored.
+
+    A shell without job control (a script) starts a background command,
+    such as ``.ci/run &``, with SIGINT ignored, and every process it starts
+    inherits that: the tests that press Ctrl-C on ``edgenode watch`` would
+    then wait for an exit that never comes. With Python's own handler here,
+    the processes the tests start get the default.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
