@@ -88,6 +88,15 @@ class Dials:
         self.dialing.add(entry.ip)
         self._start_dial_task(entry.ip, entry.listen_port)
 
+    def awaits_sign_of_life(self, ip: str, now: float) -> bool:
+        """Whether a connection from ``ip`` now would pull our dial of it in:
+        a peer that is down, with a dial pending well after now. Changes
+        nothing: the listener asks it of a connection it refused unlogged."""
+        entry = self.registry.get(ip)
+        if entry is None or entry.state != DOWN:
+            return False
+        return self.keepalive.awaits_sign_of_life(ip, now)
+
     def on_failed(self, ev: Failed, now: float) -> None:
         """A dial of ours, or an inbound handshake, failed."""
         ip, error = ev.ip, ev.error

@@ -73,6 +73,7 @@ class Handshakes:
         run_connection: Callable[[Connection], Awaitable[None]],
         client_context: Any,
         refusals: RefusalLog,
+        awaits_sign_of_life: Callable[[str, float], bool],
     ) -> None:
         self.config = config
         self.identity = identity
@@ -84,6 +85,9 @@ class Handshakes:
         self.client_context = client_context
         #: Every refused connection, counted exactly; what may be logged of them.
         self.refusals = refusals
+        #: Whether a connection from an address is a sign of life the node
+        #: waits for (a peer in redial backoff): posted even when unlogged.
+        self.awaits_sign_of_life = awaits_sign_of_life
         self.server_contexts = PinnedContexts(identity, max_entries=config.max_peers)
         self.wildcard = config.listen_host in ("0.0.0.0", "::", "")
         #: The port our hello names (the listener's, once it listens).
@@ -161,10 +165,12 @@ class Handshakes:
                     continue
                 refuse_socket(client)
                 # Counted exactly; a line (and an event) only while the log's
-                # budget lasts, the rest summarised across all addresses.
+                # budget lasts, the rest summarised across all addresses. But
+                # a peer we wait to redial is back: that event always goes.
                 line = refusals.record(ip, refusal, now)
                 if line is not None:
                     log.warning(line, extra={"peer": ip, "reason": refusal})
+                if line is not None or self.awaits_sign_of_life(ip, now):
                     error = HandshakeError(f"{ip}: {refusal}")
                     await self.inbox.post(Failed(ip, error, False, recorded=True))
 

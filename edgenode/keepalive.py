@@ -323,14 +323,25 @@ class Keepalive:
         or None if nothing changed (no dial pending, one due as soon anyway,
         or a sign of life came too lately before).
         """
-        dial = self._dials.get(key)
-        if dial is None or dial[1] <= now + self.backoff_base_s:
+        if not self._dial_far(key, now):
             return None
         delay = self.redial_policy.hint(self.redial_state(key), now, self._rand())
         if delay is None:
             return None
         self.schedule_dial(key, now, delay)
         return now + delay
+
+    def awaits_sign_of_life(self, key: Hashable, now: float) -> bool:
+        """Whether :meth:`peer_alive` would pull ``key``'s dial in now; changes nothing."""
+        if not self._dial_far(key, now):
+            return False
+        state = self._redials.get(key)
+        return state is None or self.redial_policy.may_hint(state, now)
+
+    def _dial_far(self, key: Hashable, now: float) -> bool:
+        """Whether a dial of ``key`` is pending, due later than a hint would make it."""
+        dial = self._dials.get(key)
+        return dial is not None and dial[1] > now + self.backoff_base_s
 
     def schedule_dial(self, key: Hashable, now: float, delay_s: float = 0.0) -> None:
         """Schedule a dial of ``key`` at ``now + delay_s``, replacing any pending one."""

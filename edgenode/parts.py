@@ -196,6 +196,7 @@ class Parts:
             run_connection=self.datapath.run,
             client_context=client_context(identity),
             refusals=self.refusals,
+            awaits_sign_of_life=self.dispatcher.dials.awaits_sign_of_life,
         )
         self.bridge: SerialBridge | None = None
         if config.serial_ports:

@@ -166,9 +166,13 @@ class RedialPolicy:
         delay = min(self.cap_s, max(self.base_s, self.probe_fraction * away_s))
         return delay * (0.5 + 0.5 * rand)
 
+    def may_hint(self, state: RedialState, now: float) -> bool:
+        """Whether a sign of life now would pull the dial in (rule 4); changes nothing."""
+        return now - state.hinted_at >= self.hint_interval_s
+
     def hint(self, state: RedialState, now: float, rand: float) -> float | None:
         """A sign of life: return the delay to dial now (rule 4), or None if hinted too lately."""
-        if now - state.hinted_at < self.hint_interval_s:
+        if not self.may_hint(state, now):
             return None
         state.hinted_at = now
         return self.base_s * rand

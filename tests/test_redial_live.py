@@ -11,7 +11,8 @@ each sign of life the node wires must bring it up long before that dial:
 
 - B dials A: its connection is admitted whatever A's backoff says;
 - a connection from B's address fails its handshake (edgenode/dials.py):
-  A's pending dial is pulled in;
+  A's pending dial is pulled in; so does one A refuses at a limit, even
+  when the refusal log has no line left to give it (edgenode/handshake.py);
 - B's discovery beacon is heard (edgenode/learning.py): the same.
 
 Which side dialled tells the paths apart (A's dial is ``outbound`` at A),
@@ -31,6 +32,7 @@ import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from edgenode.control_client import control_request
 from edgenode.node import Node, PeerDown, PeerUp
 from edgenode.registry import INBOUND, OUTBOUND
 
-from .conftest import Identities, RawPeer, free_port, wait_event
+from .conftest import Identities, RawPeer, free_port, wait_event, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -115,6 +117,15 @@ async def away(
     make_config: Callable[..., NodeConfig], identities: Identities
 ) -> AsyncIterator[Away]:
     """A (discovery heard on loopback's broadcast address) with B in deep backoff."""
+    async with gone_away(make_config, identities) as it:
+        yield it
+
+
+@asynccontextmanager
+async def gone_away(
+    make_config: Callable[..., NodeConfig], identities: Identities, **settings: Any
+) -> AsyncIterator[Away]:
+    """The ``away`` fixture, with A's ``settings`` besides."""
     b_port = free_port(B_IP)
     config = make_config(
         "a",
@@ -128,6 +139,7 @@ async def away(
         discovery_port=beacon_port(),
         discovery_address=BROADCAST,
         discovery_bind_host=BROADCAST,
+        **settings,
     )
     async with Node(config) as a:
         events = a.events()
@@ -177,6 +189,48 @@ async def test_a_failed_connection_from_a_peer_in_backoff_pulls_our_redial_in(
         event = await wait_up(away, back_within(a.config))
         assert event.direction == OUTBOUND  # A dialled B
         assert a.refusals.total == failed + 1  # the failed handshake, counted
+
+
+async def test_a_peer_in_backoff_refused_at_a_limit_pulls_our_redial_in_even_unlogged(
+    make_config: Callable[..., NodeConfig], identities: Identities
+) -> None:
+    """Under a flood the refusal log soon has no line left to give. A
+    refused connection was a sign of life only when it got a line, so a peer
+    in backoff that reached us then waited out its backoff."""
+    # Two handshakes that never go on fill A's cap while the rest happens
+    # (they end at the handshake timeout: ten times what it takes here).
+    limits = {"max_handshakes": 2, "handshake_timeout_s": 5.0}
+    async with gone_away(make_config, identities, **limits) as away:
+        a = away.a
+        log = a.refusals
+        async with Node(make_config("b", B_IP, listen_port=away.b_port)):
+            held = [
+                await anyio.connect_tcp(A_IP, a.listen_port, local_host=ip)
+                for ip in ("127.0.0.9", "127.0.0.10")
+            ]
+            try:
+                # Refused at the cap (accepted in order, after the two), until
+                # the log has no line left.
+                while True:
+                    total, lines = log.total, log.lines
+                    knock = await anyio.connect_tcp(A_IP, a.listen_port, local_host="127.0.0.11")
+                    await knock.aclose()
+                    await wait_until(lambda: log.total == total + 1)  # noqa: B023
+                    if log.lines == lines:
+                        break
+                assert log.lines >= log.burst
+                bound = back_within(a.config)
+                pending = redial_in(a, B_IP)
+                assert pending is not None and pending > bound, (pending, bound)
+                # B's address, refused at the cap too, with no line.
+                knock = await anyio.connect_tcp(A_IP, a.listen_port, local_host=B_IP)
+                await knock.aclose()
+                event: PeerUp = await wait_event(away.events, up(B_IP), bound)
+                assert event.direction == OUTBOUND  # A dialled B
+                assert log.lines == lines, "B's refusal had a line: this tests nothing"
+            finally:
+                for stream in held:
+                    await stream.aclose()
 
 
 async def test_a_beacon_from_a_peer_in_backoff_pulls_our_redial_in(
