@@ -267,30 +267,34 @@ class Link(Session):
         rel = self._rel
         if rel is not None:
             rel.rx_room = room
-        for item in self._splitter.frames(data):
-            if isinstance(item, FrameError):
-                self._drop(item, events)
-                continue
+        # A MemoryError must not take accepted frames' events with it. The frame it cuts
+        # short is lost, counted only; a reliable one is accepted last, so it is resent.
+        try:
+            for item in self._splitter.frames(data):
+                try:
+                    if isinstance(item, FrameError):
+                        self._drop(item, events)
+                    else:
+                        self._receive_frame(item, now_ms, events)
+                except FrameError as exc:
+                    self._drop(exc, events)
+                except MemoryError:
+                    self.stats.out_of_memory += 1
+        except MemoryError:  # in the splitter: the rest of ``data`` is lost too
+            self.stats.out_of_memory += 1
+            self._splitter.reset()
+        if rel is not None and rel.ack_pending:  # one cumulative ack per batch
             try:
-                self._receive_frame(item, now_ms, events)
-            except FrameError as exc:
-                self._drop(exc, events)
-            except MemoryError:
-                # Lost, but the link stays consistent: a reliable frame is
-                # accepted last, so its sender retransmits it. Counted only
-                # (an event would need memory too).
+                self._ack(now_ms)
+                rel.ack_pending = False
+            except MemoryError:  # it goes with the next batch, or answers a resend
                 self.stats.out_of_memory += 1
-        if rel is not None and rel.ack_pending:
-            # One cumulative ack per batch of bytes.
-            rel.ack_pending = False
-            self._ack(now_ms)
         return events
 
     def resume(self, now_ms: int) -> None:
-        """Say there is room again (reliable mode): if frames were held back,
-        acknowledge what was delivered once more, which makes the sender
-        resend the rest at once. Does nothing otherwise; call it whenever
-        room appears."""
+        """Say there is room again (reliable mode): if frames were held back, ack what
+        was delivered once more, which makes the sender resend the rest at once.
+        Does nothing otherwise; call it whenever room appears."""
         rel = self._rel
         if rel is not None and rel.resumed():
             self._ack(now_ms)
@@ -300,10 +304,8 @@ class Link(Session):
             self._emit(ACK, bytes(((self._rel.rx_expected - 1) & 0xFF,)), now_ms)
 
     def room(self) -> "int | None":
-        """How many more messages a send would take now; None: no limit (unreliable).
-
-        Beyond it a send raises :class:`SendQueueFull`: wait for the peer's acks.
-        """
+        """How many more messages a send would take now (beyond it a send raises
+        :class:`SendQueueFull`: wait for the peer's acks); None: no limit (unreliable)."""
         if not self.is_up:
             return 0
         if not self.reliable:

@@ -975,6 +975,32 @@ def test_reliable_acks_are_cumulative_and_coalesced() -> None:
     assert body_of(ack) == bytes([ACK, 3])
 
 
+def test_reliable_ack_without_memory_loses_none_of_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12: the frames are accepted before their ack is made, so an ack
+    that meets a MemoryError must not take their events with it (the sender
+    will not send accepted frames again)."""
+    sim = up_pair(reliable=True)
+    for i in range(4):
+        sim.device.send_data("t", bytes([i]), sim.now)
+
+    def no_memory(self: Link, now_ms: int) -> None:
+        raise MemoryError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Link, "_ack", no_memory)
+        events = inject(sim, "host", sim.device.bytes_to_send())
+    assert [e.payload for e in events] == [bytes([i]) for i in range(4)]  # type: ignore[attr-defined]
+    assert sim.host.stats.out_of_memory == 1
+    assert sim.host.bytes_to_send() == b""  # no ack went out
+    sim.run(400)  # the device resends (rto 300 ms); the duplicates are acked
+    assert [e.payload for e in sim.received("host")] == [bytes([i]) for i in range(4)]
+    assert {type(d.error) for d in sim.drops("host")} == {Duplicate}
+    assert sim.device._rel.unacked == []
+    assert_still_works(sim)
+
+
 def test_reliable_lost_ack_means_retransmission_and_a_dropped_duplicate() -> None:
     sim = up_pair(reliable=True)
     sim.lines["host"].cut = True  # acks lost
