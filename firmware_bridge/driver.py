@@ -33,8 +33,10 @@ A MemoryError does not end ``run``: what was being read is lost (in
 reliable mode its sender resends it), the error is counted in
 ``stats["memory_errors"]`` (frames lost inside the link in
 ``stats["out_of_memory"]``), and once the session is up the count is
-published on MEMORY_TOPIC so that the node hears of it. A send that meets
-one waits and tries again.
+published on MEMORY_TOPIC so that the node hears of it. What the link has
+taken is kept: an event that meets one (making its handler's task, say)
+is handed over again, in order, before the link takes more. A send, or a
+handler's answer, that meets one waits and tries again.
 
 Requests from the network run their handler in a task of its own, as do
 coroutine callbacks (handlers.py); at most 4 such tasks run at once. In
@@ -183,6 +185,8 @@ class Device(Handlers):
         "_counts",
         "_ended",
         "_handlers",
+        "_held",
+        "_held_next",
         "_last_error",
         "_lock",
         "_next_req_id",
@@ -241,6 +245,8 @@ class Device(Handlers):
         self._sessions = 0
         self._task = None
         self._tasks = set()  # handler and callback tasks: asyncio keeps only weak references
+        self._held = ()  # events the link has taken and a MemoryError kept (handlers.py)
+        self._held_next = 0
         self._running = False
         self._ended = False
         self._closed = False
@@ -342,6 +348,7 @@ class Device(Handlers):
 
     async def _read_once(self) -> bool:
         """Write what waits, read once and feed the link; False once the stream has ended."""
+        self._hand_over()  # what a MemoryError kept back (handlers.py)
         if not await self._flush():
             return False
         try:
@@ -351,6 +358,9 @@ class Device(Handlers):
             return False
         if not data:
             return False  # end of stream
+        # Before the link takes more: what a MemoryError kept back, in order
+        # (raising again loses only ``data``, which the link has not taken).
+        self._hand_over()
         # Reliable mode: take no more messages than there are free task
         # slots; the host keeps the others until a task ends (handlers.py).
         room = MAX_TASKS - len(self._tasks)
@@ -368,6 +378,7 @@ class Device(Handlers):
                 now = self._clock()
                 wait_ms = link.next_deadline_ms() - now
                 if wait_ms <= 0:
+                    self._hand_over()
                     self._handle(link.tick(now))
                     self._room.set()
                     if not await self._flush():
@@ -496,9 +507,19 @@ class Device(Handlers):
 
     # --- messages from the host ----------------------------------------------
 
+    def _pause(self) -> "Any":
+        """What to await after a MemoryError (a plain function: a coroutine
+        function's call would allocate)."""
+        return _sleep_ms(_RECOVER_MS)
+
     def _spawn(self, coro: "Any") -> None:
         # The coroutine removes its task from the set when it ends.
-        self._tasks.add(asyncio.create_task(coro))
+        task = asyncio.create_task(coro)
+        try:
+            self._tasks.add(task)
+        except MemoryError:
+            task.cancel()  # before it ran: its event is handed over again
+            raise
 
     def _task_ended(self) -> bool:
         """A handler or callback task ends: free its slot and tell the link

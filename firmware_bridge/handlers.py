@@ -47,6 +47,8 @@ STATUS_OK = const(0)
 STATUS_NO_HANDLER = const(1)
 STATUS_HANDLER_FAILED = const(2)
 STATUS_BUSY = const(3)
+_NO_EVENTS = ()
+OUT_OF_MEMORY = "out of memory"
 
 # The driver's own counters in ``Device.stats``.
 COUNTERS = (
@@ -86,9 +88,12 @@ class RequestLost(RequestError):
 
 
 def error_text(exc: BaseException) -> str:
-    """An exception's text, cut to fit the smallest frame."""
-    text = str(exc) or type(exc).__name__
-    return text[:_ERROR_CHARS]
+    """An exception's text, cut to fit the smallest frame ("out of memory" if it cannot be made)."""
+    try:
+        text = str(exc) or type(exc).__name__
+        return text[:_ERROR_CHARS]
+    except MemoryError:
+        return OUT_OF_MEMORY
 
 
 class Handlers:
@@ -97,23 +102,48 @@ class Handlers:
     __slots__ = ()
 
     def _handle(self, events: list) -> None:
-        """Turn the link's events into calls."""
-        for event in events:
-            if isinstance(event, Received):
-                kind = event.kind
-                if kind == "data":
-                    self._deliver(event.topic, event.payload)
-                elif kind == "request":
-                    self._on_request(event)
-                elif kind == "response":
-                    self._on_response(event)
-            elif isinstance(event, SessionUp):
-                self._sessions += 1
-                self._changed.set()
-            elif isinstance(event, SessionDown):
-                self._changed.clear()
-                self._fail_pending("the session went down (" + event.reason + ")")
-            # Dropped: the link counted it in stats["drops"].
+        """Turn the link's events into calls, in order.
+
+        The link has taken these (in reliable mode it acks them, and the
+        host never sends them again), so a MemoryError must not lose one:
+        it leaves the event it met and those after it held, and the caller
+        calls ``_hand_over`` again, before it takes anything more from the
+        link, until they are all handed over. Call ``_hand_over`` first: it
+        raises while events are still held.
+        """
+        self._held = events
+        self._held_next = 0
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Hand over the held events; a MemoryError leaves the rest held."""
+        events = self._held
+        i = self._held_next
+        while i < len(events):
+            self._dispatch(events[i])
+            i += 1
+            self._held_next = i
+        self._held = _NO_EVENTS
+
+    def _dispatch(self, event: "Any") -> None:
+        # Safe to repeat after a MemoryError: what can meet one (making a
+        # task, an error's text) comes before the event reaches the
+        # application, and what comes after allocates nothing.
+        if isinstance(event, Received):
+            kind = event.kind
+            if kind == "data":
+                self._deliver(event.topic, event.payload)
+            elif kind == "request":
+                self._on_request(event)
+            elif kind == "response":
+                self._on_response(event)
+        elif isinstance(event, SessionUp):
+            self._sessions += 1
+            self._changed.set()
+        elif isinstance(event, SessionDown):
+            self._changed.clear()
+            self._fail_pending("the session went down (" + event.reason + ")")
+        # Dropped: the link counted it in stats["drops"].
 
     def on_message(self, topic: str, callback: "Callable[[str, bytes], Any]") -> None:
         """Call ``callback(topic, payload)`` for data on ``topic`` ("#": every topic).
@@ -136,25 +166,28 @@ class Handlers:
             delivered = True
             try:
                 result = callback(topic, payload)
-                if hasattr(result, "send"):  # a coroutine function's coroutine
-                    if len(self._tasks) < MAX_TASKS:
-                        self._spawn(self._await_callback(topic, result))
-                    else:
-                        result.close()
-                        self._counts["refused_busy"] += 1
-            except Exception as exc:
-                self._error("callback_errors", "callback for " + topic, exc)
+            except Exception as exc:  # a MemoryError too: the callback ran
+                self._error("callback_errors", "callback for ", topic, exc)
+                continue
+            if hasattr(result, "send"):  # a coroutine function's coroutine
+                if len(self._tasks) < MAX_TASKS:
+                    # A MemoryError holds the event: its coroutine never ran,
+                    # and the callback makes a new one when it is handed over.
+                    self._spawn(self._await_callback(topic, result))
+                else:
+                    result.close()
+                    self._counts["refused_busy"] += 1
         if not delivered:
             self._counts["unhandled"] += 1
 
     def _on_request(self, event: Received) -> None:
         handler = self._handlers.get(event.topic)
         if handler is None:
-            self._counts["no_handler"] += 1
             self._respond_now(event.req_id, STATUS_NO_HANDLER, f"no handler for {event.topic!r}")
+            self._counts["no_handler"] += 1
         elif len(self._tasks) >= MAX_TASKS:
-            self._counts["refused_busy"] += 1
             self._respond_now(event.req_id, STATUS_BUSY, f"busy: {MAX_TASKS} tasks running")
+            self._counts["refused_busy"] += 1
         else:
             self._spawn(
                 self._serve(event.req_id, event.topic, handler, event.payload, self._sessions)
@@ -164,7 +197,7 @@ class Handlers:
         try:
             await coro
         except Exception as exc:
-            self._error("callback_errors", "callback for " + topic, exc)
+            self._error("callback_errors", "callback for ", topic, exc)
         finally:
             if self._task_ended():
                 await self._flush()  # the ack that says we have room again
@@ -187,16 +220,22 @@ class Handlers:
                     raise TypeError(f"handler returned {type(result).__name__}, not bytes")
                 status = STATUS_OK
             except Exception as exc:
-                self._error("handler_errors", "handler for " + topic, exc)
+                self._error("handler_errors", "handler for ", topic, exc)
                 status, result = STATUS_HANDLER_FAILED, error_text(exc)
             if session != self._sessions or not self.is_up:
                 return  # asked in a session that has ended: nobody waits for this
-            try:
-                await self._send(self.link.send_response, req_id, status, result)
-            except MessageTooLarge as exc:
-                await self._send(
-                    self.link.send_response, req_id, STATUS_HANDLER_FAILED, error_text(exc)
-                )
+            while True:
+                try:
+                    await self._send(self.link.send_response, req_id, status, result)
+                    break
+                except MessageTooLarge as exc:
+                    status, result = STATUS_HANDLER_FAILED, error_text(exc)
+                except MemoryError:  # making _send's coroutine: the answer is not out yet
+                    self._out_of_memory()
+                    try:
+                        await self._pause()
+                    except MemoryError:
+                        pass
             self._counts["requests_served"] += 1
         except LinkError as exc:
             self._last_error = "response: " + error_text(exc)
@@ -224,6 +263,9 @@ class Handlers:
                 slot[1] = RequestLost(f"request on {slot[2]!r} lost: {why}")
                 slot[0].set()
 
-    def _error(self, counter: str, what: str, exc: BaseException) -> None:
+    def _error(self, counter: str, what: str, topic: str, exc: BaseException) -> None:
         self._counts[counter] += 1
-        self._last_error = what + ": " + type(exc).__name__ + ": " + error_text(exc)
+        try:
+            self._last_error = what + topic + ": " + type(exc).__name__ + ": " + error_text(exc)
+        except MemoryError:  # counted; the text can wait for a heap with room
+            self._last_error = OUT_OF_MEMORY

@@ -906,6 +906,61 @@ def test_memory_error_in_the_loop_is_survived_counted_and_reported() -> None:
     run(body)
 
 
+class SpawnsOutOfMemory(Device):
+    """A Device whose next ``failures`` handler tasks cannot be made, as on a full heap."""
+
+    failures = 0
+
+    def _spawn(self, coro: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            coro.close()
+            raise MemoryError
+        super()._spawn(coro)
+
+
+def test_memory_error_handing_over_a_request_keeps_it_and_serves_each_once() -> None:
+    """Issue 12: in reliable mode the link has acked what it handed over, so
+    an event a MemoryError interrupts (making its handler's task) is kept and
+    handed over again, in order, before the link takes anything more."""
+
+    async def body() -> None:
+        async with rig("memory", {"reliable": True}, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            device = SpawnsOutOfMemory(
+                r.line.reader, r.line.writer, "pico-1", reliable=True, **TIMING
+            )
+            r.device = device
+            r.task = asyncio.get_running_loop().create_task(device.run())
+            await r.up()
+            served: list[bytes] = []
+
+            async def echo(payload: bytes) -> bytes:
+                served.append(payload)
+                return payload
+
+            device.handle("echo", echo)
+            device.failures = 3
+            now = _now()
+            for req_id, payload in enumerate((b"a", b"b", b"c")):  # one batch
+                r.host.link.send_request(req_id, "echo", payload, now)
+            r.host.flush()
+            await until(
+                lambda: len(r.host.received("response")) == 3,
+                "three answers",
+                show=lambda: (served, device.stats, r.host.events),
+            )
+            assert served == [b"a", b"b", b"c"]
+            answers = [(e.req_id, e.status, e.payload) for e in r.host.received("response")]
+            assert answers == [(0, 0, b"a"), (1, 0, b"b"), (2, 0, b"c")]
+            assert device.stats["memory_errors"] == 3
+            assert device.stats["requests_served"] == 3
+            assert device.is_up and not r.task.done()
+
+    run(body)
+
+
 def test_memory_error_while_writing_keeps_the_message_and_sends_it_once() -> None:
     async def body() -> None:
         async with rig("memory", {"reliable": True}, reliable=True) as r:
