@@ -104,4 +104,19 @@ async def main() -> None:
         await asyncio.sleep_ms(1000)
 
 
-asyncio.run(main())
+def run_forever() -> None:
+    """Turn the event loop for ever. An exception that escapes asyncio's own
+    code (its scheduler meeting a full heap: printing a task's error, for
+    one) would end ``asyncio.run`` and leave the board silent with the
+    watchdog fed by nobody: count it and turn the loop on, every task with
+    it."""
+    loop = asyncio.get_event_loop()
+    loop.create_task(main())
+    while True:
+        try:
+            loop.run_forever()
+        except Exception:  # allocate nothing here: the heap may still be full
+            gc.collect()
+
+
+run_forever()

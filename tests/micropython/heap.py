@@ -31,27 +31,26 @@ and smallest heap are derived: the ``mpy`` figure less the code that the
 WebAssembly runtime cannot be rebuilt with frozen modules here).
 
 Heap pressure (``--pressure``, or ``--pressure-only RUNS`` to run only
-those sessions, RUNS times each, in the recorded heaps; neither is run in
-CI): in the reliable modes, a device also runs the session in a heap 8 KB
-above its smallest while the scenario fills the heap with small objects and
-frees every other one (a fragmented heap in which nothing of a frame's size
-fits) for 300 ms. The device must count the MemoryErrors it meets, report
-them to the host, keep its session and deliver every message exactly once.
-The runs that complete do (10-20 MemoryErrors survived in each, about 1 s
-a run); but on this port about 6 runs in 10 never end: the device's
-runtime does not return from a call into it. A run is killed after
-``TRIAL_S`` and reported as a hang, so the check fails with a message
-rather than hanging. What is known (not yet pinned down): with a
-scheduler step traced, the hang falls inside a handler task's coroutine,
-or inside the harness's step before any task runs; one run in two showed a
-task ending with "TypeError: 'str' object isn't callable", which no code
-here can raise (a sign of a corrupted heap). This port never collects
-garbage inside a call from JavaScript (``gc_collect`` only sets a flag: see
-its ports/webassembly/main.c), and its ``TaskQueue.push`` queues a task
-before calling the loop's callback, so an exception from that callback
-leaves the task queued while its coroutine goes on. So CI checks the same
-recovery deterministically on CPython instead
-(tests/firmware_bridge/test_driver.py, ``test_memory_error_*``).
+those sessions, RUNS times each, in the recorded heaps; CI runs
+``--pressure-only 10``): in the reliable modes, a device also runs the
+session in a heap 8 KB above its smallest while the scenario fills the
+heap with small objects and frees every other one (a fragmented heap in
+which nothing of a frame's size fits) for 300 ms, while the host's
+messages and requests arrive. The device must count the MemoryErrors it
+meets (10-20 a run), report them to the host, keep its session and
+deliver every message exactly once; a request whose handler met one is
+answered "out of memory" (the host counts those). A run that does not end
+within ``TRIAL_S`` is killed and reported as a hang, so the check fails
+with a message rather than hanging.
+
+On this port, an exception that escapes from Python into JavaScript while
+the heap is full never returns: describing it to JavaScript allocates
+outside any handler, and the MemoryError that raises ends in the port's
+fatal-error routine, an endless loop (``nlr_jump_fail`` in
+ports/webassembly/main.c). Exceptions escape asyncio's scheduler when its
+own code meets a full heap, so heap/heap_device.py's ``step`` carries on
+after one, as the board examples' ``run_forever`` does.
+(docs/microcontrollers.md, "When the heap runs out".)
 
 The figures are written to ``tests/micropython/heap_figures.json`` with
 ``--update``; without it they are compared with that file and the run fails
