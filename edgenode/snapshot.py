@@ -68,7 +68,9 @@ def peer_rows(node: NodeParts) -> list[PeerSnapshot]:
         if entry.state != UP:
             state = "down"
         else:
-            state = "up" if conn is not None and conn.settled else "connecting"
+            # Up once the dispatcher has settled it, as it announces PeerUp:
+            # a connection's reader sees the peer's ready a moment sooner.
+            state = "up" if conn is not None and entry.settled else "connecting"
         redial = keepalive.pending_dial(entry.ip) if entry.state != UP else None
         paused = conn.paused_since if conn is not None else None
         rows.append(
@@ -105,7 +107,7 @@ def node_figures(node: NodeParts, started: float) -> dict[str, Any]:
     """Uptime, loop lag, events and wake-ups, peers by state, and every count
     of something not delivered (drops, stalls, timeouts, lost device traffic)."""
     up_entries = [e for e in node.registry if e.state == UP]
-    up = sum(1 for e in up_entries if isinstance(e.conn, Connection) and e.conn.settled)
+    up = sum(1 for e in up_entries if isinstance(e.conn, Connection) and e.settled)
     d = node.dispatcher
     subs = node.subscriptions
     requests = node.requests

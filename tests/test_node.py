@@ -21,9 +21,10 @@ from edgenode.errors import (
     RequestTimeout,
     SubscriberStalled,
 )
+from edgenode.inbox import Control, Inbox
 from edgenode.node import Incoming, Node, PeerDown, PeerUp, Refused
 from edgenode.proto.connection import PeerProtocol
-from edgenode.proto.messages import Bye, Ping, Pong
+from edgenode.proto.messages import Bye, Ping, Pong, Ready
 from edgenode.registry import INBOUND, OUTBOUND, UP
 
 from .conftest import RawPeer, pending, wait_event, wait_until
@@ -61,6 +62,43 @@ async def test_send_request_and_broadcast_between_two_nodes(make_config: Any) ->
                 UP,
                 INBOUND,
             )
+
+
+async def test_peers_say_up_only_once_the_peer_up_is_announced(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peers() and events() tell one story: a connection whose reader has
+    read the peer's ready, but whose dispatcher has not settled it yet, is
+    "connecting", not "up", until its PeerUp is published. (peers() used to
+    say "up" from the reader's flag: a test polling it, then listening for
+    events, could get the PeerUp late.)"""
+    held: list[Control] = []
+    release = anyio.Event()
+    post = Inbox.post
+
+    async def hold_readies(self: Inbox, event: Any) -> None:
+        if isinstance(event, Control) and any(isinstance(m, Ready) for m in event.msgs):
+            held.append(event)
+            await release.wait()
+        await post(self, event)
+
+    monkeypatch.setattr(Inbox, "post", hold_readies)
+    async with Node(make_config("a", "127.0.0.2")) as a:
+        events = a.events()
+        async with Node(make_config("b", "127.0.0.3", [("127.0.0.2", a.listen_port)])) as b:
+            await wait_until(
+                lambda: any(c.conn.ip == "127.0.0.3" for c in held), what="a's reader has b's ready"
+            )
+            [row] = a.peers()
+            assert (row.ip, row.state) == ("127.0.0.3", "connecting")
+            assert a.stats()["peers_up"] == 0
+            assert pending(events) == []
+            release.set()
+            up = await wait_event(events, lambda e: isinstance(e, PeerUp))
+            assert (up.peer, up.node_id) == ("127.0.0.3", b.node_id)
+            [row] = a.peers()
+            assert row.state == UP
+            assert a.stats()["peers_up"] == 1
 
 
 async def test_request_errors_name_the_cause(make_config: Any) -> None:
