@@ -84,41 +84,17 @@ def encode(data: "bytes | bytearray | memoryview") -> bytes:
 
     Canonical form: a full block (code 0xff) that ends the data is not
     followed by an empty block, so 254 non-zero bytes encode to 255 bytes.
+    (:func:`encode_into` a new buffer: one encoder, the one the link uses.)
     """
-    data = bytes(data)
-    n = len(data)
-    out = bytearray()
-    pos = 0
-    while True:
-        stop = pos + _BLOCK
-        if stop > n:
-            stop = n
-        zero = data.find(DELIMITER, pos, stop)
-        if zero >= 0:
-            # A block of data ending where a zero was.
-            out.append(zero - pos + 1)
-            out += data[pos:zero]
-            pos = zero + 1
-        elif stop - pos == _BLOCK:
-            # A full block: 254 non-zero bytes and no implied zero.
-            out.append(0xFF)
-            out += data[pos:stop]
-            pos = stop
-            if pos == n:
-                break
-        else:
-            # The last block (possibly empty, after a final zero).
-            out.append(stop - pos + 1)
-            out += data[pos:stop]
-            break
-    return bytes(out)
+    out = bytearray(max_encoded_len(len(data)))
+    return bytes(out[: encode_into(data, out, 0)])
 
 
 def encode_into(data: "bytes | bytearray | memoryview", out: bytearray, pos: int) -> int:
     """Write the COBS encoding of ``data`` into ``out`` at ``pos``; return the position after it.
 
-    The same bytes as :func:`encode`, with no allocation beyond the caller's
-    buffer, which must hold ``max_encoded_len(len(data))`` more bytes.
+    No allocation beyond the caller's buffer, which must hold
+    ``max_encoded_len(len(data))`` more bytes.
     """
     n = len(data)
     code_at = pos
@@ -149,8 +125,9 @@ def encode_into(data: "bytes | bytearray | memoryview", out: bytearray, pos: int
 def decode_into(data: "bytes | bytearray | memoryview", out: bytearray) -> int:
     """Decode one COBS frame (without its delimiter) into ``out``; return its length.
 
-    ``out`` must hold ``len(data)`` bytes. Raises :class:`BadCOBS` as
-    :func:`decode` does.
+    ``out`` must hold ``len(data)`` bytes. Raises :class:`BadCOBS` for an
+    empty frame, a 0x00 inside it (the first one), or a block whose code
+    byte points past the end of the frame.
     """
     n = len(data)
     if n == 0:
@@ -188,31 +165,10 @@ def decode_into(data: "bytes | bytearray | memoryview", out: bytearray) -> int:
 def decode(data: "bytes | bytearray | memoryview") -> bytes:
     """Decode one COBS frame (without its delimiter) and return the original bytes.
 
-    Raises :class:`BadCOBS` for an empty frame, a 0x00 inside it, or a block
-    whose code byte points past the end of the frame.
+    Raises :class:`BadCOBS` as :func:`decode_into` does (into a new buffer).
     """
-    data = bytes(data)
-    n = len(data)
-    if n == 0:
-        raise BadCOBS("bad cobs: empty frame")
-    zero = data.find(DELIMITER)
-    if zero >= 0:
-        raise BadCOBS(f"bad cobs: 0x00 at offset {zero} inside a frame: {hex_preview(data)}")
-    out = bytearray()
-    pos = 0
-    while pos < n:
-        code = data[pos]
-        stop = pos + code
-        if stop > n:
-            raise BadCOBS(
-                f"bad cobs: block at offset {pos} claims {code - 1} bytes, "
-                f"only {n - pos - 1} remain: {hex_preview(data)}"
-            )
-        out += data[pos + 1 : stop]
-        pos = stop
-        if code != 0xFF and pos < n:
-            out.append(0)
-    return bytes(out)
+    out = bytearray(len(data))
+    return bytes(out[: decode_into(data, out)])
 
 
 # --- stream splitting ------------------------------------------------------

@@ -94,6 +94,13 @@ def test_decode_rejects_zero_inside_frame() -> None:
         decode(b"\x03\x11\x00\x22")
 
 
+@given(st.binary(min_size=1, max_size=300).filter(lambda data: b"\x00" in data))
+def test_decode_names_the_first_zero_wherever_it_is(data: bytes) -> None:
+    """A 0x00 in a block, as a code byte, or past a block that overruns: the first one."""
+    with pytest.raises(BadCOBS, match=rf"^bad cobs: 0x00 at offset {data.index(0)} inside"):
+        decode(data)
+
+
 def test_decode_rejects_block_past_the_end() -> None:
     with pytest.raises(
         BadCOBS, match=r"^bad cobs: block at offset 2 claims 4 bytes, only 1 remain: 02 11 05 22$"
