@@ -165,8 +165,14 @@ let hostMeta;
 let deviceStep;
 let hostStep;
 try {
-    run(device, setupPath + "from heap_device import setup, step, report\n");
+    run(device, setupPath + "from heap_device import setup, phase, step, report\n");
     deviceMeta = use(device).mp.globals.get("setup")(form, mode, measure);
+    // One call per step of the setup: this port collects only when a call
+    // from JavaScript returns (heap/heap_device.py).
+    const phase = device.mp.globals.get("phase");
+    while (phase()) {
+        // the next step
+    }
     deviceStep = device.mp.globals.get("step");
     use(host);
     hostMeta = host.mp.globals.get("setup")(mode);

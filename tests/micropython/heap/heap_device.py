@@ -1,7 +1,8 @@
 """Heap measurement, device side: a Device running a whole session in a small heap.
 
 Runs in the device's MicroPython runtime, driven by .ci/micropython-heap.mjs,
-which calls ``setup`` once and then ``step`` until it returns DONE or FAILED.
+which calls ``setup`` once, ``phase`` until it returns False, and then
+``step`` until it returns DONE or FAILED.
 The line to the host is a Mailbox (no allocation to move bytes); asyncio's
 scheduler is turned by ``step`` (the WebAssembly port would otherwise ask
 JavaScript for a timer at every wake-up, which allocates proxies on the heap
@@ -11,11 +12,23 @@ that no board has).
 copied in says which files exist) or "frozen" (the code is compiled before
 anything is measured and each module's body then runs from that code: what a
 module frozen into the firmware keeps on the heap, since frozen code lives
-in flash). With ``measure``, every step collects the garbage and records the
-heap in use, and ``report`` prints the figures as one JSON line.
+in flash). With ``measure``, every step records the heap in use, and
+``report`` prints the figures as one JSON line.
+
+Collections: this port (MICROPY_GC_SPLIT_HEAP_AUTO, ports/webassembly/main.c)
+never collects inside a call from JavaScript. ``gc.collect()`` and an
+allocation that fails only ask for a collection, which runs when the
+outermost call returns (a failed allocation then grows the heap, which the
+driver forbids: a MemoryError). A board collects whenever an allocation
+needs it. So every call here ends by asking for a collection: ``phase``
+runs the setup one step per call (the port's modules, each firmware_bridge
+module's import, the Device) and reads each figure at the start of the next
+call, after that collection; ``step`` does the same for each turn of the
+scheduler. Otherwise garbage would pile up until 16 KB had been allocated
+(the port's threshold), and every figure would include it.
 """
 
-# ruff: noqa: I001, E402  (local modules; binascii is imported after a measurement)
+# ruff: noqa: I001, E402  (local modules, after the port's own)
 
 import gc
 import sys
@@ -23,18 +36,11 @@ import sys
 import asyncio
 from asyncio import core
 
-# Modules a board has in C (no heap) that this port wraps in frozen Python:
-# binascii alone keeps 7 KB here. Loaded before anything is counted, so the
-# figures are firmware_bridge's own, as on an ESP32 or RP2040.
-gc.collect()
-_before_port = gc.mem_alloc()
-import binascii  # noqa: F401
-import time  # noqa: F401
-
-gc.collect()
-#: Heap this port spends on what a board has in C; heap.py takes it off the
-#: smallest heap, so that the figure is what a board needs.
-PORT_BYTES = gc.mem_alloc() - _before_port
+# Modules a board has in C (no heap) that this port has in Python (binascii
+# is compiled from source at import: 2 KB kept) are loaded by ``phase``
+# before anything is counted, so that the figures are firmware_bridge's own,
+# as on an ESP32 or RP2040; heap.py takes PORT_BYTES off the smallest heap.
+PORT_BYTES = 0
 
 from mailbox import Mailbox
 import scenario
@@ -73,6 +79,10 @@ _state = {
     "tasks": None,
     "ballast": None,
     "escaped": 0,
+    "phases": None,
+    "port_before": 0,
+    "code_before": 0,
+    "after_import": 0,
 }
 _box = None
 _device = None
@@ -110,69 +120,89 @@ class Stream:
 
 
 def _used():
-    gc.collect()
+    """Heap in use: at the start of a call, after the collection the last one asked for."""
     return gc.mem_alloc()
 
 
-def _load_frozen():
-    """Compile every firmware_bridge module now; imports then run the kept code."""
-    import heap_frozen
-
-    before = _used()
+def _frozen_phases():
+    """Compile every firmware_bridge module now (one call each); imports then run the kept code."""
     # Listed by the driver: listing a directory needs the C heap, which the
     # driver took away.
     with open("/stubs/modules.txt", "rb") as f:
         names = str(f.read(), "utf-8").split()
+    phases = [_code_before]
     for name in names:
         if name.endswith(".py"):
-            module = name[:-3]
-            full = "firmware_bridge" if module == "__init__" else "firmware_bridge." + module
-            with open("firmware_bridge/" + name, "rb") as f:
-                source = str(f.read(), "utf-8")
-            heap_frozen.CODES[full] = compile(source, "firmware_bridge/" + name, "exec")
-            source = None
-            gc.collect()
-    _state["figures"]["code_bytes"] = _used() - before
+            phases.append(lambda name=name: _compile(name))
+    phases.append(_code_after)
+    return phases
+
+
+def _code_before():
+    _state["code_before"] = _used()
+
+
+def _compile(name):
+    import heap_frozen
+
+    module = name[:-3]
+    full = "firmware_bridge" if module == "__init__" else "firmware_bridge." + module
+    with open("firmware_bridge/" + name, "rb") as f:
+        source = str(f.read(), "utf-8")
+    heap_frozen.CODES[full] = compile(source, "firmware_bridge/" + name, "exec")
+
+
+def _code_after():
+    _state["figures"]["code_bytes"] = _used() - _state["code_before"]
     # The stubs that run that code stand where the modules were.
     sys.path.insert(0, "/stubs")
 
 
-def _import(mode):
-    from firmware_bridge import driver  # noqa: F401
-
-    import firmware_bridge.link  # noqa: F401
-
-    opts = scenario.options(mode)
-    # What the link imports for the mode, so that "import" covers it.
-    optional = []
-    if opts["psk"]:
-        optional.append("auth")
-    if opts["reliable"]:
-        optional.append("reliable")
-    for name in optional:
-        try:
-            __import__("firmware_bridge." + name)
-        except ImportError:
-            pass  # a layout without that module
+def _port_before():
+    _state["port_before"] = _used()
+    import binascii  # noqa: F401
+    import time  # noqa: F401
 
 
-def setup(form, mode, measure):
-    """Import, create the device and start the session; return the mailbox's address."""
-    global _box, _device, _measure, _stream
-    _measure = measure
-    figures = _state["figures"]
-    _box = Mailbox(LINE_BYTES)
-    _stream = Stream(_box)
-    if form == "frozen":
-        _load_frozen()
+def _port_after():
+    global PORT_BYTES
+    PORT_BYTES = _used() - _state["port_before"]
+
+
+def _base():
     base = _used()
-    figures["harness_bytes"] = base
-    figures["port_bytes"] = PORT_BYTES
-    _import(mode)
-    after_import = _used()
-    figures["import_bytes"] = after_import - base
+    _state["base"] = base
+    _state["figures"]["harness_bytes"] = base
+    _state["figures"]["port_bytes"] = PORT_BYTES
+
+
+def _modules(mode):
+    """The modules a Device imports, the driver first; then what the link imports for the mode."""
+    names = ["firmware_bridge.driver", "firmware_bridge.link"]
+    opts = scenario.options(mode)
+    if opts["psk"]:
+        names.append("firmware_bridge.auth")
+    if opts["reliable"]:
+        names.append("firmware_bridge.reliable")
+    return names
+
+
+def _import(name):
+    try:
+        __import__(name)
+    except ImportError:
+        if name in ("firmware_bridge.driver", "firmware_bridge.link"):
+            raise
+        # a layout without that optional module
+
+
+def _make_device(mode):
+    figures = _state["figures"]
+    _state["after_import"] = _used()
+    figures["import_bytes"] = _state["after_import"] - _state["base"]
     from firmware_bridge.driver import Device
 
+    global _device
     opts = scenario.options(mode)
     _device = Device(
         _stream,
@@ -182,15 +212,45 @@ def setup(form, mode, measure):
         reliable=opts["reliable"],
         epoch=scenario.DEVICE_EPOCH,
     )
-    figures["device_bytes"] = _used() - after_import
-    _state["base"] = base
+
+
+def _start(mode):
+    _state["figures"]["device_bytes"] = _used() - _state["after_import"]
     pressure = "pressure" in mode
     _state["pressure"] = pressure
     _state["tasks"] = (
         asyncio.create_task(_run(_device)),
         asyncio.create_task(_app(_device, pressure)),
     )
+
+
+def setup(form, mode, measure):
+    """Make the line and plan the setup (``phase`` runs it); return the mailbox's address."""
+    global _box, _measure, _stream
+    _measure = measure
+    _box = Mailbox(LINE_BYTES)
+    _stream = Stream(_box)
+    phases = [_port_before, _port_after]
+    if form == "frozen":
+        phases += _frozen_phases()
+    phases.append(_base)
+    for name in _modules(mode):
+        phases.append(lambda name=name: _import(name))
+    phases.append(lambda: _make_device(mode))
+    phases.append(lambda: _start(mode))
+    _state["phases"] = phases
+    gc.collect()
     return _box.address()
+
+
+def phase():
+    """Run the next step of the setup, in a call of its own; False once none is left."""
+    phases = _state["phases"]
+    if not phases:
+        return False
+    phases.pop(0)()
+    gc.collect()  # runs when this call returns (see the module's docstring)
+    return True
 
 
 async def _run(device):
@@ -325,6 +385,10 @@ def step():
     and the loop turns on with every task. Escaping into JavaScript instead
     would end in the port's fatal-error loop (heap.py).
     """
+    if _measure:
+        used = _used()  # what the last turn left, collected
+        if used > _state["peak"]:
+            _state["peak"] = used
     try:
         if _box.pending():
             _stream.ready.set()
@@ -333,10 +397,7 @@ def step():
         core._run_iter()
     except Exception:
         _state["escaped"] += 1
-    if _measure:
-        used = _used()
-        if used > _state["peak"]:
-            _state["peak"] = used
+    gc.collect()  # when this call returns, as a board collects when it needs to
     return _state["status"]
 
 
