@@ -45,7 +45,7 @@ session in a heap 8 KB above its smallest while the scenario fills the
 heap with small objects and frees every other one (a fragmented heap in
 which nothing of a frame's size fits) for 300 ms, while the host's
 messages and requests arrive. The device must count the MemoryErrors it
-meets (5-12 a run), report them to the host, keep its session and
+meets (4 to 12 a run here), report them to the host, keep its session and
 deliver every message exactly once; a request whose handler met one is
 answered "out of memory" (the host counts those). A run that does not end
 within ``TRIAL_S`` is killed and reported as a hang, so the check fails
