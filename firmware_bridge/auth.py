@@ -13,6 +13,7 @@ Runs unchanged on CPython 3.9+ and MicroPython.
 
 import struct
 
+from .cobs import FrameError
 from .frame import (
     AUTH_BYTES,
     COUNTER_BYTES,
@@ -20,9 +21,7 @@ from .frame import (
     MIN_PSK_BYTES,
     TAG_BYTES,
     U32_MAX,
-    AuthFailure,
     LinkUsageError,
-    Replay,
     hex_preview,
 )
 from .hmac_sha256 import HmacSha256, equal
@@ -74,28 +73,33 @@ class Auth:
         return self._mac.digest(struct.pack(">II", sender, receiver), body)[:TAG_BYTES]
 
     def open(self, body: bytes, pos: int, name: str) -> "tuple[int, bytes]":
-        """Split an authenticated body at ``pos`` into (counter, fields). Raises AuthFailure."""
+        """Split an authenticated body at ``pos`` into (counter, fields). Raises FrameError
+        ("auth failure")."""
         if len(body) < pos + AUTH_BYTES:
-            raise AuthFailure(
+            raise FrameError(
                 f"auth failure: {name} frame of {len(body)} bytes is too short "
-                "for its counter and tag"
+                "for its counter and tag",
+                "auth failure",
             )
         counter = int.from_bytes(body[pos : pos + COUNTER_BYTES], "big")
         return counter, body[pos + COUNTER_BYTES : -TAG_BYTES]
 
     def check(self, body: bytes, sender: int, receiver: int, counter: int, name: str) -> None:
-        """Accept ``body`` from epoch ``sender``, or raise AuthFailure or Replay."""
+        """Accept ``body`` from epoch ``sender``, or raise FrameError
+        ("auth failure" or "replay")."""
         tag = body[-TAG_BYTES:]
         if not equal(self.tag(sender, receiver, body[:-TAG_BYTES]), tag):
-            raise AuthFailure(
+            raise FrameError(
                 f"auth failure: {name} frame's tag does not match (wrong key, or epochs "
-                f"{sender}/{receiver} unknown to the sender): tag {hex_preview(tag)}"
+                f"{sender}/{receiver} unknown to the sender): tag {hex_preview(tag)}",
+                "auth failure",
             )
         last = self.last_counter(sender)
         if counter <= last:
-            raise Replay(
+            raise FrameError(
                 f"replay: {name} frame's counter {counter} is not above {last}, "
-                f"the last accepted from epoch {sender}"
+                f"the last accepted from epoch {sender}",
+                "replay",
             )
         if sender != self._rx_epoch:
             if self._rx_epoch:

@@ -44,22 +44,22 @@ class LinkError(Exception):
 
 
 class FrameError(LinkError):
-    """Bytes from the line do not form a frame the link accepts; it is dropped and counted."""
+    """Bytes from the line do not form a frame the link accepts; it is dropped and counted.
 
-    #: The key this error is counted under in ``Link.stats.drops``.
-    reason = "bad frame"
+    ``reason`` names the failure in a few words, as docs/serial-protocol.md
+    (section 7) lists them: "bad cobs", "oversize", "bad crc", "bad frame",
+    "unknown type", "bad hello", "not up", "auth failure", "replay",
+    "duplicate" or "out of order". It is the key the drop is counted under in
+    ``Link.stats.drops`` and the ``reason`` of its :class:`Dropped` event.
+    (One class with a reason rather than a class per reason, as h11 has one
+    RemoteProtocolError: a frame error is data about the line, which code
+    tells apart by ``reason``, and each class would keep about 120 bytes of a
+    microcontroller's heap.)
+    """
 
-
-class BadCOBS(FrameError):
-    """A frame between two delimiters is not valid COBS."""
-
-    reason = "bad cobs"
-
-
-class FrameTooLarge(FrameError):
-    """A frame on the line is longer than the receiver's limit."""
-
-    reason = "oversize"
+    def __init__(self, msg: str, reason: str) -> None:
+        super().__init__(msg)
+        self.reason = reason
 
 
 def hex_preview(data: "bytes | bytearray | memoryview") -> str:
@@ -125,34 +125,40 @@ def encode_into(data: "bytes | bytearray | memoryview", out: bytearray, pos: int
 def decode_into(data: "bytes | bytearray | memoryview", out: bytearray) -> int:
     """Decode one COBS frame (without its delimiter) into ``out``; return its length.
 
-    ``out`` must hold ``len(data)`` bytes. Raises :class:`BadCOBS` for an
+    ``out`` must hold ``len(data)`` bytes. Raises :class:`FrameError` ("bad cobs") for an
     empty frame, a 0x00 inside it (the first one), or a block whose code
     byte points past the end of the frame.
     """
     n = len(data)
     if n == 0:
-        raise BadCOBS("bad cobs: empty frame")
+        raise FrameError("bad cobs: empty frame", "bad cobs")
     pos = 0
     length = 0
     while pos < n:
         code = data[pos]
         if code == 0:
-            raise BadCOBS(f"bad cobs: 0x00 at offset {pos} inside a frame: {hex_preview(data)}")
+            raise FrameError(
+                f"bad cobs: 0x00 at offset {pos} inside a frame: {hex_preview(data)}", "bad cobs"
+            )
         stop = pos + code
         if stop > n:
             for i in range(pos + 1, n):
                 if data[i] == 0:
-                    raise BadCOBS(
-                        f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}"
+                    raise FrameError(
+                        f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}",
+                        "bad cobs",
                     )
-            raise BadCOBS(
+            raise FrameError(
                 f"bad cobs: block at offset {pos} claims {code - 1} bytes, "
-                f"only {n - pos - 1} remain: {hex_preview(data)}"
+                f"only {n - pos - 1} remain: {hex_preview(data)}",
+                "bad cobs",
             )
         for i in range(pos + 1, stop):
             byte = data[i]
             if byte == 0:
-                raise BadCOBS(f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}")
+                raise FrameError(
+                    f"bad cobs: 0x00 at offset {i} inside a frame: {hex_preview(data)}", "bad cobs"
+                )
             out[length] = byte
             length += 1
         pos = stop
@@ -165,7 +171,7 @@ def decode_into(data: "bytes | bytearray | memoryview", out: bytearray) -> int:
 def decode(data: "bytes | bytearray | memoryview") -> bytes:
     """Decode one COBS frame (without its delimiter) and return the original bytes.
 
-    Raises :class:`BadCOBS` as :func:`decode_into` does (into a new buffer).
+    Raises :class:`FrameError` as :func:`decode_into` does (into a new buffer).
     """
     out = bytearray(len(data))
     return bytes(out[: decode_into(data, out)])
@@ -179,7 +185,7 @@ class FrameSplitter:
 
     ``feed()`` takes any chunk and returns, in line order, each completed
     frame (``bytes``, still COBS-encoded, delimiter removed) and a
-    :class:`FrameTooLarge` error for each frame over the limit. An oversize
+    :class:`FrameError` ("oversize") for each frame over the limit. An oversize
     frame is never buffered past the limit: its bytes are counted and
     skipped up to the next delimiter. Empty frames (two delimiters in a
     row) are ignored: a sender may lead with a 0x00 to end any garbage.
@@ -204,14 +210,14 @@ class FrameSplitter:
         return self._n
 
     def feed(self, data: "bytes | bytearray | memoryview") -> list:
-        """Add ``data``; return the frames and :class:`FrameTooLarge` errors it completes."""
+        """Add ``data``; return the frames and oversize :class:`FrameError` it completes."""
         items = []
         for item in self.frames(data):
-            items.append(item if isinstance(item, FrameTooLarge) else bytes(item))
+            items.append(item if isinstance(item, FrameError) else bytes(item))
         return items
 
     def frames(self, data: "bytes | bytearray | memoryview") -> "Any":
-        """Add ``data``; yield each frame it completes, or a :class:`FrameTooLarge`.
+        """Add ``data``; yield each frame it completes, or an oversize :class:`FrameError`.
 
         A frame is a memoryview of the splitter's buffer, valid until the
         next one is asked for.
@@ -243,9 +249,10 @@ class FrameSplitter:
                 break
             pos = zero + 1
             if self._skipped >= 0:
-                error = FrameTooLarge(
+                error = FrameError(
                     f"oversize frame: {self._skipped} bytes exceed the {cap}-byte limit: "
-                    f"{hex_preview(self._head)}"
+                    f"{hex_preview(self._head)}",
+                    "oversize",
                 )
                 self._skipped = -1
                 self._head = b""

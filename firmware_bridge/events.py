@@ -14,7 +14,6 @@ from .frame import (
     KIND_SEND_TO,
     REQUEST,
     SEND_TO,
-    BadFrame,
     FrameError,
     Record,
     hex_preview,
@@ -139,18 +138,21 @@ class LinkStats:
 
 def parse_app(ftype: int, fields: bytes, name: str, role: str) -> Received:
     """The :class:`Received` for an application frame's fields (docs/serial-protocol.md,
-    section 3), for a link of ``role``. Raises :class:`BadFrame`."""
+    section 3), for a link of ``role``. Raises :class:`FrameError`
+    ("bad frame")."""
     if ftype == DATA:
         topic, pos = take_text(fields, 0, "topic", name)
         return Received(KIND_DATA, topic, bytes(fields[pos:]))
     if ftype == SEND_TO:
         if role != "host":
-            raise BadFrame("bad frame: send_to frame sent to a device")
+            raise FrameError("bad frame: send_to frame sent to a device", "bad frame")
         dest, pos = take_text(fields, 0, "destination", name)
         topic, pos = take_text(fields, pos, "topic", name)
         return Received(KIND_SEND_TO, topic, bytes(fields[pos:]), dest=dest)
     if len(fields) < 3:
-        raise BadFrame(f"bad frame: {name} frame of {len(fields)} bytes is too short")
+        raise FrameError(
+            f"bad frame: {name} frame of {len(fields)} bytes is too short", "bad frame"
+        )
     req_id = (fields[0] << 8) | fields[1]
     if ftype == REQUEST:
         topic, pos = take_text(fields, 2, "topic", name)
@@ -162,7 +164,8 @@ def parse_app(ftype: int, fields: bytes, name: str, role: str) -> Received:
         try:
             error = str(payload, "utf-8")
         except UnicodeError:
-            raise BadFrame(
-                f"bad frame: response error text is not valid utf-8: {hex_preview(payload)}"
+            raise FrameError(
+                f"bad frame: response error text is not valid utf-8: {hex_preview(payload)}",
+                "bad frame",
             ) from None
     return Received(KIND_RESPONSE, None, payload, req_id=req_id, status=status, error=error)

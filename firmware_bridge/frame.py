@@ -90,62 +90,8 @@ ROLES = ("host", "device")
 
 
 # --- errors ----------------------------------------------------------------
-# LinkError, FrameError, BadCOBS and FrameTooLarge live in cobs.py, the
-# lowest module; link.py re-exports them with these.
-
-
-class BadCRC(FrameError):
-    """A frame's CRC-32 does not match its body."""
-
-    reason = "bad crc"
-
-
-class BadFrame(FrameError):
-    """A frame's header or fields are malformed or not allowed here."""
-
-    reason = "bad frame"
-
-
-class UnknownType(FrameError):
-    """A frame's type is not one this protocol version defines."""
-
-    reason = "unknown type"
-
-
-class BadHello(FrameError):
-    """A hello's CBOR or fields are malformed, or its protocol version is unsupported."""
-
-    reason = "bad hello"
-
-
-class NotUp(FrameError):
-    """A frame other than a hello arrived while the session is down."""
-
-    reason = "not up"
-
-
-class AuthFailure(FrameError):
-    """A frame's authentication is missing, unexpected or wrong."""
-
-    reason = "auth failure"
-
-
-class Replay(AuthFailure):
-    """An authenticated frame's counter is not above the last one accepted."""
-
-    reason = "replay"
-
-
-class Duplicate(FrameError):
-    """A reliable frame that was already delivered arrived again."""
-
-    reason = "duplicate"
-
-
-class OutOfOrder(FrameError):
-    """A reliable frame arrived after a gap (go-back-N drops it)."""
-
-    reason = "out of order"
+# LinkError and FrameError (whose ``reason`` tells why a frame is dropped) live
+# in cobs.py, the lowest module; link.py re-exports them with these.
 
 
 class LinkUsageError(LinkError):
@@ -213,22 +159,24 @@ def response_fields(req_id: int, status: int, payload: "bytes | str") -> bytes:
 def take_text(fields: bytes, pos: int, what: str, kind: str) -> "tuple[str, int]":
     """Read a length-prefixed utf-8 field at ``pos``; return it and the offset after it."""
     if pos >= len(fields):
-        raise BadFrame(f"bad frame: {kind} frame ends before its {what} length")
+        raise FrameError(f"bad frame: {kind} frame ends before its {what} length", "bad frame")
     length = fields[pos]
     stop = pos + 1 + length
     if length == 0:
-        raise BadFrame(f"bad frame: {kind} frame has an empty {what}")
+        raise FrameError(f"bad frame: {kind} frame has an empty {what}", "bad frame")
     if stop > len(fields):
-        raise BadFrame(
+        raise FrameError(
             f"bad frame: {kind} frame's {what} of {length} bytes exceeds "
-            f"the {len(fields) - pos - 1} bytes remaining"
+            f"the {len(fields) - pos - 1} bytes remaining",
+            "bad frame",
         )
     try:
         text = str(fields[pos + 1 : stop], "utf-8")
     except UnicodeError:
-        raise BadFrame(
+        raise FrameError(
             f"bad frame: {kind} frame's {what} is not valid utf-8: "
-            f"{hex_preview(fields[pos + 1 : stop])}"
+            f"{hex_preview(fields[pos + 1 : stop])}",
+            "bad frame",
         ) from None
     return text, stop
 
@@ -246,9 +194,6 @@ class Record:
             if getattr(self, name) != getattr(other, name):
                 return False
         return True
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
 
     def __repr__(self) -> str:
         parts = [f"{name}={getattr(self, name)!r}" for name in self._fields]

@@ -18,7 +18,7 @@ from .frame import (
     MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
     U32_MAX,
-    BadHello,
+    FrameError,
     Record,
     hex_preview,
 )
@@ -101,7 +101,7 @@ class Hello(Record):
 
     @staticmethod
     def decode(raw: "bytes | bytearray") -> "Hello":
-        """Parse a hello's CBOR array. Raises :class:`BadHello`."""
+        """Parse a hello's CBOR array. Raises :class:`FrameError` ("bad hello")."""
         item = _read_simple(raw)
         if item is None:
             from . import cbor  # another shape: the general codec decides
@@ -109,24 +109,28 @@ class Hello(Record):
             try:
                 item = cbor.decode(raw, max_depth=1, max_items=32)
             except cbor.CBORError as exc:
-                raise BadHello("bad hello: " + str(exc)) from None
+                raise FrameError("bad hello: " + str(exc), "bad hello") from None
         if type(item) is not list or len(item) < 8:
-            raise BadHello(
+            raise FrameError(
                 f"bad hello: expected an array of at least 8 fields, got {_describe(item)}: "
-                f"{hex_preview(raw)}"
+                f"{hex_preview(raw)}",
+                "bad hello",
             )
         version = _uint(item[0], "version", 1, 0xFFFF)
         if version != PROTOCOL_VERSION:
-            raise BadHello(
+            raise FrameError(
                 f"bad hello: unsupported protocol version {version} "
-                f"(this link speaks {PROTOCOL_VERSION})"
+                f"(this link speaks {PROTOCOL_VERSION})",
+                "bad hello",
             )
         peer_id = item[1]
         if type(peer_id) is not str:
-            raise BadHello(f"bad hello: id should be text, got {_describe(peer_id)}")
+            raise FrameError(f"bad hello: id should be text, got {_describe(peer_id)}", "bad hello")
         id_bytes = len(peer_id.encode("utf-8"))
         if not 1 <= id_bytes <= MAX_ID_BYTES:
-            raise BadHello(f"bad hello: id of {id_bytes} bytes is outside 1..{MAX_ID_BYTES}")
+            raise FrameError(
+                f"bad hello: id of {id_bytes} bytes is outside 1..{MAX_ID_BYTES}", "bad hello"
+            )
         epoch = _uint(item[2], "epoch", 1, U32_MAX)
         max_frame = _uint(item[3], "max frame bytes", MIN_FRAME_BYTES, 0xFFFF)
         interval = _uint(item[4], "keepalive interval", 1, U32_MAX)
@@ -159,9 +163,11 @@ def _describe(value: object) -> str:
 
 def _uint(value: object, name: str, low: int, high: int) -> int:
     if type(value) is not int:
-        raise BadHello(f"bad hello: {name} should be an integer, got {_describe(value)}")
+        raise FrameError(
+            f"bad hello: {name} should be an integer, got {_describe(value)}", "bad hello"
+        )
     if not low <= value <= high:
-        raise BadHello(f"bad hello: {name} {value} is outside {low}..{high}")
+        raise FrameError(f"bad hello: {name} {value} is outside {low}..{high}", "bad hello")
     return value
 
 

@@ -49,8 +49,15 @@ import struct
 from binascii import crc32
 
 from . import cobs
-from .cobs import BadCOBS, FrameError, FrameTooLarge, LinkError, hex_preview
-from .events import Dropped, LinkStats, Received, SessionDown, SessionUp, parse_app
+from .cobs import FrameError, LinkError, hex_preview  # noqa: F401 (LinkError re-exported)
+from .events import (
+    Dropped,
+    LinkStats,
+    Received,  # noqa: F401 (re-exported)
+    SessionDown,  # noqa: F401 (re-exported)
+    SessionUp,  # noqa: F401 (re-exported)
+    parse_app,
+)
 from .frame import (
     ACK,
     APP_TYPES,
@@ -62,25 +69,25 @@ from .frame import (
     FLAG_RELIABLE,
     FLAGS_RESERVED,
     HELLO,
-    HELLO_AUTH,
-    HELLO_RELIABLE,
-    HELLO_UP,
-    KIND_DATA,
-    KIND_REQUEST,
-    KIND_RESPONSE,
-    KIND_SEND_TO,
+    HELLO_AUTH,  # noqa: F401 (re-exported)
+    HELLO_RELIABLE,  # noqa: F401 (re-exported)
+    HELLO_UP,  # noqa: F401 (re-exported)
+    KIND_DATA,  # noqa: F401 (re-exported)
+    KIND_REQUEST,  # noqa: F401 (re-exported)
+    KIND_RESPONSE,  # noqa: F401 (re-exported)
+    KIND_SEND_TO,  # noqa: F401 (re-exported)
     MAX_DEST_BYTES,
     MAX_FRAME_BYTES,
     MAX_ID_BYTES,
-    MAX_PSK_BYTES,
+    MAX_PSK_BYTES,  # noqa: F401 (re-exported)
     MAX_TOPIC_BYTES,
     MAX_WINDOW,
-    MEMORY_TOPIC,
+    MEMORY_TOPIC,  # noqa: F401 (re-exported)
     MIN_FRAME_BYTES,
-    MIN_PSK_BYTES,
+    MIN_PSK_BYTES,  # noqa: F401 (re-exported)
     PING,
     PONG,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION,  # noqa: F401 (re-exported)
     REQUEST,
     RESPONSE,
     ROLES,
@@ -88,19 +95,10 @@ from .frame import (
     TAG_BYTES,
     TYPE_NAMES,
     U32_MAX,
-    AuthFailure,
-    BadCRC,
-    BadFrame,
-    BadHello,
-    Duplicate,
     LinkDown,
     LinkUsageError,
     MessageTooLarge,
-    NotUp,
-    OutOfOrder,
-    Replay,
     SendQueueFull,
-    UnknownType,
     payload_bytes,
     response_fields,
     topic_bytes,
@@ -108,20 +106,6 @@ from .frame import (
 )
 from .hello import Hello
 from .session import Session
-
-# fmt: off
-__all__ = [
-    "ACK", "AUTH_BYTES", "COUNTER_BYTES", "CRC_BYTES", "DATA", "FLAG_AUTH", "FLAG_RELIABLE",
-    "HELLO", "HELLO_AUTH", "HELLO_RELIABLE", "HELLO_UP", "KIND_DATA", "KIND_REQUEST",
-    "KIND_RESPONSE", "KIND_SEND_TO", "MAX_DEST_BYTES", "MAX_FRAME_BYTES", "MAX_ID_BYTES",
-    "MAX_PSK_BYTES", "MAX_TOPIC_BYTES", "MAX_WINDOW", "MEMORY_TOPIC", "MIN_FRAME_BYTES",
-    "MIN_PSK_BYTES", "PING", "PONG", "PROTOCOL_VERSION", "REQUEST", "RESPONSE", "SEND_TO",
-    "TAG_BYTES", "TYPE_NAMES", "AuthFailure", "BadCOBS", "BadCRC", "BadFrame", "BadHello",
-    "Dropped", "Duplicate", "FrameError", "FrameTooLarge", "Hello", "Link", "LinkDown",
-    "LinkError", "LinkStats", "LinkUsageError", "MessageTooLarge", "NotUp", "OutOfOrder",
-    "Received", "Replay", "SendQueueFull", "SessionDown", "SessionUp", "UnknownType",
-]
-# fmt: on
 
 
 class Link(Session):
@@ -475,58 +459,70 @@ class Link(Session):
         raw = memoryview(self._rx)[:n]
         if n < 1 + CRC_BYTES:
             shown = ": " + hex_preview(raw) if n else ""
-            raise BadFrame(
-                f"bad frame: {n} bytes is shorter than the {1 + CRC_BYTES}-byte minimum{shown}"
+            raise FrameError(
+                f"bad frame: {n} bytes is shorter than the {1 + CRC_BYTES}-byte minimum{shown}",
+                "bad frame",
             )
         if n - CRC_BYTES > self.max_frame:
-            raise FrameTooLarge(
+            raise FrameError(
                 f"oversize frame: body of {n - CRC_BYTES} bytes exceeds the {self.max_frame}-byte "
-                f"limit: {hex_preview(raw)}"
+                f"limit: {hex_preview(raw)}",
+                "oversize",
             )
         body = raw[:-CRC_BYTES]
         sent_crc = int.from_bytes(raw[-CRC_BYTES:], "little")
         crc = crc32(body) & U32_MAX
         if crc != sent_crc:
-            raise BadCRC(
-                f"bad crc: frame says 0x{sent_crc:08x}, body gives 0x{crc:08x}: {hex_preview(body)}"
+            raise FrameError(
+                f"bad crc: frame says 0x{sent_crc:08x}, body gives 0x{crc:08x}: "
+                f"{hex_preview(body)}",
+                "bad crc",
             )
         header = body[0]
         ftype = header & 0x0F
         if header & FLAGS_RESERVED:
-            raise BadFrame(f"bad frame: reserved bits set in header 0x{header:02x}")
+            raise FrameError(f"bad frame: reserved bits set in header 0x{header:02x}", "bad frame")
         if ftype not in TYPE_NAMES:
-            raise UnknownType(f"unknown frame type {ftype} in header 0x{header:02x}")
+            raise FrameError(f"unknown frame type {ftype} in header 0x{header:02x}", "unknown type")
         name = TYPE_NAMES[ftype]
         if ftype != HELLO and not self.is_up:
             # Likely the peer kept a session we lost (we restarted): tell it
             # at once, at most once per rto_ms.
             if now_ms - self._last_hello_ms >= self.rto_ms:
                 self._send_hello(now_ms)
-            raise NotUp(f"{name} frame before the session is up")
+            raise FrameError(f"{name} frame before the session is up", "not up")
         pos = 1
         seq = None
         if header & FLAG_RELIABLE:
             if ftype not in APP_TYPES or not self.reliable:
-                raise BadFrame(f"bad frame: unexpected sequence number on a {name} frame")
+                raise FrameError(
+                    f"bad frame: unexpected sequence number on a {name} frame", "bad frame"
+                )
             if len(body) < 2:
-                raise BadFrame(f"bad frame: {name} frame ends before its sequence number")
+                raise FrameError(
+                    f"bad frame: {name} frame ends before its sequence number", "bad frame"
+                )
             seq = body[1]
             pos = 2
         elif self.reliable and ftype in APP_TYPES:
-            raise BadFrame(f"bad frame: {name} frame without a sequence number in reliable mode")
+            raise FrameError(
+                f"bad frame: {name} frame without a sequence number in reliable mode", "bad frame"
+            )
 
         auth = self._auth
         counter = 0
         if auth is None:
             if header & FLAG_AUTH:
-                raise AuthFailure(
-                    f"auth failure: {name} frame is authenticated but no psk is configured"
+                raise FrameError(
+                    f"auth failure: {name} frame is authenticated but no psk is configured",
+                    "auth failure",
                 )
             fields = body[pos:]
         else:
             if not header & FLAG_AUTH:
-                raise AuthFailure(
-                    f"auth failure: {name} frame is not authenticated but a psk is configured"
+                raise FrameError(
+                    f"auth failure: {name} frame is not authenticated but a psk is configured",
+                    "auth failure",
                 )
             counter, fields = auth.open(body, pos, name)
 
@@ -544,12 +540,14 @@ class Link(Session):
         self._last_rx_ms = now_ms
         if ftype == PING or ftype == PONG:
             if len(fields) != 2:
-                raise BadFrame(f"bad frame: {name} of {len(fields)} bytes, expected 2")
+                raise FrameError(
+                    f"bad frame: {name} of {len(fields)} bytes, expected 2", "bad frame"
+                )
         elif ftype == ACK:
             if not self.reliable:
-                raise BadFrame("bad frame: ack outside reliable mode")
+                raise FrameError("bad frame: ack outside reliable mode", "bad frame")
             if len(fields) != 1:
-                raise BadFrame(f"bad frame: ack of {len(fields)} bytes, expected 1")
+                raise FrameError(f"bad frame: ack of {len(fields)} bytes, expected 1", "bad frame")
         elif ftype != HELLO:
             if seq is not None and self._rel.hold(seq, ftype):
                 # No room for it: not acknowledged, so its sender keeps it

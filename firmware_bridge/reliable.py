@@ -7,7 +7,8 @@ The link frames and sends; this keeps the state of both directions.
 Runs unchanged on CPython 3.9+ and MicroPython.
 """
 
-from .frame import RESPONSE, Duplicate, OutOfOrder
+from .cobs import FrameError
+from .frame import RESPONSE
 
 try:
     from micropython import const
@@ -124,14 +125,19 @@ class Reliable:
         return True
 
     def accept(self, seq: int, ftype: int, name: str) -> None:
-        """Deliver ``seq`` if it is the one expected, else raise Duplicate or OutOfOrder."""
+        """Deliver ``seq`` if it is the one expected, else raise FrameError
+        ("duplicate" or "out of order")."""
         self.ack_pending = True
         expected = self.rx_expected
         if seq != expected:
             behind = (expected - seq) & 0xFF
             if 1 <= behind <= 128:
-                raise Duplicate(f"duplicate {name} frame: seq {seq}, expecting {expected}")
-            raise OutOfOrder(f"{name} frame out of order: seq {seq}, expecting {expected}")
+                raise FrameError(
+                    f"duplicate {name} frame: seq {seq}, expecting {expected}", "duplicate"
+                )
+            raise FrameError(
+                f"{name} frame out of order: seq {seq}, expecting {expected}", "out of order"
+            )
         self.rx_expected = (seq + 1) & 0xFF
         self.held = 0
         if self.rx_room is not None and ftype != RESPONSE:

@@ -135,8 +135,8 @@ def cobs_seeds(rng):
 def cobs_target(data):
     try:
         raw = cobs.decode(data)
-    except cobs.BadCOBS as exc:
-        if type(exc) is not cobs.BadCOBS or not _message_ok(exc):
+    except cobs.FrameError as exc:
+        if type(exc) is not cobs.FrameError or exc.reason != "bad cobs" or not _message_ok(exc):
             raise
         return False
     if cobs.decode(cobs.encode(raw)) != raw:
@@ -147,8 +147,8 @@ def cobs_target(data):
 def splitter_target(data):
     splitter = cobs.FrameSplitter(300)
     for item in splitter.feed(data[: len(data) // 2]) + splitter.feed(data[len(data) // 2 :]):
-        if isinstance(item, cobs.FrameTooLarge):
-            if not _message_ok(item):
+        if isinstance(item, cobs.FrameError):
+            if item.reason != "oversize" or not _message_ok(item):
                 raise AssertionError("splitter: bad message " + repr(str(item)))
         elif type(item) is not bytes or not 0 < len(item) <= 300 or b"\x00" in item:
             raise AssertionError("splitter: bad item " + repr(item))
@@ -178,8 +178,8 @@ def hello_seeds(rng):
 def hello_target(data):
     try:
         hello = fl.Hello.decode(data)
-    except fl.BadHello as exc:
-        if type(exc) is not fl.BadHello or not _message_ok(exc):
+    except fl.FrameError as exc:
+        if type(exc) is not fl.FrameError or exc.reason != "bad hello" or not _message_ok(exc):
             raise
         return False
     if fl.Hello.decode(hello.encode()) != hello:
@@ -223,18 +223,18 @@ def _pair(psk, reliable):
     return handshake, frames
 
 
-_FRAME_ERRORS = (
-    fl.BadCOBS,
-    fl.FrameTooLarge,
-    fl.BadCRC,
-    fl.BadFrame,
-    fl.UnknownType,
-    fl.BadHello,
-    fl.NotUp,
-    fl.AuthFailure,
-    fl.Replay,
-    fl.Duplicate,
-    fl.OutOfOrder,
+_DROP_REASONS = (
+    "bad cobs",
+    "oversize",
+    "bad crc",
+    "bad frame",
+    "unknown type",
+    "bad hello",
+    "not up",
+    "auth failure",
+    "replay",
+    "duplicate",
+    "out of order",
 )
 
 
@@ -249,7 +249,10 @@ def link_target_for(psk, reliable):
         events += host.tick(5000)
         for event in events:
             if type(event) is fl.Dropped:
-                if type(event.error) not in _FRAME_ERRORS or not _message_ok(event.error):
+                error = event.error
+                if type(error) is not fl.FrameError or error.reason not in _DROP_REASONS:
+                    raise AssertionError("link dropped for " + repr(error))
+                if event.reason != error.reason or not _message_ok(error):
                     raise AssertionError("link dropped for " + repr(event.error))
             elif type(event) not in (fl.Received, fl.SessionUp, fl.SessionDown):
                 raise AssertionError("link event " + repr(event))

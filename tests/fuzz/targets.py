@@ -19,11 +19,11 @@ preamble        proto.preamble.parse_preamble as the listener runs it, then
                 the node ID of the certificate it carries (BadPreamble,
                 IdentityError)
 beacon          proto.beacon.decode_beacon (MalformedMessage, VersionMismatch)
-cobs            firmware_bridge.cobs.decode (BadCOBS)
+cobs            firmware_bridge.cobs.decode (FrameError "bad cobs")
 cobs_stream     firmware_bridge.cobs.FrameSplitter (never raises; oversize
-                frames come back as FrameTooLarge items)
+                frames come back as FrameError "oversize" items)
 cbor            firmware_bridge.cbor.decode (CBORError)
-link_hello      firmware_bridge.link.Hello.decode (BadHello)
+link_hello      firmware_bridge.link.Hello.decode (FrameError "bad hello")
 link            firmware_bridge.link.Link.receive_bytes, a host whose
                 session is up (never raises: bad frames become Dropped events)
 link_reliable   the same in reliable mode
@@ -562,11 +562,20 @@ class BeaconTarget(Target):
 # --- firmware_bridge ------------------------------------------------------------------
 
 
+def _check_reason(
+    target: Target, data: bytes, cuts: Sequence[int], exc: BaseException, reason: str
+) -> None:
+    """A firmware_bridge FrameError, exactly, and for ``reason``."""
+    if type(exc) is not cobs.FrameError or exc.reason != reason:
+        got = getattr(exc, "reason", None)
+        raise fail(target, data, cuts, f"{type(exc).__name__} ({got!r}), not {reason!r}")
+
+
 class COBS(Target):
     """firmware_bridge.cobs.decode: one COBS frame."""
 
     name = "cobs"
-    allowed = (cobs.BadCOBS,)
+    allowed = (cobs.FrameError,)
     max_input = 2048
     alloc_per_byte = 4
 
@@ -587,6 +596,9 @@ class COBS(Target):
             raise fail(self, data, cuts, "the decoded bytes do not survive a round trip")
         if len(raw) >= len(data):
             raise fail(self, data, cuts, f"{len(data)} bytes decoded to {len(raw)}")
+
+    def verify_rejected(self, data: bytes, cuts: Sequence[int], exc: BaseException) -> None:
+        _check_reason(self, data, cuts, exc, "bad cobs")
 
 
 class COBSStream(Target):
@@ -628,9 +640,8 @@ class COBSStream(Target):
                 expected.append(piece)
         got = []
         for item in items:
-            if isinstance(item, cobs.FrameTooLarge):
-                if type(item) is not cobs.FrameTooLarge:
-                    raise fail(self, data, cuts, f"item of type {type(item).__name__}")
+            if isinstance(item, cobs.FrameError):
+                _check_reason(self, data, cuts, item, "oversize")
                 check_message(self, item, data, cuts)
                 got.append(str(item))
             elif type(item) is bytes:
@@ -689,7 +700,7 @@ class LinkHello(Target):
     """firmware_bridge.link.Hello.decode: a UART link hello's fields."""
 
     name = "link_hello"
-    allowed = (fl.BadHello,)
+    allowed = (fl.FrameError,)
     alloc_per_byte = 64
     short_examples = 150
 
@@ -720,21 +731,24 @@ class LinkHello(Target):
         if not 1 <= len(hello.id.encode()) <= fl.MAX_ID_BYTES or not 1 <= hello.epoch:
             raise fail(self, data, cuts, f"{hello!r:.200} is outside the limits")
 
+    def verify_rejected(self, data: bytes, cuts: Sequence[int], exc: BaseException) -> None:
+        _check_reason(self, data, cuts, exc, "bad hello")
+
 
 # --- the UART link ----------------------------------------------------------------
 
-_FRAME_ERRORS = (
-    fl.BadCOBS,
-    fl.FrameTooLarge,
-    fl.BadCRC,
-    fl.BadFrame,
-    fl.UnknownType,
-    fl.BadHello,
-    fl.NotUp,
-    fl.AuthFailure,
-    fl.Replay,
-    fl.Duplicate,
-    fl.OutOfOrder,
+_DROP_REASONS = (
+    "bad cobs",
+    "oversize",
+    "bad crc",
+    "bad frame",
+    "unknown type",
+    "bad hello",
+    "not up",
+    "auth failure",
+    "replay",
+    "duplicate",
+    "out of order",
 )
 _EVENTS = (fl.Dropped, fl.Received, fl.SessionUp, fl.SessionDown)
 _KINDS = (fl.KIND_DATA, fl.KIND_REQUEST, fl.KIND_RESPONSE, fl.KIND_SEND_TO)
@@ -884,8 +898,10 @@ class LinkTarget(Target):
             if type(event) is fl.Dropped:
                 dropped += 1
                 error = event.error
-                if type(error) not in _FRAME_ERRORS or event.reason != type(error).reason:
+                if type(error) is not fl.FrameError or error.reason not in _DROP_REASONS:
                     raise fail(self, data, cuts, f"dropped for {type(error).__name__}: {error}")
+                if event.reason != error.reason:
+                    raise fail(self, data, cuts, f"dropped as {event.reason!r}: {error}")
                 check_message(self, error, data, cuts)
             elif type(event) is fl.Received:
                 if event.kind not in _KINDS or type(event.payload) is not bytes:
@@ -947,7 +963,7 @@ class LinkFrames(LinkTarget):
                     try:
                         hello = fl.Hello.decode(body[skip:])
                         sender, receiver = hello.epoch, hello.echo_epoch
-                    except fl.BadHello:
+                    except fl.FrameError:
                         pass
                 tag = mac.digest(struct.pack(">II", sender, receiver) + body)[: fl.TAG_BYTES]
                 body += tag

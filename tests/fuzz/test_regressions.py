@@ -10,8 +10,8 @@ from edgenode.proto.connection import PeerProtocol
 from edgenode.proto.decoding import decode_message
 from edgenode.proto.framing import FrameDecoder
 from edgenode.proto.messages import Bye, Hello
-from firmware_bridge.cobs import FrameSplitter, FrameTooLarge
-from firmware_bridge.link import BadFrame, Dropped, Link
+from firmware_bridge.cobs import FrameError, FrameSplitter
+from firmware_bridge.link import Dropped, Link
 
 from .harness import run_guarded
 from .targets import CERT_NODE_ID, TARGETS
@@ -19,7 +19,7 @@ from .targets import CERT_NODE_ID, TARGETS
 
 def _oversize_messages(splitter: FrameSplitter, *reads: bytes) -> list[str]:
     items = [item for data in reads for item in splitter.feed(data)]
-    return [str(item) if type(item) is FrameTooLarge else repr(item) for item in items]
+    return [str(item) if isinstance(item, FrameError) else repr(item) for item in items]
 
 
 def test_splitter_oversize_message_does_not_depend_on_how_reads_cut_the_frame() -> None:
@@ -55,7 +55,7 @@ def test_link_empty_frame_message_has_no_dangling_preview() -> None:
     link.start(0)
     events = link.receive_bytes(b"\x01\x00", 1)
     assert len(events) == 1 and type(events[0]) is Dropped
-    assert type(events[0].error) is BadFrame
+    assert type(events[0].error) is FrameError and events[0].reason == "bad frame"
     assert events[0].message == "bad frame: 0 bytes is shorter than the 5-byte minimum"
     events = link.receive_bytes(b"\x03ab\x00", 2)
     assert events[0].message == "bad frame: 2 bytes is shorter than the 5-byte minimum: 61 62"

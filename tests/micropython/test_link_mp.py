@@ -13,12 +13,11 @@ from binascii import crc32
 from firmware_bridge import cobs
 from firmware_bridge.hmac_sha256 import HmacSha256, hmac_sha256
 from firmware_bridge.link import (
-    BadCRC,
     Dropped,
+    FrameError,
     Link,
     LinkDown,
     Received,
-    Replay,
     SessionDown,
     SessionUp,
 )
@@ -132,7 +131,7 @@ def test_splitter_resynchronises() -> None:
     splitter = cobs.FrameSplitter(8)
     items = splitter.feed(b"\x02a\x00" + b"\x11" * 20 + b"\x00\x02b\x00")
     assert items[0] == b"\x02a" and items[2] == b"\x02b"
-    assert isinstance(items[1], cobs.FrameTooLarge)
+    assert type(items[1]) is cobs.FrameError and items[1].reason == "oversize"
     assert str(items[1]).startswith("oversize frame: 20 bytes exceed the 8-byte limit")
 
 
@@ -171,7 +170,7 @@ def test_crc_rejection() -> None:
     bad = cobs.encode(body + struct.pack("<I", (crc32(body) ^ 1) & 0xFFFFFFFF)) + b"\x00"
     events = wire.host.receive_bytes(bad, wire.now)
     assert len(events) == 1 and isinstance(events[0], Dropped)
-    assert isinstance(events[0].error, BadCRC)
+    assert type(events[0].error) is FrameError and events[0].error.reason == "bad crc"
     assert events[0].reason == "bad crc"
     assert events[0].message.startswith("bad crc: frame says 0x")
     assert wire.host.stats.drops == {"bad crc": 1}
@@ -277,7 +276,7 @@ def test_psk_session_and_replay() -> None:
     frame = wire.device.bytes_to_send()
     assert wire.host.receive_bytes(frame, wire.now) == [Received("data", "t", b"once")]
     events = wire.host.receive_bytes(frame, wire.now)
-    assert len(events) == 1 and isinstance(events[0].error, Replay)
+    assert len(events) == 1 and events[0].error.reason == "replay"
     assert events[0].reason == "replay"
 
 
