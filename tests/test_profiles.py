@@ -167,7 +167,7 @@ def test_format_profiles_shows_each_board_figures() -> None:
     assert set(rows) == set(ALL_BOARDS)
     assert re.search(r"512 MB\s+32\s+10 s / 30 s\s+40 MB$", rows["pi-zero-w"])
     assert re.search(r"2 GB\s+512\s+5 s / 15 s\s+256 MB$", rows["pi-5"])
-    assert re.search(r"264 KB\s+-\s+1 s / 3 s\s+74 KB$", rows["rp2040"])
+    assert re.search(r"264 KB\s+-\s+1 s / 3 s\s+72 KB$", rows["rp2040"])
 
 
 def test_load_profile_rejects_unknown_name() -> None:
