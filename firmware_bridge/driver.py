@@ -187,6 +187,7 @@ class Device(Handlers):
         "_handlers",
         "_held",
         "_held_next",
+        "_held_part",
         "_last_error",
         "_lock",
         "_next_req_id",
@@ -247,6 +248,7 @@ class Device(Handlers):
         self._tasks = set()  # handler and callback tasks: asyncio keeps only weak references
         self._held = ()  # events the link has taken and a MemoryError kept (handlers.py)
         self._held_next = 0
+        self._held_part = 0  # of a held message's callbacks, how many took it
         self._running = False
         self._ended = False
         self._closed = False

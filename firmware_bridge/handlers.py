@@ -123,12 +123,14 @@ class Handlers:
             self._dispatch(events[i])
             i += 1
             self._held_next = i
+            self._held_part = 0
         self._held = _NO_EVENTS
 
     def _dispatch(self, event: "Any") -> None:
         # Safe to repeat after a MemoryError: what can meet one (making a
         # task, an error's text) comes before the event reaches the
-        # application, and what comes after allocates nothing.
+        # application (a message's callbacks that took it are skipped:
+        # ``_deliver``), and what comes after allocates nothing.
         if isinstance(event, Received):
             kind = event.kind
             if kind == "data":
@@ -158,25 +160,31 @@ class Handlers:
         self._handlers[topic] = handler
 
     def _deliver(self, topic: str, payload: bytes) -> None:
-        delivered = False
-        for key in (topic, "#") if topic != "#" else ("#",):
-            callback = self._callbacks.get(key)
-            if callback is None:
-                continue
-            delivered = True
-            try:
-                result = callback(topic, payload)
-            except Exception as exc:  # a MemoryError too: the callback ran
-                self._error("callback_errors", "callback for ", topic, exc)
-                continue
-            if hasattr(result, "send"):  # a coroutine function's coroutine
-                if len(self._tasks) < MAX_TASKS:
-                    # A MemoryError holds the event: its coroutine never ran,
-                    # and the callback makes a new one when it is handed over.
-                    self._spawn(self._await_callback(topic, result))
-                else:
-                    result.close()
-                    self._counts["refused_busy"] += 1
+        # A MemoryError holds the event, and it is handed over again: the
+        # callbacks that took it already (``_held_part`` of them) are skipped.
+        keys = (topic, "#") if topic != "#" else ("#",)
+        delivered = self._held_part > 0
+        for part in range(self._held_part, len(keys)):
+            callback = self._callbacks.get(keys[part])
+            if callback is not None:
+                delivered = True
+                try:
+                    result = callback(topic, payload)
+                except Exception as exc:  # a MemoryError too: the callback ran
+                    self._error("callback_errors", "callback for ", topic, exc)
+                    result = None
+                if hasattr(result, "send"):  # a coroutine function's coroutine
+                    if len(self._tasks) < MAX_TASKS:
+                        try:
+                            self._spawn(self._await_callback(topic, result))
+                        except MemoryError:
+                            # It never ran: the callback makes a new one.
+                            result.close()
+                            raise
+                    else:
+                        result.close()
+                        self._counts["refused_busy"] += 1
+            self._held_part = part + 1
         if not delivered:
             self._counts["unhandled"] += 1
 

@@ -961,6 +961,47 @@ def test_memory_error_handing_over_a_request_keeps_it_and_serves_each_once() -> 
     run(body)
 
 
+def test_memory_error_between_two_callbacks_calls_neither_twice() -> None:
+    """A message for a plain topic callback and a "#" coroutine callback
+    whose task cannot be made: handed over again, the topic callback is not
+    called a second time, and the coroutine that never ran is closed."""
+
+    async def body() -> None:
+        async with rig("memory", {"reliable": True}, reliable=True) as r:
+            r.device.close()
+            await asyncio.wait_for(r.task, 2)
+            device = SpawnsOutOfMemory(
+                r.line.reader, r.line.writer, "pico-1", reliable=True, **TIMING
+            )
+            r.device = device
+            r.task = asyncio.get_running_loop().create_task(device.run())
+            await r.up()
+            plain: list[bytes] = []
+            everything: list[bytes] = []
+            made: list[Any] = []
+
+            async def watch(topic: str, payload: bytes) -> None:
+                everything.append(payload)
+
+            def every(topic: str, payload: bytes) -> Any:
+                made.append(watch(topic, payload))
+                return made[-1]
+
+            device.on_message("t", lambda topic, payload: plain.append(payload))
+            device.on_message("#", every)
+            device.failures = 2
+            r.host.link.send_data("t", b"once", _now())
+            r.host.flush()
+            await until(lambda: everything == [b"once"], "the coroutine callback", show=made)
+            assert plain == [b"once"]
+            assert len(made) == 3  # two never ran
+            assert all(coro.cr_frame is None for coro in made[:2])  # closed
+            assert device.stats["memory_errors"] == 2
+            assert device.stats["callback_errors"] == 0
+
+    run(body)
+
+
 def test_memory_error_while_writing_keeps_the_message_and_sends_it_once() -> None:
     async def body() -> None:
         async with rig("memory", {"reliable": True}, reliable=True) as r:
