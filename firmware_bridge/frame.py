@@ -1,10 +1,11 @@
 """The link's frames: types, header flags, limits, errors, and the fields of each type.
 
 The lowest layer of the UART link above COBS (docs/serial-protocol.md,
-sections 2, 3 and 8): what a frame's header and fields hold, the errors a
-bad frame is dropped for, and the codecs of the application frames' fields.
-:mod:`firmware_bridge.link` builds on it; everything here is re-exported
-there.
+sections 2, 3 and 8): what a frame's header and fields hold, the errors of
+a link's misuse, and the codecs of the application frames' fields.
+:mod:`firmware_bridge.link` builds on it and re-exports what a link's
+user needs (the types, limits, kinds and errors; the hello's flag bits, the
+key's length limits and the protocol version are only here).
 
 Runs unchanged on CPython 3.9+ and MicroPython.
 """

@@ -14,7 +14,8 @@ splits optional features): :mod:`.frame` (types, limits, errors, fields),
 :mod:`.hello`, :mod:`.events`, :mod:`.session` (hellos, the session,
 keepalive: the base class of :class:`Link`), and, for a Link configured
 for them, :mod:`.auth` (a pre-shared key) and :mod:`.reliable`. This
-module frames, sends and receives, and re-exports the others' names.
+module frames, sends and receives, and re-exports the names a link's user
+needs from the others.
 
 The rules, in the order a link meets them (docs/serial-protocol.md):
 
@@ -69,9 +70,6 @@ from .frame import (
     FLAG_RELIABLE,
     FLAGS_RESERVED,
     HELLO,
-    HELLO_AUTH,  # noqa: F401 (re-exported)
-    HELLO_RELIABLE,  # noqa: F401 (re-exported)
-    HELLO_UP,  # noqa: F401 (re-exported)
     KIND_DATA,  # noqa: F401 (re-exported)
     KIND_REQUEST,  # noqa: F401 (re-exported)
     KIND_RESPONSE,  # noqa: F401 (re-exported)
@@ -79,15 +77,12 @@ from .frame import (
     MAX_DEST_BYTES,
     MAX_FRAME_BYTES,
     MAX_ID_BYTES,
-    MAX_PSK_BYTES,  # noqa: F401 (re-exported)
     MAX_TOPIC_BYTES,
     MAX_WINDOW,
     MEMORY_TOPIC,  # noqa: F401 (re-exported)
     MIN_FRAME_BYTES,
-    MIN_PSK_BYTES,  # noqa: F401 (re-exported)
     PING,
     PONG,
-    PROTOCOL_VERSION,  # noqa: F401 (re-exported)
     REQUEST,
     RESPONSE,
     ROLES,
